@@ -1,0 +1,581 @@
+//! The engine: composes sink, profiles, catalog, model and retriever into ingest and
+//! recommend.
+//!
+//! Ingest: validate → bot/noise filter → sink (dedupe + durable append) → profile
+//! (sessionised there) → model. Recommend: profile → fold-in user vector → retrieve with
+//! filters → popular fill-in → respond.
+//!
+//! Recovery: the event log is the durable record. Profiles are checkpointed by stores
+//! that keep them in memory, and the model is rebuilt by replaying the log, so an event
+//! acked `accepted` is never lost and never applied twice.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, RwLock};
+use tracing::{debug, info};
+
+use crate::catalog::{Item, ItemIdx, ItemIndex};
+use crate::error::{Error, Result};
+use crate::filter::{BotFilter, BotFilterConfig};
+use crate::profile::Profile;
+use crate::traits::{
+    Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
+    ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
+};
+use crate::types::{Event, EventLimits, ItemId, KindWeights, RawEvent, UserId, now_ms};
+
+/// Engine settings that are not a backend's own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Most events in one batch.
+    pub max_batch: usize,
+    /// How far in the future an event timestamp may be, in ms.
+    pub max_future_ms: i64,
+    /// Learning weight per kind.
+    pub weights: KindWeights,
+    /// Bot and noise rules.
+    pub bot_filter: BotFilterConfig,
+    /// Drop purchased items from recommendations unless the request says otherwise.
+    pub exclude_purchased: bool,
+    /// Drop every recently seen item unless the request says otherwise.
+    pub exclude_seen: bool,
+    /// Most items one request may ask for.
+    pub max_count: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1000,
+            max_future_ms: EventLimits::default().max_future_ms,
+            weights: KindWeights::default(),
+            bot_filter: BotFilterConfig::default(),
+            exclude_purchased: true,
+            exclude_seen: false,
+            max_count: 500,
+        }
+    }
+}
+
+/// The outcome for one event of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Recorded, applied to the profile, seen by the model.
+    Accepted,
+    /// Already accepted within the dedupe window.
+    Duplicate,
+    /// Invalid, with the reason (naming the field).
+    Rejected(String),
+    /// Recorded for audit but bot or noise, with the reason.
+    Filtered(String),
+}
+
+/// Narrowing of candidates for one request.
+#[derive(Clone, Debug, Default)]
+pub struct RequestFilter {
+    /// Only items in one of these categories, when non-empty.
+    pub include_categories: Vec<String>,
+    /// Never items in these categories.
+    pub exclude_categories: Vec<String>,
+    /// Never these items.
+    pub exclude_items: Vec<ItemId>,
+    /// Overrides [`EngineConfig::exclude_purchased`].
+    pub exclude_purchased: Option<bool>,
+    /// Overrides [`EngineConfig::exclude_seen`].
+    pub exclude_seen: Option<bool>,
+}
+
+/// Which model produced a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Matrix factorisation.
+    Mf,
+    /// Trending popularity.
+    Popular,
+    /// Nearest neighbours of an item.
+    Similar,
+}
+
+/// One recommended item.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoredItem {
+    /// The item.
+    pub item_id: ItemId,
+    /// Its score.
+    pub score: f32,
+    /// Which model produced it.
+    pub source: Source,
+}
+
+/// The answer to a recommend or similar-items request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recommendation {
+    /// Best first.
+    pub items: Vec<ScoredItem>,
+    /// Model version that scored them.
+    pub model_version: String,
+    /// Profile version used (0 for an unknown user).
+    pub profile_version: u64,
+    /// Fell back because some state was unavailable.
+    pub degraded: bool,
+}
+
+/// The backends an engine composes.
+pub struct Backends {
+    /// The event log.
+    pub sink: Arc<dyn EventSink>,
+    /// User profiles.
+    pub profiles: Arc<dyn ProfileStore>,
+    /// Catalog items.
+    pub catalog: Arc<dyn CatalogStore>,
+    /// The online model.
+    pub model: Arc<dyn OnlineModel>,
+    /// Search over the model's item vectors.
+    pub retriever: Arc<dyn Retriever>,
+    /// The item index shared with the model and retriever.
+    pub items: Arc<ItemIndex>,
+}
+
+/// Ingest and recommend over a set of backends.
+pub struct Engine {
+    backends: Backends,
+    config: EngineConfig,
+    limits: EventLimits,
+    bots: BotFilter,
+    /// Held shared by every ingest from append to model update, and exclusively for the
+    /// instant a checkpoint captures a consistent cut. One uncontended read acquisition
+    /// per batch, never per event.
+    apply_gate: RwLock<()>,
+    checkpoint_lock: Mutex<()>,
+    events_applied: AtomicU64,
+}
+
+/// Counters since start-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Events applied to profiles and the model (including replay).
+    pub events_applied: u64,
+}
+
+impl Engine {
+    /// An engine over `backends`; call [`Engine::recover`] before serving.
+    pub fn new(backends: Backends, config: EngineConfig) -> Self {
+        let limits = EventLimits {
+            max_future_ms: config.max_future_ms,
+        };
+        Self {
+            bots: BotFilter::new(config.bot_filter.clone()),
+            backends,
+            config,
+            limits,
+            apply_gate: RwLock::new(()),
+            checkpoint_lock: Mutex::new(()),
+            events_applied: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The shared item index.
+    pub fn items(&self) -> &Arc<ItemIndex> {
+        &self.backends.items
+    }
+
+    /// Counters since start-up.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            events_applied: self.events_applied.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Loads the catalog and replays the event log into the model, and into profiles
+    /// after their durable checkpoint. Returns the number of records replayed.
+    pub async fn recover(&self) -> Result<u64> {
+        let _gate = self.apply_gate.write().await;
+        for item in self.backends.catalog.load_all().await? {
+            self.backends.items.set_catalog(&item);
+        }
+        let profile_seq = self.backends.profiles.durable_seq().await?;
+        let mut after = 0;
+        let mut replayed = 0u64;
+        loop {
+            let page = self.backends.sink.read(after, 4096).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            replayed += page.len() as u64;
+            let mut updates = Vec::with_capacity(page.len());
+            for (seq, record) in &page {
+                let profile_due = profile_seq.is_some_and(|d| *seq > d);
+                match record {
+                    LogRecord::Event {
+                        event,
+                        filtered: false,
+                        ingested_ms,
+                    } => {
+                        let weight = self.weight(event);
+                        self.learn(event, weight);
+                        if profile_due {
+                            updates.push(ProfileUpdate {
+                                seq: *seq,
+                                event,
+                                weight,
+                                now_ms: *ingested_ms,
+                            });
+                        }
+                    }
+                    LogRecord::Event { filtered: true, .. } => {}
+                    LogRecord::Erase { user_id, .. } => {
+                        if !updates.is_empty() {
+                            self.backends.profiles.apply(&updates).await?;
+                            updates.clear();
+                        }
+                        self.backends.model.forget_user(user_id);
+                        if profile_due {
+                            self.backends.profiles.erase(user_id).await?;
+                        }
+                    }
+                }
+            }
+            if !updates.is_empty() {
+                self.backends.profiles.apply(&updates).await?;
+            }
+        }
+        info!(replayed, ?profile_seq, "event log replayed");
+        Ok(replayed)
+    }
+
+    fn weight(&self, event: &Event) -> f32 {
+        self.config.weights.weight(&event.kind, event.weight)
+    }
+
+    fn learn(&self, event: &Event, weight: f32) {
+        let item = self.backends.items.intern(&event.item_id);
+        self.backends.model.observe(&Observation {
+            user: &event.user_id,
+            item,
+            weight,
+            timestamp_ms: event.timestamp_ms,
+        });
+        self.events_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ingests one batch. Invalid events are rejected with their reason while the rest
+    /// proceed; an oversize batch is refused whole.
+    pub async fn ingest(&self, batch: Vec<RawEvent>) -> Result<Vec<EventOutcome>> {
+        if batch.len() > self.config.max_batch {
+            return Err(Error::ResourceExhausted(format!(
+                "batch of {} events exceeds the limit of {}",
+                batch.len(),
+                self.config.max_batch
+            )));
+        }
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        // Position in `outcomes` of each record, to put the sink's answers back in place.
+        let mut slots = Vec::with_capacity(batch.len());
+        for raw in batch {
+            match raw.validate(&self.limits, now) {
+                Err(err) => outcomes.push(EventOutcome::Rejected(err.to_string())),
+                Ok(event) => {
+                    let filtered = self.bots.check(&event);
+                    slots.push(outcomes.len());
+                    outcomes.push(match &filtered {
+                        Some(reason) => EventOutcome::Filtered(reason.clone()),
+                        None => EventOutcome::Accepted,
+                    });
+                    records.push(LogRecord::Event {
+                        event,
+                        filtered: filtered.is_some(),
+                        ingested_ms: now,
+                    });
+                }
+            }
+        }
+        if records.is_empty() {
+            return Ok(outcomes);
+        }
+
+        let _gate = self.apply_gate.read().await;
+        let appended = self.backends.sink.append(records.clone()).await?;
+        if appended.len() != records.len() {
+            return Err(Error::Internal(format!(
+                "sink answered {} outcomes for {} records",
+                appended.len(),
+                records.len()
+            )));
+        }
+        let mut updates = Vec::with_capacity(records.len());
+        for ((record, outcome), slot) in records.iter().zip(&appended).zip(&slots) {
+            let LogRecord::Event {
+                event, filtered, ..
+            } = record
+            else {
+                continue;
+            };
+            match outcome {
+                Appended::Duplicate => outcomes[*slot] = EventOutcome::Duplicate,
+                Appended::At(_) if *filtered => {}
+                Appended::At(seq) => updates.push(ProfileUpdate {
+                    seq: *seq,
+                    event,
+                    weight: self.weight(event),
+                    now_ms: now,
+                }),
+            }
+        }
+        if !updates.is_empty() {
+            self.backends.profiles.apply(&updates).await?;
+            for u in &updates {
+                self.learn(u.event, u.weight);
+            }
+        }
+        debug!(
+            events = outcomes.len(),
+            applied = updates.len(),
+            "batch ingested"
+        );
+        Ok(outcomes)
+    }
+
+    /// Personal recommendations for `user`.
+    pub async fn recommend(
+        &self,
+        user: &UserId,
+        count: usize,
+        filter: &RequestFilter,
+    ) -> Result<Recommendation> {
+        let count = self.check_count(count)?;
+        let (profile, degraded) = match self.backends.profiles.get(user).await {
+            Ok(p) => (p, false),
+            Err(err) => {
+                tracing::warn!(%user, error = %err, "profile unavailable, serving popular items");
+                (None, true)
+            }
+        };
+        let excluded = self.excluded(profile.as_ref(), filter);
+        let pass = |idx: ItemIdx| self.passes(idx, &excluded, filter);
+        let model = &self.backends.model;
+
+        let history: Vec<HistoryEntry> = profile
+            .as_ref()
+            .map(|p| {
+                p.recent
+                    .iter()
+                    .filter_map(|i| {
+                        Some(HistoryEntry {
+                            item: self.backends.items.get(i.item_id.as_str())?,
+                            weight: i.weight,
+                            timestamp_ms: i.timestamp_ms,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut items = Vec::with_capacity(count);
+        if let Some(vector) = model.user_vector(&history) {
+            let found = self.backends.retriever.search(&vector, count, &pass);
+            self.push_scored(&mut items, &found, Source::Mf);
+        }
+        if items.len() < count {
+            let chosen: HashSet<ItemIdx> = items
+                .iter()
+                .filter_map(|s: &ScoredItem| self.backends.items.get(s.item_id.as_str()))
+                .collect();
+            let fill = model.popular(count - items.len(), &|idx| {
+                !chosen.contains(&idx) && pass(idx)
+            });
+            self.push_scored(&mut items, &fill, Source::Popular);
+        }
+        Ok(Recommendation {
+            items,
+            model_version: model.version(),
+            profile_version: profile.map_or(0, |p| p.version),
+            degraded,
+        })
+    }
+
+    /// Items whose vectors are nearest to `item`'s.
+    pub async fn similar_items(
+        &self,
+        item: &ItemId,
+        count: usize,
+        filter: &RequestFilter,
+    ) -> Result<Recommendation> {
+        let count = self.check_count(count)?;
+        let not_found = || Error::NotFound(format!("item {item:?}"));
+        let idx = self.backends.items.get(item.as_str()).ok_or_else(not_found)?;
+        let vector = self
+            .backends
+            .model
+            .item_vector(idx)
+            .ok_or_else(not_found)?;
+        let mut excluded = self.excluded(None, filter);
+        excluded.insert(idx);
+        let found = self
+            .backends
+            .retriever
+            .search(&vector, count, &|i| self.passes(i, &excluded, filter));
+        let mut items = Vec::with_capacity(found.len());
+        self.push_scored(&mut items, &found, Source::Similar);
+        Ok(Recommendation {
+            items,
+            model_version: self.backends.model.version(),
+            profile_version: 0,
+            degraded: false,
+        })
+    }
+
+    fn check_count(&self, count: usize) -> Result<usize> {
+        match count {
+            0 => Ok(10.min(self.config.max_count)),
+            n if n > self.config.max_count => Err(Error::invalid(
+                "count",
+                format!("is {n}, at most {} allowed", self.config.max_count),
+            )),
+            n => Ok(n),
+        }
+    }
+
+    fn excluded(&self, profile: Option<&Profile>, filter: &RequestFilter) -> HashSet<ItemIdx> {
+        let items = &self.backends.items;
+        let mut out: HashSet<ItemIdx> = filter
+            .exclude_items
+            .iter()
+            .filter_map(|i| items.get(i.as_str()))
+            .collect();
+        if let Some(p) = profile {
+            if filter
+                .exclude_purchased
+                .unwrap_or(self.config.exclude_purchased)
+            {
+                out.extend(p.purchased.iter().filter_map(|i| items.get(i.as_str())));
+            }
+            if filter.exclude_seen.unwrap_or(self.config.exclude_seen) {
+                out.extend(p.recent.iter().filter_map(|i| items.get(i.item_id.as_str())));
+            }
+        }
+        out
+    }
+
+    fn passes(&self, idx: ItemIdx, excluded: &HashSet<ItemIdx>, filter: &RequestFilter) -> bool {
+        if excluded.contains(&idx) {
+            return false;
+        }
+        let Some(meta) = self.backends.items.meta(idx) else {
+            return false;
+        };
+        if !meta.available {
+            return false;
+        }
+        if !filter.include_categories.is_empty()
+            && !meta
+                .categories
+                .iter()
+                .any(|c| filter.include_categories.contains(c))
+        {
+            return false;
+        }
+        !meta
+            .categories
+            .iter()
+            .any(|c| filter.exclude_categories.contains(c))
+    }
+
+    fn push_scored(&self, out: &mut Vec<ScoredItem>, found: &[Scored], source: Source) {
+        out.extend(found.iter().filter_map(|s| {
+            Some(ScoredItem {
+                item_id: self.backends.items.id(s.item)?.clone(),
+                score: s.score,
+                source,
+            })
+        }));
+    }
+
+    /// The user's profile.
+    pub async fn profile(&self, user: &UserId) -> Result<Option<Profile>> {
+        self.backends.profiles.get(user).await
+    }
+
+    /// Erases the user's profile and what the model keeps about them, durably: the erase
+    /// is recorded in the log so replay after a restart does not bring the profile back.
+    pub async fn erase_profile(&self, user: &UserId) -> Result<bool> {
+        let _gate = self.apply_gate.read().await;
+        self.backends
+            .sink
+            .append(vec![LogRecord::Erase {
+                user_id: user.clone(),
+                erased_ms: now_ms(),
+            }])
+            .await?;
+        self.backends.model.forget_user(user);
+        self.backends.profiles.erase(user).await
+    }
+
+    /// Validates and stores catalog items, then makes them visible to filters.
+    pub async fn upsert_items(&self, items: Vec<Item>) -> Result<usize> {
+        for (i, item) in items.iter().enumerate() {
+            item.validate(&format!("items[{i}]"))?;
+        }
+        self.backends.catalog.upsert(&items).await?;
+        for item in &items {
+            self.backends.items.set_catalog(item);
+        }
+        Ok(items.len())
+    }
+
+    /// One catalog item.
+    pub async fn item(&self, item: &ItemId) -> Result<Item> {
+        self.backends
+            .catalog
+            .get(item)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("item {item:?}")))
+    }
+
+    /// Deletes a catalog item; it is never recommended again until upserted.
+    pub async fn delete_item(&self, item: &ItemId) -> Result<bool> {
+        let deleted = self.backends.catalog.delete(item).await?;
+        self.backends.items.set_deleted(item);
+        Ok(deleted)
+    }
+
+    /// Writes a profile checkpoint at a consistent cut of the log, if the profile store
+    /// keeps one. Ingest pauses only while the store captures what to write.
+    pub async fn checkpoint(&self) -> Result<Option<Seq>> {
+        let _one_at_a_time = self.checkpoint_lock.lock().await;
+        let (seq, write) = {
+            let _gate = self.apply_gate.write().await;
+            let seq = self.backends.sink.last_seq().await?;
+            (seq, self.backends.profiles.capture_checkpoint(seq))
+        };
+        match write {
+            Some(write) => {
+                write.await?;
+                debug!(seq, "profiles checkpointed");
+                Ok(Some(seq))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Periodic housekeeping: checkpoint, dedupe expiry, rate-limiter pruning.
+    pub async fn maintain(&self) -> Result<()> {
+        self.bots.maintain();
+        self.backends.sink.maintain().await?;
+        self.checkpoint().await?;
+        Ok(())
+    }
+
+    /// Number of profiles held.
+    pub async fn profile_count(&self) -> Result<usize> {
+        self.backends.profiles.len().await
+    }
+}

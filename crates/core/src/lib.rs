@@ -1,0 +1,31 @@
+//! Reflex core: the domain, its validation and errors, the backend traits, and the
+//! engine that composes backends into ingest and recommend.
+//!
+//! Layout:
+//! - [`types`]: ids, event kinds, events and their validation at the edge
+//! - [`profile`]: user profiles and how an event changes one
+//! - [`catalog`]: catalog items and the shared dense item index
+//! - [`filter`]: the bot and noise filter
+//! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `Retriever`
+//! - [`engine`]: ingest, recommend, recovery and checkpoints
+//! - [`error`]: the error type and its transport-neutral codes
+
+pub mod catalog;
+pub mod engine;
+pub mod error;
+pub mod filter;
+pub mod profile;
+pub mod traits;
+pub mod types;
+
+pub use catalog::{Item, ItemIdx, ItemIndex};
+pub use engine::{
+    Backends, Engine, EngineConfig, EventOutcome, Recommendation, RequestFilter, ScoredItem, Source,
+};
+pub use error::{Error, ErrorCode, Result};
+pub use profile::{Profile, ProfilePolicy};
+pub use traits::{
+    Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
+    ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
+};
+pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};

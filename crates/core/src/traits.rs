@@ -1,0 +1,201 @@
+//! The backend traits the engine composes. All are object safe and used as `Arc<dyn _>`.
+//!
+//! Storage traits are async (a backend may be across a network); model traits are sync
+//! because they are CPU work on in-memory state.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Item, ItemIdx};
+use crate::error::Result;
+use crate::profile::Profile;
+use crate::types::{Event, ItemId, TimestampMs, UserId};
+
+/// A boxed future, for work a backend hands back to be finished off the hot path.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Sequence number of a record in the event log; the first record is 1.
+pub type Seq = u64;
+
+/// One record of the event log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LogRecord {
+    /// An event that passed validation and was not a duplicate.
+    Event {
+        /// The event.
+        event: Event,
+        /// Judged bot or noise: kept for audit, applied to nothing.
+        filtered: bool,
+        /// Wall-clock time it was ingested, which profile TTLs count from on replay.
+        ingested_ms: TimestampMs,
+    },
+    /// The user's profile was erased; earlier events of theirs no longer apply.
+    Erase {
+        /// Whose profile.
+        user_id: UserId,
+        /// Wall-clock time of the erase.
+        erased_ms: TimestampMs,
+    },
+}
+
+/// What the sink did with one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Durably recorded at this position.
+    At(Seq),
+    /// An event with this event id is already in the log within the dedupe window.
+    Duplicate,
+}
+
+/// The durable event log, with the dedupe window.
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// Records `records` durably, in order, under the configured durability. Event records
+    /// whose event id was recorded within the dedupe window (or earlier in the same call)
+    /// come back [`Appended::Duplicate`] and are not recorded again. All or nothing: on
+    /// error none of the records is recorded.
+    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>>;
+
+    /// Up to `limit` records after position `after`, in order.
+    async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>>;
+
+    /// Position of the last recorded record (0 when empty).
+    async fn last_seq(&self) -> Result<Seq>;
+
+    /// Housekeeping, called periodically: expiring dedupe keys and the like.
+    async fn maintain(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One event to apply to a profile.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileUpdate<'a> {
+    /// Its position in the log.
+    pub seq: Seq,
+    /// The event.
+    pub event: &'a Event,
+    /// Its learning weight.
+    pub weight: f32,
+    /// When it was ingested (wall clock).
+    pub now_ms: TimestampMs,
+}
+
+/// Where user profiles live.
+#[async_trait]
+pub trait ProfileStore: Send + Sync + 'static {
+    /// The user's profile, `None` when unknown or expired.
+    async fn get(&self, user: &UserId) -> Result<Option<Profile>>;
+
+    /// Applies events in order, atomically per user, with [`Profile::apply`].
+    async fn apply(&self, updates: &[ProfileUpdate<'_>]) -> Result<()>;
+
+    /// Forgets the user; `false` when there was nothing to forget.
+    async fn erase(&self, user: &UserId) -> Result<bool>;
+
+    /// Log position up to which the stored profiles are durable, so start-up replays the
+    /// log after it; `None` when every apply is durable by itself and nothing needs replay.
+    async fn durable_seq(&self) -> Result<Option<Seq>> {
+        Ok(None)
+    }
+
+    /// Called while no apply is in flight and every record up to `seq` is applied: captures
+    /// what a checkpoint must write and returns the work that writes it, which runs after
+    /// ingest resumes. `None` when the store has nothing to checkpoint.
+    fn capture_checkpoint(&self, _seq: Seq) -> Option<BoxFuture<'static, Result<()>>> {
+        None
+    }
+
+    /// Number of profiles held (for metrics and tests).
+    async fn len(&self) -> Result<usize>;
+}
+
+/// Where catalog items live.
+#[async_trait]
+pub trait CatalogStore: Send + Sync + 'static {
+    /// Inserts or replaces items, all or nothing.
+    async fn upsert(&self, items: &[Item]) -> Result<()>;
+    /// One item.
+    async fn get(&self, item: &ItemId) -> Result<Option<Item>>;
+    /// Removes an item; `false` when it was not there.
+    async fn delete(&self, item: &ItemId) -> Result<bool>;
+    /// Every item, for start-up.
+    async fn load_all(&self) -> Result<Vec<Item>>;
+}
+
+/// One accepted event, as a model learns from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation<'a> {
+    /// Who.
+    pub user: &'a UserId,
+    /// What.
+    pub item: ItemIdx,
+    /// Learning weight from the kind (negative for negative feedback).
+    pub weight: f32,
+    /// Event time.
+    pub timestamp_ms: TimestampMs,
+}
+
+/// One past interaction, as fold-in reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HistoryEntry {
+    /// The item.
+    pub item: ItemIdx,
+    /// Its learning weight.
+    pub weight: f32,
+    /// Event time.
+    pub timestamp_ms: TimestampMs,
+}
+
+/// An item with a score, higher is better.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    /// The item.
+    pub item: ItemIdx,
+    /// Its score.
+    pub score: f32,
+}
+
+/// A recommendation model that learns online from every accepted event.
+pub trait OnlineModel: Send + Sync + 'static {
+    /// Version label reported with each answer.
+    fn version(&self) -> String;
+
+    /// Learns from one accepted event.
+    fn observe(&self, obs: &Observation<'_>);
+
+    /// Drops everything the model keeps per user (profile erase).
+    fn forget_user(&self, user: &UserId);
+
+    /// The user's vector folded in from their history (most recent first); `None` when the
+    /// history tells the model nothing (no known items).
+    fn user_vector(&self, history: &[HistoryEntry]) -> Option<Vec<f32>>;
+
+    /// The item's vector; `None` when the model has not learnt it.
+    fn item_vector(&self, item: ItemIdx) -> Option<Vec<f32>>;
+
+    /// The `k` most popular items right now passing `filter`, best first.
+    fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
+}
+
+/// Nearest-neighbour search over item vectors by inner product.
+pub trait Retriever: Send + Sync + 'static {
+    /// The `k` items with the highest inner product with `query` that pass `filter`, best
+    /// first; fewer only when fewer items pass.
+    fn search(&self, query: &[f32], k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
+
+    /// Tells the retriever an item's vector changed. Retrievers that read the model's
+    /// vectors directly ignore it.
+    fn upsert(&self, _item: ItemIdx, _vector: &[f32]) {}
+
+    /// Number of items searchable.
+    fn len(&self) -> usize;
+
+    /// Whether nothing is searchable.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
