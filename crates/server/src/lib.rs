@@ -1,1 +1,19 @@
-//! placeholder
+//! The `reflex` server: tonic services over the core engine, configuration, the demo,
+//! and the generated API (also used by clients and the black-box tests).
+//!
+//! Layout:
+//! - [`proto`]: generated `reflex.v1` messages, servers and clients
+//! - [`convert`]: protobuf ↔ domain conversions and the error → status mapping
+//! - [`services`]: the service implementations
+//! - [`config`]: layered configuration
+//! - [`middleware`]: tower layers
+//! - [`app`]: wiring and the server loop
+//! - [`demo`]: the synthetic shopping demo
+
+pub mod app;
+pub mod config;
+pub mod convert;
+pub mod demo;
+pub mod middleware;
+pub mod proto;
+pub mod services;

@@ -1,1 +1,89 @@
-fn main() {}
+//! The `reflex` command: `serve`, `demo` and `config`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use reflex_server::config::{Config, FlagOverrides, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// Reflex: real-time personalization over gRPC.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "REFLEX_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, global = true)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory of the embedded store.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve,
+    /// Run a server on a fresh embedded store and drive a synthetic shopping session.
+    Demo,
+    /// Print the effective configuration.
+    Config,
+}
+
+fn init_logging(config: &Config, quiet: bool) {
+    let default = if quiet { "warn" } else { config.log.filter.as_str() };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut flags = FlagOverrides {
+        listen: cli.listen,
+        data_dir: cli.data_dir.clone(),
+    };
+    match cli.command {
+        Command::Serve => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            init_logging(&config, false);
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            reflex_server::app::serve(
+                config,
+                listener,
+                reflex_server::app::shutdown_signal(),
+                |addr| println!("reflex listening on {addr}"),
+            )
+            .await
+        }
+        Command::Demo => {
+            // A fresh store and a free port unless told otherwise, so the demo always
+            // starts from nothing and never collides with a running server.
+            let scratch = tempfile::tempdir().context("creating a scratch data directory")?;
+            if flags.data_dir.is_none() {
+                flags.data_dir = Some(scratch.path().to_owned());
+            }
+            if flags.listen.is_none() {
+                flags.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+            }
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            init_logging(&config, true);
+            reflex_server::demo::run(config).await
+        }
+        Command::Config => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            print!("{}", config.to_toml().context("printing the configuration")?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Wiring: builds the engine from configuration and runs the gRPC server until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use reflex_core::{Backends, Engine, ItemIndex};
+use reflex_models::{ExactRetriever, OnlineMf};
+use reflex_storage::EmbeddedStore;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::config::{Backend, Config};
+use crate::proto;
+use crate::services::Reflex;
+
+/// Builds the backends named by `config` and the engine over them, and replays the event
+/// log so the engine is ready to serve.
+pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
+    let items = Arc::new(ItemIndex::new());
+    let model = OnlineMf::new(config.model.clone());
+    let retriever = Arc::new(ExactRetriever::new(model.clone()));
+    let backends = match config.store.backend {
+        Backend::Embedded => {
+            let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
+                .with_context(|| {
+                    format!(
+                        "opening the embedded store in {}",
+                        config.store.embedded.data_dir.display()
+                    )
+                })?;
+            Backends {
+                sink: store.clone(),
+                profiles: store.clone(),
+                catalog: store,
+                model,
+                retriever,
+                items,
+            }
+        }
+    };
+    let engine = Arc::new(Engine::new(backends, config.engine.clone()));
+    let started = std::time::Instant::now();
+    let replayed = engine.recover().await.context("replaying the event log")?;
+    info!(replayed, elapsed_ms = started.elapsed().as_millis() as u64, "state recovered");
+    Ok(engine)
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains, checkpoints
+/// and returns. `on_ready` is called with the bound address once requests are served.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let engine = build_engine(&config).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+
+    let maintenance = {
+        let engine = engine.clone();
+        let every = Duration::from_millis(config.maintenance_interval_ms.max(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(err) = engine.maintain().await {
+                    warn!(error = %err, "maintenance failed, retrying next tick");
+                }
+            }
+        })
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let reflex = Reflex::new(engine.clone());
+    let limit = config.max_message_bytes;
+    use proto::catalog_service_server::CatalogServiceServer;
+    use proto::event_service_server::EventServiceServer;
+    use proto::profile_service_server::ProfileServiceServer;
+    use proto::recommend_service_server::RecommendServiceServer;
+    let events = EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
+    let recommend = RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
+    let catalog = CatalogServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
+    let profiles = ProfileServiceServer::new(reflex).max_decoding_message_size(limit);
+    health.set_serving::<EventServiceServer<Reflex>>().await;
+    health.set_serving::<RecommendServiceServer<Reflex>>().await;
+    health.set_serving::<CatalogServiceServer<Reflex>>().await;
+    health.set_serving::<ProfileServiceServer<Reflex>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    on_ready(addr);
+    info!(%addr, "reflex serving");
+    let result = Server::builder()
+        .layer(crate::middleware::OversizeAsResourceExhausted)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(events)
+        .add_service(recommend)
+        .add_service(catalog)
+        .add_service(profiles)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("serving gRPC");
+    maintenance.abort();
+    match engine.checkpoint().await {
+        Ok(seq) => info!(?seq, "final checkpoint written"),
+        Err(err) => warn!(error = %err, "final checkpoint failed; the log replays on start"),
+    }
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            warn!(error = %err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    info!("shutdown requested");
+}

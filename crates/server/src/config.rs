@@ -1,0 +1,193 @@
+//! The one typed configuration: built-in defaults, then a TOML file, then `REFLEX_…`
+//! environment variables (`__` separates nested keys), then command-line flags. Unknown
+//! keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use reflex_core::{EngineConfig, ProfilePolicy};
+use reflex_models::MfConfig;
+use reflex_storage::EmbeddedConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything `reflex serve` can be told.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server listens on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// How often checkpoints and housekeeping run, in ms.
+    pub maintenance_interval_ms: u64,
+    /// Logging.
+    pub log: LogConfig,
+    /// Ingest and recommend behaviour.
+    pub engine: EngineConfig,
+    /// How profiles grow and age.
+    pub profiles: ProfilePolicy,
+    /// Where state lives.
+    pub store: StoreConfig,
+    /// The online matrix factorisation model.
+    pub model: MfConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 4 * 1024 * 1024,
+            maintenance_interval_ms: 5_000,
+            log: LogConfig::default(),
+            engine: EngineConfig::default(),
+            profiles: ProfilePolicy::default(),
+            store: StoreConfig::default(),
+            model: MfConfig::default(),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info,reflex_core=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which backend holds profiles, the event log and the catalog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The backend in use.
+    pub backend: Backend,
+    /// Settings of the embedded backend.
+    pub embedded: EmbeddedConfig,
+}
+
+/// Available backends.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Durable local storage in a data directory (one replica).
+    #[default]
+    Embedded,
+}
+
+/// Settings given as command-line flags, which win over everything else.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlagOverrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`, stored as `store.embedded.data_dir`.
+    #[serde(skip)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file, variable or flag did not fit the schema.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// The configuration file given does not exist.
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `REFLEX_…` variables, then flags.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment
+            // REFLEX_CONFIG names the file itself and is not a setting.
+            .merge(Env::prefixed("REFLEX_").ignore(&["config"]).split("__"))
+            .merge(Serialized::defaults(flags));
+        if let Some(dir) = &flags.data_dir {
+            figment = figment.merge(Serialized::default("store.embedded.data_dir", dir));
+        }
+        figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+    }
+
+    /// The effective configuration as TOML, for `reflex config`.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_without_any_source() {
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "reflex.toml",
+                "listen = \"127.0.0.1:1\"\nmax_message_bytes = 10\n[engine]\nmax_batch = 7\n",
+            )?;
+            jail.set_env("REFLEX_MAX_MESSAGE_BYTES", "20");
+            jail.set_env("REFLEX_ENGINE__MAX_BATCH", "8");
+            let flags = FlagOverrides {
+                listen: Some("127.0.0.1:3".parse().map_err(|e: std::net::AddrParseError| e.to_string())?),
+                data_dir: Some("/tmp/x".into()),
+            };
+            let config = Config::load(Some(Path::new("reflex.toml")), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.port(), 3, "flag beats file");
+            assert_eq!(config.max_message_bytes, 20, "env beats file");
+            assert_eq!(config.engine.max_batch, 8, "nested env key");
+            assert_eq!(config.store.embedded.data_dir, PathBuf::from("/tmp/x"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("reflex.toml", "listne = \"127.0.0.1:1\"\n")?;
+            let err = Config::load(Some(Path::new("reflex.toml")), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("listne"), "{err}");
+            jail.clear_env();
+            Ok(())
+        });
+    }
+}

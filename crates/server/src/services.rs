@@ -1,0 +1,212 @@
+//! The tonic service implementations: thin adapters that validate, call the engine and
+//! convert the answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use reflex_core::Engine;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::convert;
+use crate::proto;
+use crate::proto::catalog_service_server::CatalogService;
+use crate::proto::event_service_server::EventService;
+use crate::proto::profile_service_server::ProfileService;
+use crate::proto::recommend_service_server::RecommendService;
+
+/// Acks a stream may have queued for a slow reader before ingest of that stream waits:
+/// bounded so a client that stops reading cannot grow server memory.
+const ACK_QUEUE: usize = 16;
+
+/// Implements all four Reflex services over one engine.
+#[derive(Clone)]
+pub struct Reflex {
+    engine: Arc<Engine>,
+}
+
+impl Reflex {
+    /// Services over `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+async fn ingest(engine: &Engine, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
+    let proto::IngestRequest { sequence, events } = request;
+    let mut ids = Vec::with_capacity(events.len());
+    let mut raw = Vec::with_capacity(events.len());
+    for event in events {
+        ids.push(event.event_id.clone());
+        raw.push(convert::raw_event(event));
+    }
+    let outcomes = engine.ingest(raw).await.map_err(convert::status)?;
+    Ok(convert::ack(sequence, ids, outcomes))
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<proto::IngestResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventService for Reflex {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<proto::IngestRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(ACK_QUEUE);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            // Batches of one stream are applied one after another, so acks come back in
+            // order; different streams run concurrently.
+            while let Some(next) = inbound.next().await {
+                let batch = match next {
+                    Ok(batch) => batch,
+                    Err(status) if status.message().contains("message length too large") => {
+                        // Tonic says OUT_OF_RANGE; the API promises RESOURCE_EXHAUSTED.
+                        let _ = tx.send(Err(Status::resource_exhausted(status.message()))).await;
+                        break;
+                    }
+                    Err(status) => {
+                        debug!(%status, "event stream ended by the client");
+                        break;
+                    }
+                };
+                let seq = batch.sequence;
+                let result = ingest(&engine, batch).await;
+                let failed = result.is_err();
+                if let Err(status) = &result {
+                    warn!(batch = seq, %status, "batch refused, closing the stream");
+                }
+                if tx.send(result).await.is_err() {
+                    debug!(batch = seq, "client went away before its ack");
+                    break;
+                }
+                if failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<proto::IngestRequest>,
+    ) -> Result<Response<proto::IngestResponse>, Status> {
+        ingest(&self.engine, request.into_inner()).await.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl RecommendService for Reflex {
+    async fn recommend(
+        &self,
+        request: Request<proto::RecommendRequest>,
+    ) -> Result<Response<proto::RecommendResponse>, Status> {
+        let proto::RecommendRequest {
+            user_id,
+            count,
+            filter,
+        } = request.into_inner();
+        let user = convert::user_id(&user_id)?;
+        let filter = convert::filter(filter)?;
+        let rec = self
+            .engine
+            .recommend(&user, count as usize, &filter)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(convert::recommend_response(rec)))
+    }
+
+    async fn similar_items(
+        &self,
+        request: Request<proto::SimilarItemsRequest>,
+    ) -> Result<Response<proto::SimilarItemsResponse>, Status> {
+        let proto::SimilarItemsRequest {
+            item_id,
+            count,
+            filter,
+        } = request.into_inner();
+        let item = convert::item_id(&item_id)?;
+        let filter = convert::filter(filter)?;
+        let rec = self
+            .engine
+            .similar_items(&item, count as usize, &filter)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(convert::similar_response(rec)))
+    }
+}
+
+#[tonic::async_trait]
+impl CatalogService for Reflex {
+    async fn upsert_items(
+        &self,
+        request: Request<proto::UpsertItemsRequest>,
+    ) -> Result<Response<proto::UpsertItemsResponse>, Status> {
+        let proto::UpsertItemsRequest { items } = request.into_inner();
+        let items = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| convert::item(item, &format!("items[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upserted = self
+            .engine
+            .upsert_items(items)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(proto::UpsertItemsResponse {
+            upserted: upserted as u32,
+        }))
+    }
+
+    async fn get_item(
+        &self,
+        request: Request<proto::GetItemRequest>,
+    ) -> Result<Response<proto::Item>, Status> {
+        let item = convert::item_id(&request.into_inner().item_id)?;
+        let item = self.engine.item(&item).await.map_err(convert::status)?;
+        Ok(Response::new(convert::item_to_proto(item)))
+    }
+
+    async fn delete_item(
+        &self,
+        request: Request<proto::DeleteItemRequest>,
+    ) -> Result<Response<proto::DeleteItemResponse>, Status> {
+        let item = convert::item_id(&request.into_inner().item_id)?;
+        let deleted = self.engine.delete_item(&item).await.map_err(convert::status)?;
+        Ok(Response::new(proto::DeleteItemResponse { deleted }))
+    }
+}
+
+#[tonic::async_trait]
+impl ProfileService for Reflex {
+    async fn get_profile(
+        &self,
+        request: Request<proto::GetProfileRequest>,
+    ) -> Result<Response<proto::Profile>, Status> {
+        let user = convert::user_id(&request.into_inner().user_id)?;
+        match self.engine.profile(&user).await.map_err(convert::status)? {
+            Some(profile) => Ok(Response::new(convert::profile(profile))),
+            None => Err(Status::not_found(format!("profile of user {user:?} not found"))),
+        }
+    }
+
+    async fn erase_profile(
+        &self,
+        request: Request<proto::EraseProfileRequest>,
+    ) -> Result<Response<proto::EraseProfileResponse>, Status> {
+        let user = convert::user_id(&request.into_inner().user_id)?;
+        let erased = self
+            .engine
+            .erase_profile(&user)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(proto::EraseProfileResponse { erased }))
+    }
+}

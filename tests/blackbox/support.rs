@@ -1,0 +1,256 @@
+//! Starting and stopping the real binary, and small client helpers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost_types::Timestamp;
+use reflex_server::proto;
+use reflex_server::proto::catalog_service_client::CatalogServiceClient;
+use reflex_server::proto::event_service_client::EventServiceClient;
+use reflex_server::proto::profile_service_client::ProfileServiceClient;
+use reflex_server::proto::recommend_service_client::RecommendServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// A running `reflex serve`, killed when dropped.
+pub struct Reflex {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Reflex {
+    /// Starts the binary on a free port over `data_dir` with extra `REFLEX_…` variables,
+    /// and waits until it serves.
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Reflex {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reflex"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("REFLEX_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning reflex");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("reflex listening on ") {
+                        break addr.trim().parse().expect("address in the ready line");
+                    }
+                }
+                other => {
+                    let status = child.wait();
+                    panic!("reflex exited before it was ready: {other:?}, {status:?}");
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Reflex {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// Starts the binary with default settings.
+    pub fn start(data_dir: &Path) -> Reflex {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to reflex")
+    }
+
+    /// `kill -9`: no chance to flush or checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaping");
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("running kill");
+            assert!(status.success());
+            let exit = child.wait().expect("reaping");
+            assert!(exit.success(), "reflex exited with {exit}");
+        }
+    }
+}
+
+impl Drop for Reflex {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Now as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// An event at `ts`.
+pub fn event_at(id: &str, user: &str, item: &str, kind: proto::EventKind, ts: Timestamp) -> proto::Event {
+    proto::Event {
+        event_id: id.into(),
+        user_id: user.into(),
+        item_id: item.into(),
+        kind: kind as i32,
+        timestamp: Some(ts),
+        ..Default::default()
+    }
+}
+
+/// An event now.
+pub fn event(id: &str, user: &str, item: &str, kind: proto::EventKind) -> proto::Event {
+    event_at(id, user, item, kind, now())
+}
+
+/// A bidirectional event stream held open across batches.
+pub struct EventStream {
+    tx: mpsc::Sender<proto::IngestRequest>,
+    acks: tonic::Streaming<proto::IngestResponse>,
+    next_sequence: u64,
+}
+
+impl EventStream {
+    pub async fn open(channel: Channel) -> EventStream {
+        let (tx, rx) = mpsc::channel(16);
+        let acks = EventServiceClient::new(channel)
+            .stream(ReceiverStream::new(rx))
+            .await
+            .expect("opening the stream")
+            .into_inner();
+        EventStream {
+            tx,
+            acks,
+            next_sequence: 1,
+        }
+    }
+
+    /// Sends a batch without waiting; returns its sequence number.
+    pub async fn send(&mut self, events: Vec<proto::Event>) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.tx
+            .send(proto::IngestRequest { sequence, events })
+            .await
+            .expect("stream open");
+        sequence
+    }
+
+    /// The next ack or error.
+    pub async fn next_ack(&mut self) -> Option<Result<proto::IngestResponse, tonic::Status>> {
+        tokio::time::timeout(Duration::from_secs(30), self.acks.next())
+            .await
+            .expect("ack within 30 s")
+    }
+
+    /// Sends a batch and waits for its ack.
+    pub async fn round_trip(&mut self, events: Vec<proto::Event>) -> proto::IngestResponse {
+        let seq = self.send(events).await;
+        let ack = self.next_ack().await.expect("an ack").expect("batch accepted");
+        assert_eq!(ack.sequence, seq);
+        ack
+    }
+}
+
+/// Status names of an ack's results, in order.
+pub fn statuses(ack: &proto::IngestResponse) -> Vec<proto::EventStatus> {
+    ack.results
+        .iter()
+        .map(|r| proto::EventStatus::try_from(r.status).unwrap())
+        .collect()
+}
+
+/// Top `count` item ids for `user`.
+pub async fn recommend(channel: &Channel, user: &str, count: u32) -> proto::RecommendResponse {
+    RecommendServiceClient::new(channel.clone())
+        .recommend(proto::RecommendRequest {
+            user_id: user.into(),
+            count,
+            filter: None,
+        })
+        .await
+        .expect("recommend")
+        .into_inner()
+}
+
+pub fn ids(resp: &proto::RecommendResponse) -> Vec<String> {
+    resp.items.iter().map(|i| i.item_id.clone()).collect()
+}
+
+/// Total applied events of `user` according to their profile (0 when none).
+pub async fn applied_events(channel: &Channel, user: &str) -> u64 {
+    match ProfileServiceClient::new(channel.clone())
+        .get_profile(proto::GetProfileRequest { user_id: user.into() })
+        .await
+    {
+        Ok(p) => p.into_inner().kind_counts.values().sum(),
+        Err(s) if s.code() == tonic::Code::NotFound => 0,
+        Err(s) => panic!("get_profile: {s}"),
+    }
+}
+
+/// Upserts a catalog of `per_category` items in each category: ids `<category>-<n>`.
+pub async fn upsert_catalog(channel: &Channel, categories: &[&str], per_category: usize) {
+    let items = categories
+        .iter()
+        .flat_map(|c| {
+            (0..per_category).map(move |n| proto::Item {
+                item_id: format!("{c}-{n}"),
+                title: format!("{c} {n}"),
+                categories: vec![c.to_string()],
+                available: Some(true),
+                embedding: vec![],
+            })
+        })
+        .collect();
+    CatalogServiceClient::new(channel.clone())
+        .upsert_items(proto::UpsertItemsRequest { items })
+        .await
+        .expect("upsert catalog");
+}
+
+impl EventStream {
+    /// Sends a batch; `Err` when the stream is gone (the server died).
+    pub async fn send_checked(&mut self, events: Vec<proto::Event>) -> Result<u64, ()> {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.tx
+            .send(proto::IngestRequest { sequence, events })
+            .await
+            .map_err(|_| ())?;
+        Ok(sequence)
+    }
+}
