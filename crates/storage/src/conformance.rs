@@ -1,0 +1,400 @@
+//! Backend-agnostic cases every storage backend must pass, written once and run against
+//! each backend's own test module (enable the `conformance` feature to use them from
+//! another crate).
+//!
+//! Each case takes the trait object under test, uses ids of its own (prefixed by the
+//! case's name) so cases can share one backend, panics on a broken expectation and
+//! returns backend errors as `Err`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reflex_core::types::now_ms;
+use reflex_core::{
+    Appended, CatalogStore, Event, EventId, EventKind, EventSink, Item, ItemId, LogRecord,
+    ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+};
+
+/// An event with the given ids, kind and event time.
+pub fn event(event_id: &str, user: &str, item: &str, kind: EventKind, timestamp_ms: i64) -> Event {
+    Event {
+        event_id: id(EventId::parse(event_id, "event_id")),
+        user_id: id(UserId::parse(user, "user_id")),
+        item_id: id(ItemId::parse(item, "item_id")),
+        kind,
+        weight: None,
+        timestamp_ms,
+        session_id: None,
+        value: None,
+        context: BTreeMap::new(),
+    }
+}
+
+/// A log record of a genuine (not filtered) event ingested now.
+pub fn record(event: Event) -> LogRecord {
+    LogRecord::Event {
+        event,
+        filtered: false,
+        ingested_ms: now_ms(),
+    }
+}
+
+/// A view event record with an event id of its own.
+pub fn view(event_id: &str, user: &str) -> LogRecord {
+    record(event(
+        event_id,
+        user,
+        "item",
+        EventKind::View,
+        1_700_000_000_000,
+    ))
+}
+
+/// A user id; panics on an invalid one, which is a bug in the calling test.
+pub fn user(name: &str) -> UserId {
+    id(UserId::parse(name, "user_id"))
+}
+
+fn id<T>(parsed: Result<T>) -> T {
+    match parsed {
+        Ok(id) => id,
+        Err(e) => panic!("test id is invalid: {e}"),
+    }
+}
+
+/// The value a case expects to be there; panics naming it otherwise.
+fn present<T>(value: Option<T>, what: &str) -> T {
+    match value {
+        Some(value) => value,
+        None => panic!("expected {what}"),
+    }
+}
+
+fn positions(appended: &[Appended]) -> Vec<Seq> {
+    appended
+        .iter()
+        .filter_map(|a| match a {
+            Appended::At(seq) => Some(*seq),
+            Appended::Duplicate => None,
+        })
+        .collect()
+}
+
+fn event_id_of(record: &LogRecord) -> Option<&str> {
+    match record {
+        LogRecord::Event { event, .. } => Some(event.event_id.as_str()),
+        LogRecord::Erase { .. } => None,
+    }
+}
+
+/// Every record gets a position after the previous end, strictly increasing, and reads
+/// back as it was written.
+pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<()> {
+    let before = sink.last_seq().await?;
+    let records = vec![
+        view("positions-1", "positions-u"),
+        view("positions-2", "positions-u"),
+        LogRecord::Erase {
+            user_id: user("positions-u"),
+            erased_ms: now_ms(),
+        },
+        view("positions-3", "positions-u"),
+    ];
+    let appended = sink.append(records.clone()).await?;
+    let seqs = positions(&appended);
+    assert_eq!(
+        seqs.len(),
+        records.len(),
+        "every record is new: {appended:?}"
+    );
+    assert!(
+        seqs[0] > before,
+        "positions continue after {before}: {seqs:?}"
+    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "increasing: {seqs:?}");
+    assert_eq!(sink.last_seq().await?, seqs[seqs.len() - 1]);
+
+    let read = sink.read(before, records.len()).await?;
+    let read_seqs: Vec<Seq> = read.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(read_seqs, seqs);
+    let read_records: Vec<LogRecord> = read.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(read_records, records);
+    assert!(sink.append(Vec::new()).await?.is_empty());
+    Ok(())
+}
+
+/// An event id seen earlier in the same call or in an earlier call is a duplicate and
+/// is not recorded again; erase records are never duplicates.
+pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Result<()> {
+    let before = sink.last_seq().await?;
+    let first = sink
+        .append(vec![
+            view("dedupe-a", "dedupe-u"),
+            view("dedupe-b", "dedupe-u"),
+            view("dedupe-a", "dedupe-u"),
+        ])
+        .await?;
+    assert!(matches!(
+        first.as_slice(),
+        [Appended::At(_), Appended::At(_), Appended::Duplicate]
+    ));
+    let second = sink
+        .append(vec![
+            view("dedupe-b", "dedupe-u"),
+            view("dedupe-c", "dedupe-u"),
+        ])
+        .await?;
+    assert!(matches!(
+        second.as_slice(),
+        [Appended::Duplicate, Appended::At(_)]
+    ));
+    let erase = || LogRecord::Erase {
+        user_id: user("dedupe-u"),
+        erased_ms: now_ms(),
+    };
+    let erases = sink.append(vec![erase(), erase()]).await?;
+    assert_eq!(
+        positions(&erases).len(),
+        2,
+        "erases are never deduped: {erases:?}"
+    );
+
+    let all = sink.read(before, 100).await?;
+    let ids: Vec<&str> = all.iter().filter_map(|(_, r)| event_id_of(r)).collect();
+    assert_eq!(ids, ["dedupe-a", "dedupe-b", "dedupe-c"]);
+    assert_eq!(all.len(), 5);
+    Ok(())
+}
+
+/// Reading in pages of any size yields every record once, in order.
+pub async fn sink_reads_in_pages(sink: &dyn EventSink) -> Result<()> {
+    let before = sink.last_seq().await?;
+    let records: Vec<LogRecord> = (0..25)
+        .map(|i| view(&format!("paging-{i}"), "paging-u"))
+        .collect();
+    sink.append(records.clone()).await?;
+    let mut after = before;
+    let mut read = Vec::new();
+    loop {
+        let page = sink.read(after, 7).await?;
+        assert!(page.len() <= 7);
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        read.extend(page);
+    }
+    assert!(read.windows(2).all(|w| w[0].0 < w[1].0));
+    let read_records: Vec<LogRecord> = read.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(read_records, records);
+    assert!(sink.read(before, 0).await?.is_empty());
+    assert!(sink.read(sink.last_seq().await?, 10).await?.is_empty());
+    assert!(sink.read(Seq::MAX, 10).await?.is_empty());
+    Ok(())
+}
+
+/// Many concurrent appends of overlapping event ids record every id exactly once, at
+/// distinct positions.
+pub async fn sink_records_each_id_once_under_concurrency(sink: Arc<dyn EventSink>) -> Result<()> {
+    const TASKS: usize = 16;
+    const BATCHES: usize = 10;
+    const BATCH: usize = 50;
+    const IDS: usize = 400;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let sink = Arc::clone(&sink);
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for b in 0..BATCHES {
+                let ids: Vec<String> = (0..BATCH)
+                    .map(|i| format!("concurrent-{}", (t * 31 + b * 17 + i * 7) % IDS))
+                    .collect();
+                let records = ids.iter().map(|id| view(id, "concurrent-u")).collect();
+                let appended = sink.append(records).await?;
+                mine.extend(ids.into_iter().zip(appended));
+            }
+            Ok::<_, reflex_core::Error>(mine)
+        }));
+    }
+    let mut recorded: HashMap<String, Vec<Seq>> = HashMap::new();
+    let mut offered: HashMap<String, usize> = HashMap::new();
+    for task in tasks {
+        let outcomes = match task.await {
+            Ok(outcomes) => outcomes?,
+            Err(e) => panic!("append task failed: {e}"),
+        };
+        for (id, outcome) in outcomes {
+            *offered.entry(id.clone()).or_default() += 1;
+            if let Appended::At(seq) = outcome {
+                recorded.entry(id).or_default().push(seq);
+            }
+        }
+    }
+    for id in offered.keys() {
+        let times = recorded.get(id).map_or(0, Vec::len);
+        assert_eq!(times, 1, "{id} recorded {times} times");
+    }
+    let mut seqs: Vec<Seq> = recorded.values().flatten().copied().collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), offered.len(), "positions are distinct");
+    Ok(())
+}
+
+/// An event id is new again once the dedupe window (`window`, as the backend was
+/// configured) has passed and maintenance ran.
+pub async fn sink_forgets_ids_after_the_window(
+    sink: &dyn EventSink,
+    window: Duration,
+) -> Result<()> {
+    let first = sink.append(vec![view("window-a", "window-u")]).await?;
+    assert!(matches!(first.as_slice(), [Appended::At(_)]));
+    let again = sink.append(vec![view("window-a", "window-u")]).await?;
+    assert_eq!(again, [Appended::Duplicate]);
+    tokio::time::sleep(window + Duration::from_millis(20)).await;
+    sink.maintain().await?;
+    let later = sink.append(vec![view("window-a", "window-u")]).await?;
+    assert!(matches!(later.as_slice(), [Appended::At(_)]), "{later:?}");
+    Ok(())
+}
+
+fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
+    ProfileUpdate {
+        seq,
+        event,
+        weight: 1.0,
+        now_ms,
+    }
+}
+
+/// Applies change profiles in order; erase forgets them.
+pub async fn profiles_apply_get_erase(store: &dyn ProfileStore) -> Result<()> {
+    let alice = user("profiles-alice");
+    let bob = user("profiles-bob");
+    assert_eq!(store.get(&alice).await?, None);
+    let now = now_ms();
+    let events = [
+        event("p-1", "profiles-alice", "shoe", EventKind::View, 1_000),
+        event("p-2", "profiles-bob", "hat", EventKind::Click, 1_500),
+        event("p-3", "profiles-alice", "shoe", EventKind::Purchase, 2_000),
+    ];
+    let updates: Vec<ProfileUpdate<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| update(i as Seq + 1, e, now))
+        .collect();
+    store.apply(&updates).await?;
+
+    let a = present(store.get(&alice).await?, "alice has a profile");
+    assert_eq!(a.user_id, alice);
+    assert_eq!(a.version, 2);
+    assert_eq!(a.count(&EventKind::View), 1);
+    assert_eq!(a.count(&EventKind::Purchase), 1);
+    assert!(a.has_purchased(&id(ItemId::parse("shoe", "item_id"))));
+    assert_eq!(a.recent.front().map(|i| i.timestamp_ms), Some(2_000));
+    assert_eq!(a.touched_ms, now);
+    let b = present(store.get(&bob).await?, "bob has a profile");
+    assert_eq!(b.version, 1);
+
+    assert!(store.erase(&alice).await?);
+    assert_eq!(store.get(&alice).await?, None);
+    assert!(!store.erase(&alice).await?);
+    assert!(store.get(&bob).await?.is_some());
+    Ok(())
+}
+
+/// A profile untouched for longer than the TTL of `policy` (as the store was built) is
+/// gone, and the next event starts a fresh one.
+pub async fn profiles_expire_after_ttl(
+    store: &dyn ProfileStore,
+    policy: &ProfilePolicy,
+) -> Result<()> {
+    let carol = user("expiry-carol");
+    let long_ago = now_ms() - policy.ttl_ms - 60_000;
+    let old = event("x-1", "expiry-carol", "lamp", EventKind::View, 1_000);
+    store.apply(&[update(1, &old, long_ago)]).await?;
+    assert_eq!(
+        store.get(&carol).await?,
+        None,
+        "expired profiles are not served"
+    );
+
+    let fresh = event("x-2", "expiry-carol", "desk", EventKind::Click, 2_000);
+    store.apply(&[update(2, &fresh, now_ms())]).await?;
+    let p = present(store.get(&carol).await?, "a fresh profile");
+    assert_eq!(
+        p.version, 1,
+        "the expired profile was replaced, not extended"
+    );
+    assert_eq!(p.count(&EventKind::View), 0);
+    Ok(())
+}
+
+/// Concurrent applies to one user lose no update.
+pub async fn profiles_are_atomic_per_user(store: Arc<dyn ProfileStore>) -> Result<()> {
+    const TASKS: usize = 8;
+    const EACH: usize = 200;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let e = event(
+                    &format!("atomic-{t}-{i}"),
+                    "atomic-dave",
+                    "x",
+                    EventKind::View,
+                    1,
+                );
+                store.apply(&[update(1, &e, now_ms())]).await?;
+            }
+            Ok::<_, reflex_core::Error>(())
+        }));
+    }
+    for task in tasks {
+        match task.await {
+            Ok(result) => result?,
+            Err(e) => panic!("apply task failed: {e}"),
+        }
+    }
+    let p = present(store.get(&user("atomic-dave")).await?, "dave has a profile");
+    assert_eq!(p.version, (TASKS * EACH) as u64);
+    assert_eq!(p.count(&EventKind::View), (TASKS * EACH) as u64);
+    Ok(())
+}
+
+fn item(name: &str, title: &str, available: bool) -> Item {
+    Item {
+        item_id: id(ItemId::parse(name, "item_id")),
+        title: title.into(),
+        categories: vec!["shoes".into(), "sale".into()],
+        available,
+        embedding: vec![0.5, -1.0, 2.25],
+    }
+}
+
+/// Upsert, get, replace, delete and load-all round-trip items unchanged.
+pub async fn catalog_round_trips(catalog: &dyn CatalogStore) -> Result<()> {
+    let a = item("catalog-a", "A", true);
+    let b = item("catalog-b", "B", false);
+    catalog.upsert(&[a.clone(), b.clone()]).await?;
+    assert_eq!(catalog.get(&a.item_id).await?, Some(a.clone()));
+    catalog.upsert(&[]).await?;
+
+    let a2 = Item {
+        title: "A, renamed".into(),
+        embedding: Vec::new(),
+        ..a.clone()
+    };
+    catalog.upsert(std::slice::from_ref(&a2)).await?;
+    assert_eq!(catalog.get(&a.item_id).await?, Some(a2.clone()));
+
+    let all = catalog.load_all().await?;
+    assert!(all.contains(&a2) && all.contains(&b), "{all:?}");
+    assert!(!all.contains(&a));
+
+    assert!(catalog.delete(&b.item_id).await?);
+    assert!(!catalog.delete(&b.item_id).await?);
+    assert_eq!(catalog.get(&b.item_id).await?, None);
+    assert!(!catalog.load_all().await?.contains(&b));
+    Ok(())
+}

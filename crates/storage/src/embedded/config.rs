@@ -1,0 +1,111 @@
+//! Configuration of the embedded backend.
+
+use std::path::PathBuf;
+
+use fjall::PersistMode;
+use reflex_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Seven days, the dedupe window the ingest contract promises by default.
+const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Settings of the embedded store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// Directory holding the database; created when missing. One process at a time.
+    pub data_dir: PathBuf,
+    /// When an append counts as recorded.
+    pub durability: Durability,
+    /// How long an event id stays a duplicate after it was first recorded, in ms.
+    pub dedupe_window_ms: i64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./reflex-data"),
+            durability: Durability::default(),
+            dedupe_window_ms: DEFAULT_DEDUPE_WINDOW_MS,
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    /// A default configuration storing its data in `data_dir`.
+    pub fn in_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks values serde cannot: a negative window would make every id new again.
+    pub fn validate(&self) -> Result<()> {
+        if self.dedupe_window_ms < 0 {
+            return Err(Error::invalid(
+                "dedupe_window_ms",
+                format!("is {}, must not be negative", self.dedupe_window_ms),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::invalid("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// When an append returns, relative to the disk.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every append is fsynced before it returns: an acked event survives power loss.
+    #[default]
+    Sync,
+    /// Every append reaches the OS before it returns but is not fsynced: an acked event
+    /// survives a crash of the process, not of the machine.
+    Buffered,
+}
+
+impl Durability {
+    /// The fjall persist mode that gives this durability.
+    pub(super) fn persist_mode(self) -> PersistMode {
+        match self {
+            Self::Sync => PersistMode::SyncAll,
+            Self::Buffered => PersistMode::Buffer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_durable_with_a_week_of_dedupe() {
+        let config = EmbeddedConfig::default();
+        assert_eq!(config.durability, Durability::Sync);
+        assert_eq!(config.dedupe_window_ms, 604_800_000);
+        assert_eq!(config.data_dir, PathBuf::from("./reflex-data"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn deserialises_partially_and_refuses_unknown_keys() {
+        let config: EmbeddedConfig =
+            serde_json::from_str(r#"{"durability":"buffered","dedupe_window_ms":5}"#).unwrap();
+        assert_eq!(config.durability, Durability::Buffered);
+        assert_eq!(config.dedupe_window_ms, 5);
+        assert_eq!(config.data_dir, PathBuf::from("./reflex-data"));
+        assert!(serde_json::from_str::<EmbeddedConfig>(r#"{"profile":{}}"#).is_err());
+    }
+
+    #[test]
+    fn refuses_a_negative_window() {
+        let config = EmbeddedConfig {
+            dedupe_window_ms: -1,
+            ..EmbeddedConfig::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}
