@@ -166,14 +166,14 @@ impl ItemIndex {
 
     /// Records a catalog delete: the item stays known to models but is never recommended.
     pub fn set_deleted(&self, id: &ItemId) {
-        if let Some(idx) = self.get(id.as_str()) {
-            if let Some(slot) = self.slots.get(idx as usize) {
-                slot.meta.store(Arc::new(ItemMeta {
-                    in_catalog: false,
-                    available: false,
-                    categories: Vec::new(),
-                }));
-            }
+        if let Some(idx) = self.get(id.as_str())
+            && let Some(slot) = self.slots.get(idx as usize)
+        {
+            slot.meta.store(Arc::new(ItemMeta {
+                in_catalog: false,
+                available: false,
+                categories: Vec::new(),
+            }));
         }
     }
 

@@ -411,12 +411,12 @@ impl Engine {
     ) -> Result<Recommendation> {
         let count = self.check_count(count)?;
         let not_found = || Error::NotFound(format!("item {item:?}"));
-        let idx = self.backends.items.get(item.as_str()).ok_or_else(not_found)?;
-        let vector = self
+        let idx = self
             .backends
-            .model
-            .item_vector(idx)
+            .items
+            .get(item.as_str())
             .ok_or_else(not_found)?;
+        let vector = self.backends.model.item_vector(idx).ok_or_else(not_found)?;
         let mut excluded = self.excluded(None, filter);
         excluded.insert(idx);
         let found = self
@@ -459,7 +459,11 @@ impl Engine {
                 out.extend(p.purchased.iter().filter_map(|i| items.get(i.as_str())));
             }
             if filter.exclude_seen.unwrap_or(self.config.exclude_seen) {
-                out.extend(p.recent.iter().filter_map(|i| items.get(i.item_id.as_str())));
+                out.extend(
+                    p.recent
+                        .iter()
+                        .filter_map(|i| items.get(i.item_id.as_str())),
+                );
             }
         }
         out
@@ -576,6 +580,6 @@ impl Engine {
 
     /// Number of profiles held.
     pub async fn profile_count(&self) -> Result<usize> {
-        self.backends.profiles.len().await
+        self.backends.profiles.count().await
     }
 }

@@ -64,10 +64,10 @@ impl BotFilter {
 
     /// Why `event` is bot or noise traffic, or `None` when it is genuine.
     pub fn check(&self, event: &Event) -> Option<String> {
-        if let Some(flag) = event.context.get(&self.config.flag_key) {
-            if flag.eq_ignore_ascii_case("true") || flag == "1" {
-                return Some(format!("context {} is set", self.config.flag_key));
-            }
+        if let Some(flag) = event.context.get(&self.config.flag_key)
+            && (flag.eq_ignore_ascii_case("true") || flag == "1")
+        {
+            return Some(format!("context {} is set", self.config.flag_key));
         }
         if let Some(agent) = event.context.get(&self.config.user_agent_key) {
             let agent = agent.to_lowercase();
@@ -75,13 +75,13 @@ impl BotFilter {
                 return Some(format!("user agent matches {p:?}"));
             }
         }
-        if let Some(limiter) = &self.limiter {
-            if limiter.check_key(&event.user_id).is_err() {
-                return Some(format!(
-                    "user exceeds {} events/s",
-                    self.config.max_events_per_user_per_sec
-                ));
-            }
+        if let Some(limiter) = &self.limiter
+            && limiter.check_key(&event.user_id).is_err()
+        {
+            return Some(format!(
+                "user exceeds {} events/s",
+                self.config.max_events_per_user_per_sec
+            ));
         }
         None
     }
@@ -136,8 +136,13 @@ mod tests {
             burst: 3,
             ..BotFilterConfig::default()
         });
-        let passed = (0..10).filter(|_| f.check(&event("fast", &[])).is_none()).count();
+        let passed = (0..10)
+            .filter(|_| f.check(&event("fast", &[])).is_none())
+            .count();
         assert_eq!(passed, 3, "only the burst passes");
-        assert!(f.check(&event("other", &[])).is_none(), "limits are per user");
+        assert!(
+            f.check(&event("other", &[])).is_none(),
+            "limits are per user"
+        );
     }
 }

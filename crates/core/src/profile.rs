@@ -107,7 +107,13 @@ impl Profile {
 
     /// Applies one accepted event with learning weight `weight`, ingested at wall-clock
     /// `now_ms`: counters, recent list, session, purchases, times and version.
-    pub fn apply(&mut self, event: &Event, weight: f32, policy: &ProfilePolicy, now_ms: TimestampMs) {
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        weight: f32,
+        policy: &ProfilePolicy,
+        now_ms: TimestampMs,
+    ) {
         match event.kind.builtin_index() {
             Some(i) => self.counts[i] += 1,
             None => {
@@ -235,7 +241,11 @@ mod tests {
         p.apply(&event("a", EventKind::Purchase, 3_000), 8.0, &policy, 7);
         assert_eq!(p.count(&EventKind::View), 1);
         assert_eq!(p.count(&EventKind::Purchase), 2);
-        assert_eq!(p.purchased.len(), 1, "a repeat purchase is one purchased item");
+        assert_eq!(
+            p.purchased.len(),
+            1,
+            "a repeat purchase is one purchased item"
+        );
         assert_eq!(p.version, 3);
         assert_eq!(p.last_seen_ms, 3_000);
         assert_eq!(p.touched_ms, 7);
@@ -249,7 +259,12 @@ mod tests {
         };
         let mut p = profile();
         for (i, ts) in [10, 30, 20, 40, 5].into_iter().enumerate() {
-            p.apply(&event(&format!("i{i}"), EventKind::Click, ts), 2.0, &policy, 0);
+            p.apply(
+                &event(&format!("i{i}"), EventKind::Click, ts),
+                2.0,
+                &policy,
+                0,
+            );
         }
         let times: Vec<_> = p.recent.iter().map(|i| i.timestamp_ms).collect();
         assert_eq!(times, vec![40, 30, 20]);
@@ -264,7 +279,12 @@ mod tests {
         p.apply(&event("b", EventKind::View, 1_000 + gap), 1.0, &policy, 0);
         let first = p.session.clone().unwrap();
         assert_eq!(first.events, 2);
-        p.apply(&event("c", EventKind::View, 2_001 + 2 * gap), 1.0, &policy, 0);
+        p.apply(
+            &event("c", EventKind::View, 2_001 + 2 * gap),
+            1.0,
+            &policy,
+            0,
+        );
         let second = p.session.clone().unwrap();
         assert_ne!(first.session_id, second.session_id);
         assert_eq!(second.events, 1);

@@ -109,8 +109,9 @@ pub trait ProfileStore: Send + Sync + 'static {
         None
     }
 
-    /// Number of profiles held (for metrics and tests).
-    async fn len(&self) -> Result<usize>;
+    /// Number of profiles held, including expired ones not yet evicted (for metrics and
+    /// tests).
+    async fn count(&self) -> Result<usize>;
 }
 
 /// Where catalog items live.

@@ -154,7 +154,10 @@ impl EventKind {
         if name.len() > MAX_CUSTOM_KIND_LEN {
             return Err(Error::invalid(
                 field,
-                format!("is {} bytes, at most {MAX_CUSTOM_KIND_LEN} allowed", name.len()),
+                format!(
+                    "is {} bytes, at most {MAX_CUSTOM_KIND_LEN} allowed",
+                    name.len()
+                ),
             ));
         }
         Ok(Self::Custom(Arc::from(name)))
@@ -256,13 +259,13 @@ impl RawEvent {
             Some(RawKind::Purchase) => EventKind::Purchase,
             Some(RawKind::Custom) => EventKind::custom(&self.custom_kind, "custom_kind")?,
         };
-        if let Some(w) = self.weight {
-            if !w.is_finite() || w.abs() > MAX_ABS_WEIGHT {
-                return Err(Error::invalid(
-                    "weight",
-                    format!("must be finite and within ±{MAX_ABS_WEIGHT}"),
-                ));
-            }
+        if let Some(w) = self.weight
+            && (!w.is_finite() || w.abs() > MAX_ABS_WEIGHT)
+        {
+            return Err(Error::invalid(
+                "weight",
+                format!("must be finite and within ±{MAX_ABS_WEIGHT}"),
+            ));
         }
         let timestamp_ms = match self.timestamp_ms {
             None => return Err(Error::invalid("timestamp", "is required")),
@@ -287,10 +290,10 @@ impl RawEvent {
             validate_id(&self.session_id, "session_id")?;
             Some(Arc::from(self.session_id.as_str()))
         };
-        if let Some(v) = self.value {
-            if !v.is_finite() {
-                return Err(Error::invalid("value", "must be finite"));
-            }
+        if let Some(v) = self.value
+            && !v.is_finite()
+        {
+            return Err(Error::invalid("value", "must be finite"));
         }
         if self.context.len() > MAX_CONTEXT_ENTRIES {
             return Err(Error::invalid(
@@ -426,23 +429,35 @@ mod tests {
     fn rejects_empty_and_long_ids_naming_the_field() {
         let mut r = raw();
         r.user_id.clear();
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "user_id");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "user_id"
+        );
         let mut r = raw();
         r.item_id = "x".repeat(MAX_ID_LEN + 1);
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "item_id");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "item_id"
+        );
         let mut r = raw();
         r.item_id = "x".repeat(MAX_ID_LEN);
         assert!(r.validate(&EventLimits::default(), NOW).is_ok());
         let mut r = raw();
         r.event_id = "a\nb".into();
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "event_id");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "event_id"
+        );
     }
 
     #[test]
     fn rejects_unknown_kind_and_nameless_custom_kind() {
         let mut r = raw();
         r.kind = None;
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "kind");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "kind"
+        );
         let mut r = raw();
         r.kind = Some(RawKind::Custom);
         assert_eq!(
@@ -460,10 +475,16 @@ mod tests {
     fn rejects_missing_and_future_timestamps() {
         let mut r = raw();
         r.timestamp_ms = None;
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "timestamp");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "timestamp"
+        );
         let mut r = raw();
         r.timestamp_ms = Some(NOW + 3_600_000);
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "timestamp");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "timestamp"
+        );
         let mut r = raw();
         r.timestamp_ms = Some(NOW + 60_000);
         assert!(r.validate(&EventLimits::default(), NOW).is_ok());
@@ -473,10 +494,16 @@ mod tests {
     fn rejects_non_finite_numbers() {
         let mut r = raw();
         r.value = Some(f64::NAN);
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "value");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "value"
+        );
         let mut r = raw();
         r.weight = Some(f64::INFINITY);
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "weight");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "weight"
+        );
     }
 
     #[test]
@@ -485,7 +512,10 @@ mod tests {
         for i in 0..=MAX_CONTEXT_ENTRIES {
             r.context.insert(format!("k{i}"), "v".into());
         }
-        assert_eq!(field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()), "context");
+        assert_eq!(
+            field_of(r.validate(&EventLimits::default(), NOW).unwrap_err()),
+            "context"
+        );
     }
 
     #[test]

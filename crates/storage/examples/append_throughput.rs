@@ -134,7 +134,7 @@ async fn run(durability: Durability, writers: usize, profiles: bool) -> Result<(
         ms(phases[0]),
         ms(phases[1]),
         ms(phases[2]),
-        store.len().await?,
+        store.count().await?,
         checkpoint.as_secs_f64() * 1000.0,
     );
     Ok(())

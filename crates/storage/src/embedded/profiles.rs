@@ -248,7 +248,7 @@ impl ProfileStore for EmbeddedStore {
     }
 
     /// Profiles held in memory, including expired ones not yet evicted by maintenance.
-    async fn len(&self) -> Result<usize> {
+    async fn count(&self) -> Result<usize> {
         Ok(self.shared.profile_state.len())
     }
 }

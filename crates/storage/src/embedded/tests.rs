@@ -252,7 +252,7 @@ async fn checkpoints_restore_profiles_and_their_position_on_reopen() {
 
     let store = open(dir.path());
     assert_eq!(store.durable_seq().await.unwrap(), Some(8));
-    assert_eq!(store.len().await.unwrap(), 2);
+    assert_eq!(store.count().await.unwrap(), 2);
     let a = profile(&store, "alice").await.unwrap();
     assert_eq!(
         a.version, alice_checkpointed_version,
@@ -275,7 +275,7 @@ async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
     checkpoint(&store, 2).await;
     // The checkpoint deleted the expired profile instead of writing it.
     assert_eq!(store.shared.profiles.len().unwrap(), 1);
-    assert_eq!(store.len().await.unwrap(), 1);
+    assert_eq!(store.count().await.unwrap(), 1);
 
     // An expired profile loaded from disk is evicted by maintenance.
     store.apply(&updates(&old, 3, now_ms())).await.unwrap();
@@ -286,10 +286,10 @@ async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
         ..policy
     };
     let store = EmbeddedStore::open(config(dir.path()), short).unwrap();
-    assert_eq!(store.len().await.unwrap(), 2, "loaded as stored");
+    assert_eq!(store.count().await.unwrap(), 2, "loaded as stored");
     tokio::time::sleep(Duration::from_millis(5)).await;
     store.maintain().await.unwrap();
-    assert_eq!(store.len().await.unwrap(), 0);
+    assert_eq!(store.count().await.unwrap(), 0);
     checkpoint(&store, 3).await;
     assert_eq!(store.shared.profiles.len().unwrap(), 0);
 }
