@@ -23,7 +23,7 @@ use crate::services::Reflex;
 pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
     let items = Arc::new(ItemIndex::new());
     let model = OnlineMf::new(config.model.clone());
-    let retriever = Arc::new(ExactRetriever::new(model.clone()));
+    let retriever = Arc::new(ExactRetriever::new(model.item_factors().clone()));
     let backends = match config.store.backend {
         Backend::Embedded => {
             let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())

@@ -205,8 +205,8 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
         "2. Background: {BACKGROUND_USERS} shoppers sent {sent} events over one bidirectional stream (batches of 500), all accepted.\n"
     );
 
-    let mut recommend = RecommendServiceClient::new(channel.clone());
-    let mut top = |user: &'static str| {
+    let recommend = RecommendServiceClient::new(channel.clone());
+    let top = |user: &'static str| {
         let mut client = recommend.clone();
         async move {
             let resp = client
