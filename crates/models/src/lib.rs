@@ -1,1 +1,33 @@
-//! placeholder
+//! Reflex models: online matrix factorisation over implicit feedback with request-time
+//! fold-in, time-decayed popularity, exact inner-product retrieval, and a prequential
+//! (predict, then learn) streaming evaluation on MovieLens.
+//!
+//! The defaults of [`MfConfig`] were tuned for streaming HR@10 on MovieLens 100K
+//! (every rating a positive of weight 1, seen items excluded, fold-in from the last 50):
+//! MF 0.157 against 0.079 for time-decayed popularity at its best half-life; on
+//! MovieLens 1M, 0.164 against 0.047. Uniform negatives beat popularity-proportional ones
+//! (0.157 against 0.083), and a short fold-in recency half-life (2 minutes, counted back
+//! from the newest history entry) is the largest single gain: it weights the current
+//! session far above older interactions (which still act through the item factors).
+//!
+//! Layout:
+//! - [`config`]: [`MfConfig`], the model's settings and their tuned defaults
+//! - [`mf`]: [`OnlineMf`], the `OnlineModel`: SGD with sampled negatives, fold-in, popularity
+//! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
+//! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
+//! - [`eval`]: MovieLens readers and the streaming HR@k evaluation
+//! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
+
+pub mod config;
+pub mod eval;
+pub mod factors;
+pub(crate) mod linalg;
+pub mod mf;
+pub(crate) mod popularity;
+pub mod retriever;
+pub(crate) mod rng;
+
+pub use config::{MfConfig, NegativeSampling};
+pub use factors::ItemFactors;
+pub use mf::OnlineMf;
+pub use retriever::ExactRetriever;

@@ -1,0 +1,230 @@
+//! Configuration of the online matrix factorisation model.
+
+use serde::{Deserialize, Serialize};
+
+/// Most latent factors accepted.
+pub const MAX_FACTORS: usize = 1024;
+
+/// How negative items are drawn for each positive event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NegativeSampling {
+    /// Uniformly over every item the model knows.
+    #[default]
+    Uniform,
+    /// In proportion to recent popularity: drawn from a ring of recent positive events.
+    Popularity,
+}
+
+/// Settings of [`crate::OnlineMf`]. Defaults were tuned for streaming HR@10 on
+/// MovieLens 100K (see the crate documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MfConfig {
+    /// Latent factors per item and user (1 to [`MAX_FACTORS`]).
+    pub factors: usize,
+    /// SGD step size.
+    pub learning_rate: f32,
+    /// L2 regularisation of the SGD steps, per step.
+    pub regularisation: f32,
+    /// Negative items sampled per positive event.
+    pub negatives: usize,
+    /// How negatives are drawn.
+    pub negative_sampling: NegativeSampling,
+    /// Weight of each sampled negative's squared error relative to a positive of weight 1.
+    pub negative_weight: f32,
+    /// Largest confidence one event carries, whatever its weight.
+    pub max_confidence: f32,
+    /// Spread of the initial factor values (uniform in ±`init_scale / sqrt(factors)`).
+    pub init_scale: f32,
+    /// Ridge term λ of the fold-in least squares.
+    pub fold_in_regularisation: f32,
+    /// Scale of the Gram term in fold-in: β = `fold_in_gram_weight · negatives ·
+    /// negative_weight · positives / items`, which at 1 is the expected weight uniform
+    /// negatives gave each item while the user's `positives` history events were learnt.
+    pub fold_in_gram_weight: f32,
+    /// Half-life of a history entry's confidence in fold-in, counted back from the newest
+    /// entry, in event-time ms; 0 turns recency decay off.
+    pub fold_in_half_life_ms: i64,
+    /// Events between recomputations of the Gram matrix of all item factors (at least the
+    /// number of known items, so its cost stays under k² per event).
+    pub gram_refresh_events: u64,
+    /// Half-life of time-decayed popularity, in event-time ms.
+    pub popularity_half_life_ms: i64,
+    /// Events between refreshes of the cached popular list (at least items / 16, so its
+    /// cost stays under 16 items visited per event).
+    pub popular_refresh_events: u64,
+    /// Length of the cached popular list.
+    pub popular_cache: usize,
+    /// Recent positive events kept for popularity-proportional negative sampling.
+    pub recent_ring: usize,
+    /// Seed of initial factors and negative sampling; replay with the same seed gives
+    /// the same model.
+    pub seed: u64,
+}
+
+impl Default for MfConfig {
+    fn default() -> Self {
+        Self {
+            factors: 64,
+            learning_rate: 0.1,
+            regularisation: 0.01,
+            negatives: 16,
+            negative_sampling: NegativeSampling::Uniform,
+            negative_weight: 1.0,
+            max_confidence: 10.0,
+            init_scale: 1.0,
+            fold_in_regularisation: 1.0,
+            fold_in_gram_weight: 1.0,
+            fold_in_half_life_ms: 2 * 60 * 1000,
+            gram_refresh_events: 1000,
+            popularity_half_life_ms: 30 * 24 * 3600 * 1000,
+            popular_refresh_events: 100,
+            popular_cache: 1000,
+            recent_ring: 4096,
+            seed: 0x5eed_0f4e_f1e8,
+        }
+    }
+}
+
+impl MfConfig {
+    /// Checks every field's range, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_nonneg = |name: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be finite and >= 0, got {v}"))
+            }
+        };
+        if self.factors == 0 || self.factors > MAX_FACTORS {
+            return Err(format!(
+                "factors must be 1 to {MAX_FACTORS}, got {}",
+                self.factors
+            ));
+        }
+        finite_nonneg("learning_rate", self.learning_rate)?;
+        finite_nonneg("regularisation", self.regularisation)?;
+        finite_nonneg("negative_weight", self.negative_weight)?;
+        finite_nonneg("init_scale", self.init_scale)?;
+        finite_nonneg("fold_in_gram_weight", self.fold_in_gram_weight)?;
+        if !(self.max_confidence.is_finite() && self.max_confidence > 0.0) {
+            return Err(format!(
+                "max_confidence must be finite and > 0, got {}",
+                self.max_confidence
+            ));
+        }
+        if !(self.fold_in_regularisation.is_finite() && self.fold_in_regularisation > 0.0) {
+            return Err(format!(
+                "fold_in_regularisation must be finite and > 0, got {}",
+                self.fold_in_regularisation
+            ));
+        }
+        if self.fold_in_half_life_ms < 0 {
+            return Err("fold_in_half_life_ms must be >= 0".into());
+        }
+        if self.popularity_half_life_ms <= 0 {
+            return Err("popularity_half_life_ms must be > 0".into());
+        }
+        if self.popular_cache == 0 {
+            return Err("popular_cache must be > 0".into());
+        }
+        if self.recent_ring == 0 {
+            return Err("recent_ring must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// A copy with every out-of-range field replaced by its default (what
+    /// [`crate::OnlineMf::new`] runs on).
+    pub fn sanitised(&self) -> Self {
+        let d = Self::default();
+        let pick_f = |v: f32, ok: bool, dv: f32| if ok { v } else { dv };
+        Self {
+            factors: if (1..=MAX_FACTORS).contains(&self.factors) {
+                self.factors
+            } else {
+                d.factors
+            },
+            learning_rate: pick_f(
+                self.learning_rate,
+                self.learning_rate.is_finite() && self.learning_rate >= 0.0,
+                d.learning_rate,
+            ),
+            regularisation: pick_f(
+                self.regularisation,
+                self.regularisation.is_finite() && self.regularisation >= 0.0,
+                d.regularisation,
+            ),
+            negatives: self.negatives,
+            negative_sampling: self.negative_sampling,
+            negative_weight: pick_f(
+                self.negative_weight,
+                self.negative_weight.is_finite() && self.negative_weight >= 0.0,
+                d.negative_weight,
+            ),
+            max_confidence: pick_f(
+                self.max_confidence,
+                self.max_confidence.is_finite() && self.max_confidence > 0.0,
+                d.max_confidence,
+            ),
+            init_scale: pick_f(
+                self.init_scale,
+                self.init_scale.is_finite() && self.init_scale >= 0.0,
+                d.init_scale,
+            ),
+            fold_in_regularisation: pick_f(
+                self.fold_in_regularisation,
+                self.fold_in_regularisation.is_finite() && self.fold_in_regularisation > 0.0,
+                d.fold_in_regularisation,
+            ),
+            fold_in_gram_weight: pick_f(
+                self.fold_in_gram_weight,
+                self.fold_in_gram_weight.is_finite() && self.fold_in_gram_weight >= 0.0,
+                d.fold_in_gram_weight,
+            ),
+            fold_in_half_life_ms: self.fold_in_half_life_ms.max(0),
+            gram_refresh_events: self.gram_refresh_events.max(1),
+            popularity_half_life_ms: if self.popularity_half_life_ms > 0 {
+                self.popularity_half_life_ms
+            } else {
+                d.popularity_half_life_ms
+            },
+            popular_refresh_events: self.popular_refresh_events.max(1),
+            popular_cache: self.popular_cache.max(1),
+            recent_ring: self.recent_ring.max(1),
+            seed: self.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_fields_rejected() {
+        MfConfig::default().validate().unwrap();
+        assert_eq!(MfConfig::default().sanitised(), MfConfig::default());
+        let bad = MfConfig {
+            factors: 0,
+            learning_rate: f32::NAN,
+            ..MfConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("factors"));
+        let fixed = bad.sanitised();
+        fixed.validate().unwrap();
+        assert_eq!(fixed.factors, 64);
+    }
+
+    #[test]
+    fn config_deserialises_with_defaults_and_rejects_unknown_fields() {
+        let c: MfConfig =
+            serde_json::from_str(r#"{"factors": 32, "negative_sampling": "popularity"}"#).unwrap();
+        assert_eq!(c.factors, 32);
+        assert_eq!(c.negative_sampling, NegativeSampling::Popularity);
+        assert_eq!(c.learning_rate, MfConfig::default().learning_rate);
+        let err = serde_json::from_str::<MfConfig>(r#"{"factor": 32}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

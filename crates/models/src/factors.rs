@@ -1,0 +1,266 @@
+//! The item factor store: a growable array of item vectors that many threads read and
+//! write at once without a lock on the hot path.
+//!
+//! Items live in fixed-size chunks of [`CHUNK_ITEMS`] slots; each value is an `f32` kept
+//! as its bits in an `AtomicU32` and accessed with relaxed loads and stores. Concurrent
+//! SGD steps on the same item may lose each other's updates (Hogwild-style), which
+//! stochastic gradient descent tolerates. The chunk list is a `boxcar::Vec`, lock-free to
+//! read; growing it takes a mutex, once per [`CHUNK_ITEMS`] new items.
+//!
+//! A chunk is filled with deterministic pseudo-random values seeded by item index when
+//! it is allocated, so an item's initial vector never depends on timing and a replay
+//! rebuilds the same model. An item becomes *known* the first time the model learns from
+//! it; only known items are searched, sampled as negatives and folded in.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use reflex_core::ItemIdx;
+
+use crate::linalg::dot_atomic;
+use crate::rng::{mix, unit_f32};
+
+/// Items per chunk of the store.
+pub const CHUNK_ITEMS: usize = 1024;
+
+/// One chunk of item slots.
+pub(crate) struct Chunk {
+    /// `CHUNK_ITEMS × factors` values, item-major.
+    values: Box<[AtomicU32]>,
+    /// Whether each slot's item was ever learnt from.
+    known: Box<[AtomicBool]>,
+    /// Time-decayed popularity of each slot as `log2` of its anchored score, `f64` bits
+    /// (see [`crate::popularity`]).
+    pub(crate) pop: Box<[AtomicU64]>,
+}
+
+/// Item vectors of one model, shared by the learner and the retrievers.
+pub struct ItemFactors {
+    factors: usize,
+    seed: u64,
+    init_scale: f32,
+    chunks: boxcar::Vec<Chunk>,
+    grow: Mutex<()>,
+    /// Known items in the order they became known, for uniform sampling and scans.
+    known_list: boxcar::Vec<ItemIdx>,
+}
+
+impl ItemFactors {
+    /// An empty store of `factors`-dimensional vectors; initial values are uniform in
+    /// ±`init_scale / sqrt(factors)`, seeded by `seed` and the item index.
+    pub fn new(factors: usize, init_scale: f32, seed: u64) -> Self {
+        Self {
+            factors: factors.max(1),
+            seed,
+            init_scale: init_scale / (factors.max(1) as f32).sqrt(),
+            chunks: boxcar::Vec::new(),
+            grow: Mutex::new(()),
+            known_list: boxcar::Vec::new(),
+        }
+    }
+
+    /// Dimension of every vector.
+    pub fn factors(&self) -> usize {
+        self.factors
+    }
+
+    /// Number of known items.
+    pub fn len(&self) -> usize {
+        self.known_list.count()
+    }
+
+    /// Whether no item is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of slots allocated (known or not), a multiple of [`CHUNK_ITEMS`].
+    pub fn capacity(&self) -> usize {
+        self.chunks.count() * CHUNK_ITEMS
+    }
+
+    /// The initial value of dimension `d` of item `idx`.
+    fn initial(&self, idx: usize, d: usize) -> f32 {
+        let h = mix(self.seed ^ mix(((idx as u64) << 16) ^ d as u64));
+        unit_f32(h) * self.init_scale
+    }
+
+    fn new_chunk(&self, chunk_no: usize) -> Chunk {
+        let k = self.factors;
+        let base = chunk_no * CHUNK_ITEMS;
+        let values = (0..CHUNK_ITEMS * k)
+            .map(|i| AtomicU32::new(self.initial(base + i / k, i % k).to_bits()))
+            .collect();
+        Chunk {
+            values,
+            known: (0..CHUNK_ITEMS).map(|_| AtomicBool::new(false)).collect(),
+            pop: (0..CHUNK_ITEMS)
+                .map(|_| AtomicU64::new(f64::NEG_INFINITY.to_bits()))
+                .collect(),
+        }
+    }
+
+    /// The chunk holding `idx`, if allocated.
+    #[inline]
+    pub(crate) fn chunk(&self, idx: ItemIdx) -> Option<&Chunk> {
+        self.chunks.get(idx as usize / CHUNK_ITEMS)
+    }
+
+    /// The chunk holding `idx`, allocating chunks up to it.
+    fn chunk_or_grow(&self, idx: ItemIdx) -> Option<&Chunk> {
+        let want = idx as usize / CHUNK_ITEMS;
+        if let Some(c) = self.chunks.get(want) {
+            return Some(c);
+        }
+        let _grow = self.grow.lock();
+        // Chunks are pushed only under the lock, so their positions are their numbers.
+        while self.chunks.count() <= want {
+            let next = self.chunks.count();
+            self.chunks.push(self.new_chunk(next));
+        }
+        self.chunks.get(want)
+    }
+
+    /// Marks `idx` known (allocating its chunk); `true` when it was not known before.
+    pub(crate) fn ensure_known(&self, idx: ItemIdx) -> bool {
+        let Some(chunk) = self.chunk_or_grow(idx) else {
+            return false;
+        };
+        let flag = &chunk.known[idx as usize % CHUNK_ITEMS];
+        if flag.load(Ordering::Acquire) {
+            return false;
+        }
+        if flag
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.known_list.push(idx);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the model has learnt `idx`.
+    #[inline]
+    pub fn is_known(&self, idx: ItemIdx) -> bool {
+        self.chunk(idx)
+            .is_some_and(|c| c.known[idx as usize % CHUNK_ITEMS].load(Ordering::Acquire))
+    }
+
+    /// The stored values of `idx` (known or not), if its chunk exists.
+    #[inline]
+    pub(crate) fn slot(&self, idx: ItemIdx) -> Option<&[AtomicU32]> {
+        let k = self.factors;
+        let off = (idx as usize % CHUNK_ITEMS) * k;
+        self.chunk(idx).map(|c| &c.values[off..off + k])
+    }
+
+    /// The vector of a known item.
+    pub fn get(&self, idx: ItemIdx) -> Option<Vec<f32>> {
+        if !self.is_known(idx) {
+            return None;
+        }
+        self.slot(idx).map(load_vec)
+    }
+
+    /// Copies a known item's vector into `out`; `false` when unknown.
+    pub fn read_into(&self, idx: ItemIdx, out: &mut [f32]) -> bool {
+        if !self.is_known(idx) {
+            return false;
+        }
+        match self.slot(idx) {
+            Some(s) => {
+                for (o, v) in out.iter_mut().zip(s) {
+                    *o = f32::from_bits(v.load(Ordering::Relaxed));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The `n`-th item that became known (0-based), for sampling.
+    #[inline]
+    pub(crate) fn known_at(&self, n: usize) -> Option<ItemIdx> {
+        self.known_list.get(n).copied()
+    }
+
+    /// Calls `f(idx, values)` for every known item, in index order.
+    pub fn for_each_known(&self, mut f: impl FnMut(ItemIdx, &[AtomicU32])) {
+        let k = self.factors;
+        for (c, chunk) in self.chunks.iter() {
+            let base = c * CHUNK_ITEMS;
+            for (i, flag) in chunk.known.iter().enumerate() {
+                if flag.load(Ordering::Acquire) {
+                    f((base + i) as ItemIdx, &chunk.values[i * k..(i + 1) * k]);
+                }
+            }
+        }
+    }
+
+    /// Calls `f(idx, popularity_log2)` for every known item, in index order.
+    pub(crate) fn for_each_known_pop(&self, mut f: impl FnMut(ItemIdx, f64)) {
+        for (c, chunk) in self.chunks.iter() {
+            let base = c * CHUNK_ITEMS;
+            for (i, flag) in chunk.known.iter().enumerate() {
+                if flag.load(Ordering::Acquire) {
+                    f(
+                        (base + i) as ItemIdx,
+                        f64::from_bits(chunk.pop[i].load(Ordering::Relaxed)),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Inner product of `query` with a known item's vector.
+    pub fn score(&self, idx: ItemIdx, query: &[f32]) -> Option<f32> {
+        if !self.is_known(idx) {
+            return None;
+        }
+        self.slot(idx).map(|s| dot_atomic(query, s))
+    }
+}
+
+/// Copies stored values out.
+#[inline]
+pub(crate) fn load_vec(stored: &[AtomicU32]) -> Vec<f32> {
+    stored
+        .iter()
+        .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// Stores `values` (relaxed).
+#[inline]
+pub(crate) fn store_vec(stored: &[AtomicU32], values: &[f32]) {
+    for (s, v) in stored.iter().zip(values) {
+        s.store(v.to_bits(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_initialised_deterministically_and_grow_on_demand() {
+        let a = ItemFactors::new(8, 0.1, 7);
+        let b = ItemFactors::new(8, 0.1, 7);
+        assert!(a.get(5).is_none());
+        assert!(a.ensure_known(3000));
+        assert!(!a.ensure_known(3000));
+        assert!(b.ensure_known(3000));
+        assert_eq!(a.get(3000), b.get(3000));
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.capacity(), 3 * CHUNK_ITEMS);
+        assert!(!a.is_known(5));
+        let v = a.get(3000).unwrap();
+        assert!(v.iter().all(|x| x.abs() <= 0.1 / 8f32.sqrt()));
+        assert!(v.iter().any(|x| *x != 0.0));
+        let mut seen = Vec::new();
+        a.for_each_known(|i, _| seen.push(i));
+        assert_eq!(seen, vec![3000]);
+    }
+}

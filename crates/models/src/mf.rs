@@ -1,0 +1,563 @@
+//! Online matrix factorisation over implicit feedback, with fold-in at request time.
+//!
+//! Learning (`observe`): one SGD step on a weighted squared loss per event — the event's
+//! item towards score 1 (or 0 for negative feedback) with confidence from the weight, and
+//! `negatives` sampled items towards 0 — updating the item factors in the shared
+//! [`ItemFactors`] store and the learner's own vector for the user.
+//!
+//! Serving (`user_vector`): the user's vector is solved from their recent history
+//! against the current item factors, as in implicit ALS:
+//! `(Σ c_h q_h q_hᵀ + β G + λ I) p = Σ c_h⁺ q_h`, with `G` the Gram matrix of all item
+//! factors (recomputed periodically), standing in for the sampled negatives of training.
+//! Any replica holding the item factors and the profile gives the same answer, and it
+//! reflects the very last event in the profile.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Scored, UserId};
+
+use crate::config::{MfConfig, NegativeSampling};
+use crate::factors::{ItemFactors, store_vec};
+use crate::linalg::{add_outer_lower, cholesky_solve, dot};
+use crate::popularity::Popularity;
+use crate::rng::{SplitMix, fnv1a, mix, unit_f32};
+
+/// Version label of this model.
+pub const VERSION: &str = "online-mf";
+
+/// Gram matrix of the item factors at some point.
+struct Gram {
+    /// `k × k`, row-major, lower triangle filled.
+    g: Vec<f32>,
+    /// Items summed.
+    items: usize,
+}
+
+/// Online implicit matrix factorisation with fold-in and time-decayed popularity.
+pub struct OnlineMf {
+    config: MfConfig,
+    items: Arc<ItemFactors>,
+    users: DashMap<UserId, Box<[f32]>>,
+    popularity: Popularity,
+    gram: ArcSwap<Gram>,
+    gram_due: AtomicU64,
+    gram_lock: Mutex<()>,
+    /// Events observed, which also numbers each event's random stream.
+    events: AtomicU64,
+    /// Recent positive items, for popularity-proportional negatives.
+    ring: Box<[AtomicU32]>,
+    ring_pos: AtomicU64,
+}
+
+impl OnlineMf {
+    /// A new, empty model. Out-of-range settings are replaced by their defaults (see
+    /// [`MfConfig::validate`] to reject them instead).
+    pub fn new(config: MfConfig) -> Arc<Self> {
+        let config = config.sanitised();
+        let k = config.factors;
+        Arc::new(Self {
+            items: Arc::new(ItemFactors::new(k, config.init_scale, config.seed)),
+            users: DashMap::new(),
+            popularity: Popularity::new(
+                config.popularity_half_life_ms,
+                config.popular_refresh_events,
+                config.popular_cache,
+            ),
+            gram: ArcSwap::from_pointee(Gram {
+                g: vec![0.0; k * k],
+                items: 0,
+            }),
+            gram_due: AtomicU64::new(0),
+            gram_lock: Mutex::new(()),
+            events: AtomicU64::new(0),
+            ring: (0..config.recent_ring).map(|_| AtomicU32::new(0)).collect(),
+            ring_pos: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &MfConfig {
+        &self.config
+    }
+
+    /// The shared item factor store (what [`crate::ExactRetriever`] scans).
+    pub fn item_factors(&self) -> &Arc<ItemFactors> {
+        &self.items
+    }
+
+    /// Events observed so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Users the learner holds a vector for.
+    pub fn learner_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The learner's own vector for `user` (what SGD trains; requests use fold-in).
+    pub fn learner_vector(&self, user: &UserId) -> Option<Vec<f32>> {
+        self.users.get(user).map(|p| p.to_vec())
+    }
+
+    /// Time-decayed popularity of `item` at event time `at_ms`.
+    pub fn popularity(&self, item: ItemIdx, at_ms: i64) -> f32 {
+        self.popularity.score(&self.items, item, at_ms)
+    }
+
+    /// Recomputes the Gram matrix and the popular list now (e.g. after a replay), instead
+    /// of waiting for the next periodic refresh.
+    pub fn refresh(&self) {
+        let _g = self.gram_lock.lock();
+        self.rebuild_gram();
+        self.popularity.rebuild(&self.items);
+    }
+
+    /// Rebuilds the Gram matrix unless another thread is already at it.
+    fn try_rebuild_gram(&self) {
+        if let Some(_g) = self.gram_lock.try_lock() {
+            self.rebuild_gram();
+        }
+    }
+
+    fn rebuild_gram(&self) {
+        let k = self.config.factors;
+        let mut g = vec![0.0f32; k * k];
+        let mut q = vec![0.0f32; k];
+        let mut items = 0;
+        self.items.for_each_known(|_, stored| {
+            for (x, s) in q.iter_mut().zip(stored) {
+                *x = f32::from_bits(s.load(Ordering::Relaxed));
+            }
+            add_outer_lower(&mut g, k, &q, 1.0);
+            items += 1;
+        });
+        self.gram.store(Arc::new(Gram { g, items }));
+        let due = self.config.gram_refresh_events.max(items as u64);
+        self.gram_due
+            .store(self.events().saturating_add(due), Ordering::Relaxed);
+    }
+
+    fn initial_user(&self, user: &UserId) -> Box<[f32]> {
+        let k = self.config.factors;
+        let scale = self.config.init_scale / (k as f32).sqrt();
+        let h = mix(self.config.seed ^ fnv1a(user.as_str().as_bytes()));
+        (0..k)
+            .map(|d| unit_f32(mix(h ^ d as u64)) * scale)
+            .collect()
+    }
+
+    fn sample_negative(&self, rng: &mut SplitMix) -> Option<ItemIdx> {
+        if self.config.negative_sampling == NegativeSampling::Popularity {
+            let filled = (self.ring_pos.load(Ordering::Relaxed) as usize).min(self.ring.len());
+            if filled > 0 {
+                return Some(self.ring[rng.below(filled)].load(Ordering::Relaxed));
+            }
+        }
+        let n = self.items.len();
+        if n == 0 {
+            return None;
+        }
+        self.items.known_at(rng.below(n))
+    }
+
+    /// One squared-loss SGD step of item `idx` towards `target` with confidence `c`,
+    /// against the user's vector `p`; adds the user's gradient to `grad_p`.
+    fn step(
+        &self,
+        idx: ItemIdx,
+        p: &[f32],
+        target: f32,
+        c: f32,
+        grad_p: &mut [f32],
+        q: &mut [f32],
+    ) {
+        let Some(slot) = self.items.slot(idx) else {
+            return;
+        };
+        for (x, s) in q.iter_mut().zip(slot) {
+            *x = f32::from_bits(s.load(Ordering::Relaxed));
+        }
+        let err = c * (target - dot(p, q));
+        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        for d in 0..q.len() {
+            grad_p[d] += err * q[d];
+            q[d] += lr * (err * p[d] - reg * q[d]);
+        }
+        store_vec(slot, q);
+    }
+
+    fn learn(&self, obs: &Observation<'_>, event_no: u64) {
+        let k = self.config.factors;
+        let mut rng = SplitMix::new(mix(self.config.seed ^ mix(event_no)));
+        let mut entry = match self.users.get_mut(obs.user) {
+            Some(e) => e,
+            None => self
+                .users
+                .entry(obs.user.clone())
+                .or_insert_with(|| self.initial_user(obs.user)),
+        };
+        let p: &mut [f32] = entry.value_mut();
+        let p_old = p.to_vec();
+        let mut grad = vec![0.0f32; k];
+        let mut q = vec![0.0f32; k];
+        let c = obs.weight.abs().min(self.config.max_confidence);
+        if obs.weight > 0.0 {
+            self.step(obs.item, &p_old, 1.0, c, &mut grad, &mut q);
+            let neg_c = self.config.negative_weight;
+            for _ in 0..self.config.negatives {
+                match self.sample_negative(&mut rng) {
+                    Some(j) if j != obs.item => {
+                        self.step(j, &p_old, 0.0, neg_c, &mut grad, &mut q);
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            self.step(obs.item, &p_old, 0.0, c, &mut grad, &mut q);
+        }
+        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        for d in 0..k {
+            p[d] += lr * (grad[d] - reg * p_old[d]);
+        }
+    }
+
+    /// Solves the fold-in system for `history` (see the module documentation).
+    pub fn fold_in(&self, history: &[HistoryEntry]) -> Option<Vec<f32>> {
+        let k = self.config.factors;
+        let newest = history.iter().map(|h| h.timestamp_ms).max()?;
+        let mut a = vec![0.0f32; k * k];
+        let mut b = vec![0.0f32; k];
+        let mut q = vec![0.0f32; k];
+        let mut positives = 0usize;
+        let half_life = self.config.fold_in_half_life_ms;
+        for h in history {
+            if !h.weight.is_finite() || h.weight == 0.0 {
+                continue;
+            }
+            if !self.items.read_into(h.item, &mut q) {
+                continue;
+            }
+            let mut c = h.weight.abs().min(self.config.max_confidence);
+            if half_life > 0 {
+                c *= ((h.timestamp_ms - newest) as f64 / half_life as f64).exp2() as f32;
+            }
+            add_outer_lower(&mut a, k, &q, c);
+            if h.weight > 0.0 {
+                positives += 1;
+                for (bd, qd) in b.iter_mut().zip(&q) {
+                    *bd += c * qd;
+                }
+            }
+        }
+        if positives == 0 {
+            return None;
+        }
+        if self.gram.load().items == 0 && !self.items.is_empty() {
+            self.try_rebuild_gram();
+        }
+        let gram = self.gram.load();
+        if gram.items > 0 {
+            let beta = self.config.fold_in_gram_weight
+                * self.config.negatives as f32
+                * self.config.negative_weight
+                * positives as f32
+                / gram.items as f32;
+            for (x, g) in a.iter_mut().zip(&gram.g) {
+                *x += beta * g;
+            }
+        }
+        for d in 0..k {
+            a[d * k + d] += self.config.fold_in_regularisation;
+        }
+        cholesky_solve(&a, &b, k)
+    }
+}
+
+impl OnlineModel for OnlineMf {
+    fn version(&self) -> String {
+        VERSION.to_string()
+    }
+
+    fn observe(&self, obs: &Observation<'_>) {
+        if !obs.weight.is_finite() || obs.weight == 0.0 {
+            return;
+        }
+        self.items.ensure_known(obs.item);
+        let event_no = self.events.fetch_add(1, Ordering::Relaxed);
+        self.learn(obs, event_no);
+        if obs.weight > 0.0 {
+            let pos = self.ring_pos.fetch_add(1, Ordering::Relaxed) as usize;
+            self.ring[pos % self.ring.len()].store(obs.item, Ordering::Relaxed);
+        }
+        self.popularity
+            .record(&self.items, obs.item, obs.weight, obs.timestamp_ms);
+        if event_no + 1 >= self.gram_due.load(Ordering::Relaxed) {
+            self.try_rebuild_gram();
+        }
+    }
+
+    fn forget_user(&self, user: &UserId) {
+        self.users.remove(user);
+    }
+
+    fn user_vector(&self, history: &[HistoryEntry]) -> Option<Vec<f32>> {
+        self.fold_in(history)
+    }
+
+    fn item_vector(&self, item: ItemIdx) -> Option<Vec<f32>> {
+        self.items.get(item)
+    }
+
+    fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored> {
+        self.popularity.top(&self.items, k, filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name, "user_id").unwrap()
+    }
+
+    fn small(factors: usize, negatives: usize) -> MfConfig {
+        MfConfig {
+            factors,
+            negatives,
+            ..MfConfig::default()
+        }
+    }
+
+    fn observe(m: &OnlineMf, u: &UserId, item: ItemIdx, weight: f32, ts: i64) {
+        m.observe(&Observation {
+            user: u,
+            item,
+            weight,
+            timestamp_ms: ts,
+        });
+    }
+
+    fn learner_score(m: &OnlineMf, u: &UserId, item: ItemIdx) -> f32 {
+        dot(&m.learner_vector(u).unwrap(), &m.item_vector(item).unwrap())
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
+    }
+
+    #[test]
+    fn sgd_step_raises_the_positive_and_lowers_negatives() {
+        let m = OnlineMf::new(MfConfig {
+            learning_rate: 0.05,
+            ..small(8, 8)
+        });
+        let (alice, bob) = (user("alice"), user("bob"));
+        // Make items 0 and 1 known, through another user.
+        observe(&m, &bob, 0, 1.0, 0);
+        observe(&m, &bob, 1, 1.0, 0);
+        observe(&m, &alice, 1, 1.0, 0);
+        let (pos0, neg0) = (learner_score(&m, &alice, 0), learner_score(&m, &alice, 1));
+        // A positive on item 0; item 1 (the only other known item) is sampled as negative.
+        observe(&m, &alice, 0, 1.0, 1);
+        let (pos1, neg1) = (learner_score(&m, &alice, 0), learner_score(&m, &alice, 1));
+        assert!(pos1 > pos0, "positive score {pos0} -> {pos1}");
+        assert!(neg1 < neg0, "negative score {neg0} -> {neg1}");
+        // Negative feedback lowers the item's score.
+        let before = learner_score(&m, &alice, 0);
+        observe(&m, &alice, 0, -2.0, 2);
+        assert!(learner_score(&m, &alice, 0) < before);
+        assert_eq!(m.events(), 5);
+    }
+
+    #[test]
+    fn fold_in_recovers_the_learners_direction() {
+        // Two tastes: users 0..20 like items 0..20, users 20..40 like items 20..40.
+        let m = OnlineMf::new(MfConfig {
+            fold_in_half_life_ms: 0,
+            ..small(8, 4)
+        });
+        let users: Vec<UserId> = (0..40).map(|u| user(&format!("u{u}"))).collect();
+        let mut rng = SplitMix::new(3);
+        let mut ts = 0;
+        let mut histories: Vec<Vec<HistoryEntry>> = vec![Vec::new(); 40];
+        for _round in 0..60 {
+            for (u, id) in users.iter().enumerate() {
+                let item = (rng.below(20) + if u < 20 { 0 } else { 20 }) as ItemIdx;
+                ts += 1000;
+                observe(&m, id, item, 1.0, ts);
+                histories[u].insert(
+                    0,
+                    HistoryEntry {
+                        item,
+                        weight: 1.0,
+                        timestamp_ms: ts,
+                    },
+                );
+            }
+        }
+        m.refresh();
+        for u in [3usize, 27] {
+            let history = &histories[u][..30];
+            let folded = m.user_vector(history).unwrap();
+            let learnt = m.learner_vector(&users[u]).unwrap();
+            let cos = cosine(&folded, &learnt);
+            assert!(cos > 0.8, "user {u}: cosine {cos}");
+            // And it ranks the user's own taste first.
+            let own = if u < 20 { 0..20 } else { 20..40 };
+            let mut scored: Vec<(f32, ItemIdx)> = (0..40)
+                .map(|i| (dot(&folded, &m.item_vector(i).unwrap()), i))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            assert!(
+                scored[..10].iter().all(|(_, i)| own.contains(i)),
+                "{scored:?}"
+            );
+        }
+        // Nothing known, nothing positive: no vector.
+        let unknown = [HistoryEntry {
+            item: 999,
+            weight: 1.0,
+            timestamp_ms: 0,
+        }];
+        assert!(m.user_vector(&unknown).is_none());
+        assert!(m.user_vector(&[]).is_none());
+        let only_negative = [HistoryEntry {
+            item: 1,
+            weight: -1.0,
+            timestamp_ms: 0,
+        }];
+        assert!(m.user_vector(&only_negative).is_none());
+    }
+
+    #[test]
+    fn popularity_halves_after_one_half_life_and_ranks() {
+        let day = 24 * 3600 * 1000;
+        let m = OnlineMf::new(MfConfig {
+            popularity_half_life_ms: day,
+            popular_refresh_events: 1,
+            ..small(4, 0)
+        });
+        let u = user("u");
+        let t0 = 1_700_000_000_000;
+        observe(&m, &u, 0, 2.0, t0);
+        let now = m.popularity(0, t0);
+        assert!((now - 2.0).abs() < 1e-4, "{now}");
+        let later = m.popularity(0, t0 + day);
+        assert!((later - 1.0).abs() < 1e-4, "{later}");
+        assert!((m.popularity(0, t0 + 3 * day) - 0.25).abs() < 1e-4);
+        // Item 1 gets three events a day later: now more popular than item 0's decayed 1.0.
+        for _ in 0..3 {
+            observe(&m, &u, 1, 1.0, t0 + day);
+        }
+        observe(&m, &u, 2, -1.0, t0 + day);
+        let top = m.popular(10, &|_| true);
+        let items: Vec<ItemIdx> = top.iter().map(|s| s.item).collect();
+        assert_eq!(items, vec![1, 0], "negative-only items are never popular");
+        assert!((top[0].score - 3.0).abs() < 1e-3 && (top[1].score - 1.0).abs() < 1e-3);
+        assert_eq!(m.popular(10, &|i| i != 1)[0].item, 0);
+        assert!(m.popular(0, &|_| true).is_empty());
+    }
+
+    #[test]
+    fn popular_falls_back_to_a_scan_when_the_cache_runs_out() {
+        let m = OnlineMf::new(MfConfig {
+            popular_cache: 2,
+            popular_refresh_events: 1,
+            ..small(4, 0)
+        });
+        let u = user("u");
+        for item in 0..10u32 {
+            for _ in 0..=item {
+                observe(&m, &u, item, 1.0, 0);
+            }
+        }
+        let top = m.popular(3, &|i| i % 2 == 0);
+        let items: Vec<ItemIdx> = top.iter().map(|s| s.item).collect();
+        assert_eq!(items, vec![8, 6, 4]);
+    }
+
+    #[test]
+    fn forget_user_drops_the_learners_vector() {
+        let m = OnlineMf::new(small(4, 1));
+        let u = user("gone");
+        observe(&m, &u, 0, 1.0, 0);
+        assert_eq!(m.learner_users(), 1);
+        m.forget_user(&u);
+        assert!(m.learner_vector(&u).is_none());
+        assert_eq!(m.version(), "online-mf");
+        assert!(m.item_vector(0).is_some() && m.item_vector(1).is_none());
+    }
+
+    #[test]
+    fn replay_is_deterministic() {
+        let run = || {
+            let m = OnlineMf::new(small(8, 4));
+            for e in 0..500u32 {
+                observe(&m, &user(&format!("u{}", e % 7)), e % 13, 1.0, i64::from(e));
+            }
+            (0..13)
+                .map(|i| m.item_vector(i).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn concurrent_observe_and_read_do_not_panic() {
+        let m = OnlineMf::new(small(16, 4));
+        let retriever = crate::ExactRetriever::for_model(&m);
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let m = &m;
+                s.spawn(move || {
+                    for e in 0..3000u32 {
+                        let u = user(&format!("t{t}-u{}", e % 50));
+                        // Items grow past several chunks while others learn.
+                        let item = (e * 4 + t) % 6000;
+                        observe(
+                            m,
+                            &u,
+                            item,
+                            if e % 17 == 0 { -1.0 } else { 1.0 },
+                            i64::from(e),
+                        );
+                        if e % 500 == 0 {
+                            m.forget_user(&u);
+                        }
+                    }
+                });
+            }
+            let (m, retriever) = (&m, &retriever);
+            s.spawn(move || {
+                for e in 0..300u32 {
+                    let history: Vec<HistoryEntry> = (0..20)
+                        .map(|i| HistoryEntry {
+                            item: (e * 7 + i) % 6000,
+                            weight: 1.0,
+                            timestamp_ms: i64::from(i),
+                        })
+                        .collect();
+                    if let Some(v) = m.user_vector(&history) {
+                        let found =
+                            reflex_core::Retriever::search(retriever, &v, 10, &|i| i % 3 != 0);
+                        assert!(found.iter().all(|s| s.item % 3 != 0));
+                    }
+                    let _ = m.popular(10, &|_| true);
+                }
+            });
+        });
+        assert_eq!(m.events(), 12_000);
+        assert_eq!(m.item_factors().len(), 6000);
+        assert!((0..6000).all(|i| {
+            m.item_vector(i)
+                .is_some_and(|v| v.iter().all(|x| x.is_finite()))
+        }));
+    }
+}
