@@ -29,8 +29,17 @@ async fn train(channel: &Channel) {
         for e in 0..16 {
             let n = (u * 7 + e * 3) % PER_CATEGORY;
             let kind = if e % 5 == 4 { Click } else { View };
-            let ts = Timestamp { seconds: base + (e as i64) * 60, nanos: 0 };
-            batch.push(event_at(&format!("t-{u}-{e}"), &format!("fan-{u}"), &format!("{category}-{n}"), kind, ts));
+            let ts = Timestamp {
+                seconds: base + (e as i64) * 60,
+                nanos: 0,
+            };
+            batch.push(event_at(
+                &format!("t-{u}-{e}"),
+                &format!("fan-{u}"),
+                &format!("{category}-{n}"),
+                kind,
+                ts,
+            ));
         }
     }
     for chunk in batch.chunks(500) {
@@ -62,7 +71,12 @@ async fn purchases_move_that_users_recommendations_only() {
 
     let buyer_before = recommend(&channel, "buyer", 8).await;
     let bystander_before = recommend(&channel, "bystander", 8).await;
-    assert!(buyer_before.items.iter().all(|i| i.source == proto::Source::Mf as i32));
+    assert!(
+        buyer_before
+            .items
+            .iter()
+            .all(|i| i.source == proto::Source::Mf as i32)
+    );
     let shoes_before = category_share(&buyer_before, "shoes");
 
     let ack = stream
@@ -84,11 +98,17 @@ async fn purchases_move_that_users_recommendations_only() {
     );
     assert!(buyer_after.profile_version > buyer_before.profile_version);
     for bought in ["shoes-1", "shoes-2", "shoes-5"] {
-        assert!(!ids(&buyer_after).contains(&bought.to_string()), "purchased items are excluded");
+        assert!(
+            !ids(&buyer_after).contains(&bought.to_string()),
+            "purchased items are excluded"
+        );
     }
 
     let bystander_after = recommend(&channel, "bystander", 8).await;
-    assert_eq!(bystander_after.profile_version, bystander_before.profile_version);
+    assert_eq!(
+        bystander_after.profile_version,
+        bystander_before.profile_version
+    );
     assert_eq!(
         category_share(&bystander_after, "shoes"),
         category_share(&bystander_before, "shoes"),
@@ -113,7 +133,11 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
     let resp = recommend(&channel, "never-seen", 5).await;
     assert_eq!(resp.items.len(), 5);
     assert_eq!(resp.profile_version, 0);
-    assert!(resp.items.iter().all(|i| i.source == proto::Source::Popular as i32));
+    assert!(
+        resp.items
+            .iter()
+            .all(|i| i.source == proto::Source::Popular as i32)
+    );
 
     // An unavailable item is never recommended.
     let top = resp.items[0].item_id.clone();
@@ -129,7 +153,11 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
         .await
         .unwrap();
     let resp = recommend(&channel, "never-seen", 5).await;
-    assert!(!ids(&resp).contains(&top), "{top} is unavailable: {:?}", ids(&resp));
+    assert!(
+        !ids(&resp).contains(&top),
+        "{top} is unavailable: {:?}",
+        ids(&resp)
+    );
 
     // Category filters.
     let mut client = RecommendServiceClient::new(channel.clone());
@@ -146,7 +174,11 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.items.len(), 6);
-    assert!(resp.items.iter().all(|i| i.item_id.starts_with("toys-")), "{:?}", ids(&resp));
+    assert!(
+        resp.items.iter().all(|i| i.item_id.starts_with("toys-")),
+        "{:?}",
+        ids(&resp)
+    );
 
     // Similar items: unknown is NOT_FOUND, known returns neighbours without itself.
     let err = client
@@ -169,8 +201,16 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
         .into_inner();
     assert_eq!(similar.items.len(), 5);
     assert!(similar.items.iter().all(|i| i.item_id != "books-3"));
-    let books = similar.items.iter().filter(|i| i.item_id.starts_with("books-")).count();
-    assert!(books >= 3, "neighbours of a book are mostly books: {:?}", similar.items);
+    let books = similar
+        .items
+        .iter()
+        .filter(|i| i.item_id.starts_with("books-"))
+        .count();
+    assert!(
+        books >= 3,
+        "neighbours of a book are mostly books: {:?}",
+        similar.items
+    );
 
     let err = client
         .recommend(proto::RecommendRequest {

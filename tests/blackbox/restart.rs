@@ -20,13 +20,16 @@ async fn duplicates_are_recognised_after_restarts() {
     let ack = stream.round_trip(vec![event("d1", "u", "i1", View)]).await;
     assert_eq!(statuses(&ack), vec![Accepted]);
     drop(stream);
-    server.terminate();
+    server.terminate().await;
 
     let mut server = Reflex::start(dir.path());
     let channel = server.channel().await;
     let mut stream = EventStream::open(channel.clone()).await;
     let ack = stream
-        .round_trip(vec![event("d1", "u", "i1", View), event("d2", "u", "i2", View)])
+        .round_trip(vec![
+            event("d1", "u", "i1", View),
+            event("d2", "u", "i2", View),
+        ])
         .await;
     assert_eq!(statuses(&ack), vec![Duplicate, Accepted]);
     assert_eq!(applied_events(&channel, "u").await, 2);
@@ -37,10 +40,17 @@ async fn duplicates_are_recognised_after_restarts() {
     let channel = server.channel().await;
     let mut stream = EventStream::open(channel.clone()).await;
     let ack = stream
-        .round_trip(vec![event("d1", "u", "i1", View), event("d2", "u", "i2", View)])
+        .round_trip(vec![
+            event("d1", "u", "i1", View),
+            event("d2", "u", "i2", View),
+        ])
         .await;
     assert_eq!(statuses(&ack), vec![Duplicate, Duplicate]);
-    assert_eq!(applied_events(&channel, "u").await, 2, "nothing counted twice");
+    assert_eq!(
+        applied_events(&channel, "u").await,
+        2,
+        "nothing counted twice"
+    );
 }
 
 const USERS: usize = 20;
@@ -50,8 +60,13 @@ fn batch(b: usize) -> Vec<proto::Event> {
     (0..PER_BATCH)
         .map(|i| {
             let n = b * PER_BATCH + i;
-            let kind = if n % 3 == 0 { Click } else { View };
-            event(&format!("k-{n}"), &format!("user-{}", n % USERS), &format!("item-{}", n % 37), kind)
+            let kind = if n.is_multiple_of(3) { Click } else { View };
+            event(
+                &format!("k-{n}"),
+                &format!("user-{}", n % USERS),
+                &format!("item-{}", n % 37),
+                kind,
+            )
         })
         .collect()
 }
@@ -64,7 +79,10 @@ async fn kill_9_mid_stream_keeps_every_acked_event_exactly_once() {
         dir.path(),
         &[
             ("REFLEX_MAINTENANCE_INTERVAL_MS", "20"),
-            ("REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC", "0"),
+            (
+                "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+                "0",
+            ),
         ],
     );
     let channel = server.channel().await;
@@ -106,11 +124,17 @@ async fn kill_9_mid_stream_keeps_every_acked_event_exactly_once() {
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     let acked = acked.lock().await.clone();
     let sent = sent_batches.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(sent * PER_BATCH > acked.len(), "some batches were in flight at the kill");
+    assert!(
+        sent * PER_BATCH > acked.len(),
+        "some batches were in flight at the kill"
+    );
 
     let server = Reflex::start_with(
         dir.path(),
-        &[("REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC", "0")],
+        &[(
+            "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+            "0",
+        )],
     );
     let channel = server.channel().await;
     let mut expected: HashMap<String, u64> = HashMap::new();
@@ -121,12 +145,16 @@ async fn kill_9_mid_stream_keeps_every_acked_event_exactly_once() {
         let user = format!("user-{u}");
         let applied = applied_events(&channel, &user).await;
         let want = expected.get(&user).copied().unwrap_or(0);
-        assert!(applied >= want, "{user}: {applied} applied but {want} were acked");
+        assert!(
+            applied >= want,
+            "{user}: {applied} applied but {want} were acked"
+        );
     }
 
     // Resend everything that was sent: acked events are duplicates, the rest count once.
     let mut stream = EventStream::open(channel.clone()).await;
-    let acked_ids: std::collections::HashSet<String> = acked.iter().map(|e| e.event_id.clone()).collect();
+    let acked_ids: std::collections::HashSet<String> =
+        acked.iter().map(|e| e.event_id.clone()).collect();
     let mut total: HashMap<String, u64> = HashMap::new();
     for b in 0..sent {
         let events = batch(b);
@@ -136,7 +164,11 @@ async fn kill_9_mid_stream_keeps_every_acked_event_exactly_once() {
         let ack = stream.round_trip(events.clone()).await;
         for (e, r) in events.iter().zip(&ack.results) {
             if acked_ids.contains(&e.event_id) {
-                assert_eq!(r.status, Duplicate as i32, "{} was acked before the kill", e.event_id);
+                assert_eq!(
+                    r.status, Duplicate as i32,
+                    "{} was acked before the kill",
+                    e.event_id
+                );
             }
         }
     }

@@ -87,15 +87,19 @@ impl Reflex {
         }
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) {
+    /// SIGTERM, then wait for a clean exit. Async so the test's own connections keep
+    /// being driven (and can close) while the server drains.
+    pub async fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
             let status = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status()
                 .expect("running kill");
             assert!(status.success());
-            let exit = child.wait().expect("reaping");
+            let exit = tokio::task::spawn_blocking(move || child.wait())
+                .await
+                .unwrap()
+                .expect("reaping");
             assert!(exit.success(), "reflex exited with {exit}");
         }
     }
@@ -120,7 +124,13 @@ pub fn now() -> Timestamp {
 }
 
 /// An event at `ts`.
-pub fn event_at(id: &str, user: &str, item: &str, kind: proto::EventKind, ts: Timestamp) -> proto::Event {
+pub fn event_at(
+    id: &str,
+    user: &str,
+    item: &str,
+    kind: proto::EventKind,
+    ts: Timestamp,
+) -> proto::Event {
     proto::Event {
         event_id: id.into(),
         user_id: user.into(),
@@ -179,7 +189,11 @@ impl EventStream {
     /// Sends a batch and waits for its ack.
     pub async fn round_trip(&mut self, events: Vec<proto::Event>) -> proto::IngestResponse {
         let seq = self.send(events).await;
-        let ack = self.next_ack().await.expect("an ack").expect("batch accepted");
+        let ack = self
+            .next_ack()
+            .await
+            .expect("an ack")
+            .expect("batch accepted");
         assert_eq!(ack.sequence, seq);
         ack
     }
@@ -213,7 +227,9 @@ pub fn ids(resp: &proto::RecommendResponse) -> Vec<String> {
 /// Total applied events of `user` according to their profile (0 when none).
 pub async fn applied_events(channel: &Channel, user: &str) -> u64 {
     match ProfileServiceClient::new(channel.clone())
-        .get_profile(proto::GetProfileRequest { user_id: user.into() })
+        .get_profile(proto::GetProfileRequest {
+            user_id: user.into(),
+        })
         .await
     {
         Ok(p) => p.into_inner().kind_counts.values().sum(),

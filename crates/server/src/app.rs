@@ -46,7 +46,11 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
     let engine = Arc::new(Engine::new(backends, config.engine.clone()));
     let started = std::time::Instant::now();
     let replayed = engine.recover().await.context("replaying the event log")?;
-    info!(replayed, elapsed_ms = started.elapsed().as_millis() as u64, "state recovered");
+    info!(
+        replayed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state recovered"
+    );
     Ok(engine)
 }
 
@@ -104,7 +108,22 @@ pub async fn serve(
 
     on_ready(addr);
     info!(%addr, "reflex serving");
-    let result = Server::builder()
+    // Shutdown first stops accepting and lets open calls finish; after the grace period
+    // whatever is still open is closed so the process always exits.
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        info!("draining open calls");
+        let _ = draining_tx.send(());
+    };
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let grace_elapsed = async move {
+        if draining_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let serving = Server::builder()
         .layer(crate::middleware::OversizeAsResourceExhausted)
         .add_service(health_service)
         .add_service(reflection)
@@ -112,9 +131,14 @@ pub async fn serve(
         .add_service(recommend)
         .add_service(catalog)
         .add_service(profiles)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("serving gRPC");
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let result = tokio::select! {
+        served = serving => served.context("serving gRPC"),
+        () = grace_elapsed => {
+            warn!(grace_ms = grace.as_millis() as u64, "grace period over, closing open calls");
+            Ok(())
+        }
+    };
     maintenance.abort();
     match engine.checkpoint().await {
         Ok(seq) => info!(?seq, "final checkpoint written"),

@@ -22,6 +22,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// How often checkpoints and housekeeping run, in ms.
     pub maintenance_interval_ms: u64,
+    /// How long shutdown waits for open calls to finish before closing them, in ms.
+    pub shutdown_grace_ms: u64,
     /// Logging.
     pub log: LogConfig,
     /// Ingest and recommend behaviour.
@@ -40,6 +42,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_bytes: 4 * 1024 * 1024,
             maintenance_interval_ms: 5_000,
+            shutdown_grace_ms: 10_000,
             log: LogConfig::default(),
             engine: EngineConfig::default(),
             profiles: ProfilePolicy::default(),
@@ -136,7 +139,9 @@ impl Config {
         if let Some(dir) = &flags.data_dir {
             figment = figment.merge(Serialized::default("store.embedded.data_dir", dir));
         }
-        figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
     /// The effective configuration as TOML, for `reflex config`.
@@ -146,13 +151,15 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 
     #[test]
     fn defaults_load_without_any_source() {
         figment::Jail::expect_with(|_| {
-            let config = Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            let config =
+                Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(config, Config::default());
             Ok(())
         });
@@ -168,10 +175,15 @@ mod tests {
             jail.set_env("REFLEX_MAX_MESSAGE_BYTES", "20");
             jail.set_env("REFLEX_ENGINE__MAX_BATCH", "8");
             let flags = FlagOverrides {
-                listen: Some("127.0.0.1:3".parse().map_err(|e: std::net::AddrParseError| e.to_string())?),
+                listen: Some(
+                    "127.0.0.1:3"
+                        .parse()
+                        .map_err(|e: std::net::AddrParseError| e.to_string())?,
+                ),
                 data_dir: Some("/tmp/x".into()),
             };
-            let config = Config::load(Some(Path::new("reflex.toml")), &flags).map_err(|e| e.to_string())?;
+            let config =
+                Config::load(Some(Path::new("reflex.toml")), &flags).map_err(|e| e.to_string())?;
             assert_eq!(config.listen.port(), 3, "flag beats file");
             assert_eq!(config.max_message_bytes, 20, "env beats file");
             assert_eq!(config.engine.max_batch, 8, "nested env key");
@@ -184,7 +196,8 @@ mod tests {
     fn unknown_keys_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("reflex.toml", "listne = \"127.0.0.1:1\"\n")?;
-            let err = Config::load(Some(Path::new("reflex.toml")), &FlagOverrides::default()).unwrap_err();
+            let err = Config::load(Some(Path::new("reflex.toml")), &FlagOverrides::default())
+                .unwrap_err();
             assert!(err.to_string().contains("listne"), "{err}");
             jail.clear_env();
             Ok(())

@@ -79,7 +79,11 @@ pub fn raw_event(event: proto::Event) -> RawEvent {
 }
 
 /// Builds the ack of one batch from the engine's outcomes.
-pub fn ack(sequence: u64, event_ids: Vec<String>, outcomes: Vec<EventOutcome>) -> proto::IngestResponse {
+pub fn ack(
+    sequence: u64,
+    event_ids: Vec<String>,
+    outcomes: Vec<EventOutcome>,
+) -> proto::IngestResponse {
     let mut ack = proto::IngestResponse {
         sequence,
         results: Vec::with_capacity(outcomes.len()),
@@ -161,11 +165,17 @@ fn source(source: Source) -> proto::Source {
 fn scored_items(items: Vec<ScoredItem>) -> Vec<proto::ScoredItem> {
     items
         .into_iter()
-        .map(|ScoredItem { item_id, score, source: s }| proto::ScoredItem {
-            item_id: item_id.as_str().to_owned(),
-            score,
-            source: source(s) as i32,
-        })
+        .map(
+            |ScoredItem {
+                 item_id,
+                 score,
+                 source: s,
+             }| proto::ScoredItem {
+                item_id: item_id.as_str().to_owned(),
+                score,
+                source: source(s) as i32,
+            },
+        )
         .collect()
 }
 
@@ -323,13 +333,19 @@ mod tests {
 
     #[test]
     fn error_codes_map_to_grpc() {
-        assert_eq!(status(Error::invalid("x", "y")).code(), Code::InvalidArgument);
+        assert_eq!(
+            status(Error::invalid("x", "y")).code(),
+            Code::InvalidArgument
+        );
         assert_eq!(status(Error::NotFound("x".into())).code(), Code::NotFound);
         assert_eq!(
             status(Error::ResourceExhausted("x".into())).code(),
             Code::ResourceExhausted
         );
-        assert_eq!(status(Error::unavailable("x", "y")).code(), Code::Unavailable);
+        assert_eq!(
+            status(Error::unavailable("x", "y")).code(),
+            Code::Unavailable
+        );
         assert_eq!(status(Error::Internal("x".into())).code(), Code::Internal);
     }
 
@@ -345,6 +361,10 @@ mod tests {
         .unwrap();
         assert!(item.available);
         let err = super::item(proto::Item::default(), "items[3]").unwrap_err();
-        assert!(err.message().contains("items[3].item_id"), "{}", err.message());
+        assert!(
+            err.message().contains("items[3].item_id"),
+            "{}",
+            err.message()
+        );
     }
 }

@@ -80,7 +80,13 @@ fn item_id(category: &str, n: usize) -> String {
     format!("{category}-{n:02}")
 }
 
-fn event(id: String, user: &str, item: &str, kind: proto::EventKind, ts: Timestamp) -> proto::Event {
+fn event(
+    id: String,
+    user: &str,
+    item: &str,
+    kind: proto::EventKind,
+    ts: Timestamp,
+) -> proto::Event {
     proto::Event {
         event_id: id,
         user_id: user.into(),
@@ -129,7 +135,11 @@ impl Ingest {
             .context("the event stream ended without an ack")?
             .context("the server refused the batch")?;
         if ack.sequence != self.sequence {
-            bail!("ack for batch {} while waiting for {}", ack.sequence, self.sequence);
+            bail!(
+                "ack for batch {} while waiting for {}",
+                ack.sequence,
+                self.sequence
+            );
         }
         Ok(ack)
     }
@@ -148,9 +158,9 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
     let mut titles = HashMap::new();
     let mut items = Vec::new();
     for category in CATEGORIES {
-        for n in 0..ITEMS_PER_CATEGORY {
+        for (n, adjective) in ADJECTIVES.iter().enumerate().take(ITEMS_PER_CATEGORY) {
             let id = item_id(category, n);
-            let title = format!("{} {}", ADJECTIVES[n], category.trim_end_matches('s'));
+            let title = format!("{adjective} {}", category.trim_end_matches('s'));
             titles.insert(id.clone(), (title.clone(), category));
             items.push(proto::Item {
                 item_id: id,
@@ -166,7 +176,10 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
         .upsert_items(proto::UpsertItemsRequest { items })
         .await
         .context("upserting the catalog")?;
-    println!("1. Catalog: upserted {n_items} items in {} categories.", CATEGORIES.len());
+    println!(
+        "1. Catalog: upserted {n_items} items in {} categories.",
+        CATEGORIES.len()
+    );
 
     // Background shoppers, each loyal to one category, so the model learns the structure.
     let mut rng = StdRng::seed_from_u64(7);
@@ -192,7 +205,13 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
                 _ => proto::EventKind::Purchase,
             };
             let ts = ago(&start, 3600 - (e as i64) * 60);
-            batch.push(event(format!("bg-{u}-{e}"), &user, &item_id(category, n), kind, ts));
+            batch.push(event(
+                format!("bg-{u}-{e}"),
+                &user,
+                &item_id(category, n),
+                kind,
+                ts,
+            ));
             if batch.len() == 500 {
                 sent += ingest.send(std::mem::take(&mut batch)).await?.accepted as usize;
             }
@@ -222,7 +241,10 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
         }
     };
     let show = |label: &str, resp: &proto::RecommendResponse, before: &[String]| {
-        println!("   {label} (profile v{}, model {}):", resp.profile_version, resp.model_version);
+        println!(
+            "   {label} (profile v{}, model {}):",
+            resp.profile_version, resp.model_version
+        );
         for (rank, item) in resp.items.iter().enumerate() {
             let (title, category) = titles
                 .get(&item.item_id)
@@ -231,7 +253,11 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
             let source = proto::Source::try_from(item.source)
                 .map(|s| s.as_str_name().trim_start_matches("SOURCE_").to_lowercase())
                 .unwrap_or_default();
-            let marker = if before.contains(&item.item_id) { "" } else { "  <- new" };
+            let marker = if before.contains(&item.item_id) {
+                ""
+            } else {
+                "  <- new"
+            };
             println!(
                 "     {}. {:<10} {:<16} [{category}] score {:>6.3} via {source}{marker}",
                 rank + 1,
@@ -280,7 +306,9 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
             .unwrap_or("?");
         println!(
             "\n   sent {} {item} -> {status}",
-            kind.as_str_name().trim_start_matches("EVENT_KIND_").to_lowercase()
+            kind.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_lowercase()
         );
         let before = ids(&last);
         last = top("alice").await?;
@@ -308,11 +336,30 @@ async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
     if let Some(p) = purchase_event {
         batch.push(p);
     }
-    batch.push(event("bad-1".into(), "", "shoes-01", proto::EventKind::View, now()));
-    let mut bot = event("bot-1".into(), "crawler-9", "shoes-01", proto::EventKind::View, now());
-    bot.context.insert("user_agent".into(), "ExampleBot/1.0".into());
+    batch.push(event(
+        "bad-1".into(),
+        "",
+        "shoes-01",
+        proto::EventKind::View,
+        now(),
+    ));
+    let mut bot = event(
+        "bot-1".into(),
+        "crawler-9",
+        "shoes-01",
+        proto::EventKind::View,
+        now(),
+    );
+    bot.context
+        .insert("user_agent".into(), "ExampleBot/1.0".into());
     batch.push(bot);
-    batch.push(event("fresh-1".into(), "carol", "books-01", proto::EventKind::View, now()));
+    batch.push(event(
+        "fresh-1".into(),
+        "carol",
+        "books-01",
+        proto::EventKind::View,
+        now(),
+    ));
     let ack = ingest.send(batch).await?;
     for r in &ack.results {
         let status = proto::EventStatus::try_from(r.status)

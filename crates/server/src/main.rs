@@ -35,9 +35,15 @@ enum Command {
 }
 
 fn init_logging(config: &Config, quiet: bool) {
-    let default = if quiet { "warn" } else { config.log.filter.as_str() };
+    let default = if quiet {
+        "warn"
+    } else {
+        config.log.filter.as_str()
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -82,7 +88,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Config => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
-            print!("{}", config.to_toml().context("printing the configuration")?);
+            print!(
+                "{}",
+                config.to_toml().context("printing the configuration")?
+            );
             Ok(())
         }
     }

@@ -56,7 +56,9 @@ fn rewrite<RB>(mut response: Response<RB>) -> Response<RB> {
     let too_large = headers
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.contains(TOO_LARGE) || m.contains("decoded%20message%20length%20too%20large"));
+        .is_some_and(|m| {
+            m.contains(TOO_LARGE) || m.contains("decoded%20message%20length%20too%20large")
+        });
     if out_of_range && too_large {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
     }

@@ -35,7 +35,10 @@ impl Reflex {
     }
 }
 
-async fn ingest(engine: &Engine, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
+async fn ingest(
+    engine: &Engine,
+    request: proto::IngestRequest,
+) -> Result<proto::IngestResponse, Status> {
     let proto::IngestRequest { sequence, events } = request;
     let mut ids = Vec::with_capacity(events.len());
     let mut raw = Vec::with_capacity(events.len());
@@ -68,7 +71,9 @@ impl EventService for Reflex {
                     Ok(batch) => batch,
                     Err(status) if status.message().contains("message length too large") => {
                         // Tonic says OUT_OF_RANGE; the API promises RESOURCE_EXHAUSTED.
-                        let _ = tx.send(Err(Status::resource_exhausted(status.message()))).await;
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(status.message())))
+                            .await;
                         break;
                     }
                     Err(status) => {
@@ -98,7 +103,9 @@ impl EventService for Reflex {
         &self,
         request: Request<proto::IngestRequest>,
     ) -> Result<Response<proto::IngestResponse>, Status> {
-        ingest(&self.engine, request.into_inner()).await.map(Response::new)
+        ingest(&self.engine, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -179,7 +186,11 @@ impl CatalogService for Reflex {
         request: Request<proto::DeleteItemRequest>,
     ) -> Result<Response<proto::DeleteItemResponse>, Status> {
         let item = convert::item_id(&request.into_inner().item_id)?;
-        let deleted = self.engine.delete_item(&item).await.map_err(convert::status)?;
+        let deleted = self
+            .engine
+            .delete_item(&item)
+            .await
+            .map_err(convert::status)?;
         Ok(Response::new(proto::DeleteItemResponse { deleted }))
     }
 }
@@ -193,7 +204,9 @@ impl ProfileService for Reflex {
         let user = convert::user_id(&request.into_inner().user_id)?;
         match self.engine.profile(&user).await.map_err(convert::status)? {
             Some(profile) => Ok(Response::new(convert::profile(profile))),
-            None => Err(Status::not_found(format!("profile of user {user:?} not found"))),
+            None => Err(Status::not_found(format!(
+                "profile of user {user:?} not found"
+            ))),
         }
     }
 
