@@ -26,6 +26,7 @@ pub mod mf;
 pub(crate) mod popularity;
 pub mod retriever;
 pub(crate) mod rng;
+pub(crate) mod topk;
 
 pub use config::{MfConfig, NegativeSampling};
 pub use factors::ItemFactors;

@@ -12,8 +12,6 @@
 //! items / 16 events, so the amortised cost stays under 16 item visits per event). A
 //! request whose filter rejects too much of the list falls back to a full scan.
 
-use std::cmp::Ordering as Cmp;
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -22,6 +20,7 @@ use parking_lot::Mutex;
 use reflex_core::{ItemIdx, Scored};
 
 use crate::factors::{CHUNK_ITEMS, ItemFactors};
+use crate::topk::TopK;
 
 /// `log2(2^a + 2^b)`.
 #[inline]
@@ -44,30 +43,6 @@ struct TopList {
     complete: bool,
     /// Known items when built.
     known: usize,
-}
-
-/// Candidate in a bounded min-heap: the smallest score (then the largest index) on top.
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) struct Candidate<S> {
-    pub(crate) score: S,
-    pub(crate) item: ItemIdx,
-}
-
-impl<S: PartialOrd> Eq for Candidate<S> {}
-
-impl Ord for Candidate<f64> {
-    fn cmp(&self, other: &Self) -> Cmp {
-        other
-            .score
-            .total_cmp(&self.score)
-            .then(self.item.cmp(&other.item))
-    }
-}
-
-impl PartialOrd for Candidate<f64> {
-    fn partial_cmp(&self, other: &Self) -> Option<Cmp> {
-        Some(self.cmp(other))
-    }
 }
 
 /// Time-decayed popularity over an [`ItemFactors`] store's items.
@@ -193,30 +168,16 @@ impl Popularity {
             return out;
         }
         // The cache ran out (or is stale): scan everything.
-        let mut heap: BinaryHeap<Candidate<f64>> = BinaryHeap::with_capacity(k + 1);
+        let mut top = TopK::new(k);
         store.for_each_known_pop(|item, l| {
-            if l == f64::NEG_INFINITY {
-                return;
-            }
-            let cand = Candidate { score: l, item };
-            if heap.len() == k {
-                match heap.peek() {
-                    Some(min) if cand < *min => {}
-                    _ => return,
-                }
-            }
-            if filter(item) {
-                heap.push(cand);
-                if heap.len() > k {
-                    heap.pop();
-                }
+            if l != f64::NEG_INFINITY {
+                top.offer(item, l, filter);
             }
         });
-        heap.into_sorted_vec()
-            .into_iter()
-            .map(|c| Scored {
-                item: c.item,
-                score: self.decayed(c.score, at),
+        top.into_sorted()
+            .map(|(item, l)| Scored {
+                item,
+                score: self.decayed(l, at),
             })
             .collect()
     }

@@ -1,6 +1,5 @@
 //! Exact maximum-inner-product search over the model's item factors.
 
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use reflex_core::{ItemIdx, Retriever, Scored};
@@ -8,7 +7,7 @@ use reflex_core::{ItemIdx, Retriever, Scored};
 use crate::factors::ItemFactors;
 use crate::linalg::dot_atomic;
 use crate::mf::OnlineMf;
-use crate::popularity::Candidate;
+use crate::topk::TopK;
 
 /// Scans every known item's vector in place (no copy) and keeps the best `k` that pass
 /// the filter in a bounded min-heap. The filter runs only for items that would enter the
@@ -35,34 +34,17 @@ impl Retriever for ExactRetriever {
         if k == 0 || query.len() != self.factors.factors() {
             return Vec::new();
         }
-        let mut heap: BinaryHeap<Candidate<f64>> = BinaryHeap::with_capacity(k + 1);
+        let mut top = TopK::new(k);
         self.factors.for_each_known(|item, stored| {
             let score = dot_atomic(query, stored);
-            if !score.is_finite() {
-                return;
-            }
-            let cand = Candidate {
-                score: f64::from(score),
-                item,
-            };
-            if heap.len() == k {
-                match heap.peek() {
-                    Some(min) if cand < *min => {}
-                    _ => return,
-                }
-            }
-            if filter(item) {
-                heap.push(cand);
-                if heap.len() > k {
-                    heap.pop();
-                }
+            if score.is_finite() {
+                top.offer(item, f64::from(score), filter);
             }
         });
-        heap.into_sorted_vec()
-            .into_iter()
-            .map(|c| Scored {
-                item: c.item,
-                score: c.score as f32,
+        top.into_sorted()
+            .map(|(item, score)| Scored {
+                item,
+                score: score as f32,
             })
             .collect()
     }
