@@ -23,6 +23,8 @@ use tonic::transport::Channel;
 pub struct Reflex {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The `/metrics` endpoint, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
 }
 
@@ -34,6 +36,7 @@ impl Reflex {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "warn")
+            .env("REFLEX_METRICS__LISTEN", "127.0.0.1:0")
             .env_remove("REFLEX_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -43,11 +46,25 @@ impl Reflex {
         let mut child = cmd.spawn().expect("spawning reflex");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_addr = None;
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
                     if let Some(addr) = line.strip_prefix("reflex listening on ") {
-                        break addr.trim().parse().expect("address in the ready line");
+                        let addr: SocketAddr =
+                            addr.trim().parse().expect("address in the ready line");
+                        // The metrics line, when there is one, follows at once.
+                        if env
+                            .iter()
+                            .all(|(k, v)| !(*k == "REFLEX_METRICS__ENABLED" && *v == "false"))
+                        {
+                            if let Some(Ok(line)) = lines.next() {
+                                metrics_addr = line
+                                    .strip_prefix("reflex metrics on http://")
+                                    .and_then(|a| a.trim_end_matches("/metrics").parse().ok());
+                            }
+                        }
+                        break addr;
                     }
                 }
                 other => {
@@ -61,6 +78,7 @@ impl Reflex {
         Reflex {
             child: Some(child),
             addr,
+            metrics_addr,
             data_dir: data_dir.to_owned(),
         }
     }

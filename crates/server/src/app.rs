@@ -15,6 +15,10 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::{Backend, Config};
+use crate::metrics::Metrics;
+use crate::middleware::{
+    AdmissionLayer, AuthLayer, DeadlineLayer, GrpcMetricsLayer, OversizeAsResourceExhausted,
+};
 use crate::proto;
 use crate::services::Reflex;
 
@@ -55,27 +59,47 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains, checkpoints
-/// and returns. `on_ready` is called with the bound address once requests are served.
+/// and returns. `on_ready` is called with the bound gRPC address (and the metrics
+/// address, when enabled) once requests are served.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-    on_ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
+    let keys = if config.auth.enabled {
+        let keys = config.auth.load_keys()?;
+        anyhow::ensure!(
+            !keys.is_empty(),
+            "auth is enabled but no API key is configured"
+        );
+        Some(keys)
+    } else {
+        None
+    };
+    let metrics = Metrics::new().context("registering metrics")?;
     let engine = build_engine(&config).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
     let maintenance = {
         let engine = engine.clone();
+        let metrics = metrics.clone();
         let every = Duration::from_millis(config.maintenance_interval_ms.max(10));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
             loop {
                 tick.tick().await;
                 if let Err(err) = engine.maintain().await {
+                    metrics
+                        .backend_errors
+                        .with_label_values(&["maintain"])
+                        .inc();
                     warn!(error = %err, "maintenance failed, retrying next tick");
+                }
+                metrics.index_items.set(engine.items().len() as i64);
+                if let Ok(n) = engine.profile_count().await {
+                    metrics.profiles.set(n as i64);
                 }
             }
         })
@@ -88,7 +112,8 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
 
-    let reflex = Reflex::new(engine.clone());
+    let (draining_streams, draining) = tokio::sync::watch::channel(false);
+    let reflex = Reflex::new(engine.clone(), metrics.clone(), draining);
     let limit = config.max_message_bytes;
     use proto::catalog_service_server::CatalogServiceServer;
     use proto::event_service_server::EventServiceServer;
@@ -98,22 +123,56 @@ pub async fn serve(
     let recommend = RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
     let catalog = CatalogServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
     let profiles = ProfileServiceServer::new(reflex).max_decoding_message_size(limit);
-    health.set_serving::<EventServiceServer<Reflex>>().await;
-    health.set_serving::<RecommendServiceServer<Reflex>>().await;
-    health.set_serving::<CatalogServiceServer<Reflex>>().await;
-    health.set_serving::<ProfileServiceServer<Reflex>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    let set_health = |status: tonic_health::ServingStatus| {
+        let health = health.clone();
+        async move {
+            for name in [
+                "",
+                <EventServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <RecommendServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <CatalogServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <ProfileServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+            ] {
+                health.set_service_status(name, status).await;
+            }
+        }
+    };
+    set_health(tonic_health::ServingStatus::Serving).await;
 
-    on_ready(addr);
-    info!(%addr, "reflex serving");
-    // Shutdown first stops accepting and lets open calls finish; after the grace period
-    // whatever is still open is closed so the process always exits.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_addr = if config.metrics.enabled {
+        let metrics_listener = TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", config.metrics.listen))?;
+        let metrics_addr = metrics_listener.local_addr().ok();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, stop).await {
+                warn!(error = %err, "metrics endpoint failed");
+            }
+        });
+        metrics_addr
+    } else {
+        None
+    };
+
+    on_ready(addr, metrics_addr);
+    info!(%addr, ?metrics_addr, auth = keys.is_some(), "reflex serving");
+    // Shutdown: health turns NOT_SERVING, then after the drain delay the server stops
+    // accepting and lets open calls finish; after the grace period whatever is still
+    // open is closed so the process always exits.
+    let drain_delay = Duration::from_millis(config.drain_delay_ms);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
-        info!("draining open calls");
+        set_health(tonic_health::ServingStatus::NotServing).await;
+        info!(drain_delay_ms = drain_delay.as_millis() as u64, "draining");
+        tokio::time::sleep(drain_delay).await;
+        // Event streams ack the batch in hand and end; unary calls finish.
+        let _ = draining_streams.send(true);
         let _ = draining_tx.send(());
     };
     let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -123,8 +182,21 @@ pub async fn serve(
         }
         tokio::time::sleep(grace).await;
     };
+    let layers = tower::ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
+        .layer(DeadlineLayer {
+            max: Duration::from_millis(config.limits.max_call_ms),
+        })
+        .layer(AdmissionLayer::new(
+            config.limits.max_concurrent_calls.max(1),
+            config.limits.retry_pushback_ms,
+            metrics.clone(),
+        ))
+        .option_layer(keys.map(AuthLayer::new))
+        .layer(OversizeAsResourceExhausted)
+        .into_inner();
     let serving = Server::builder()
-        .layer(crate::middleware::OversizeAsResourceExhausted)
+        .layer(layers)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(events)
@@ -140,6 +212,7 @@ pub async fn serve(
         }
     };
     maintenance.abort();
+    let _ = metrics_stop.send(());
     match engine.checkpoint().await {
         Ok(seq) => info!(?seq, "final checkpoint written"),
         Err(err) => warn!(error = %err, "final checkpoint failed; the log replays on start"),

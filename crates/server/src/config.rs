@@ -12,6 +12,9 @@ use reflex_models::MfConfig;
 use reflex_storage::EmbeddedConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::MetricsConfig;
+use crate::middleware::AuthConfig;
+
 /// Everything `reflex serve` can be told.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +27,15 @@ pub struct Config {
     pub maintenance_interval_ms: u64,
     /// How long shutdown waits for open calls to finish before closing them, in ms.
     pub shutdown_grace_ms: u64,
+    /// How long health reports NOT_SERVING before the server stops accepting, so load
+    /// balancers move traffic away first, in ms.
+    pub drain_delay_ms: u64,
+    /// Concurrency and deadlines.
+    pub limits: LimitsConfig,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// The Prometheus scrape endpoint.
+    pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
     /// Ingest and recommend behaviour.
@@ -43,11 +55,37 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             maintenance_interval_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            drain_delay_ms: 0,
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             engine: EngineConfig::default(),
             profiles: ProfilePolicy::default(),
             store: StoreConfig::default(),
             model: MfConfig::default(),
+        }
+    }
+}
+
+/// Concurrency limits and deadlines.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls running at once across all connections; more are refused, not queued.
+    pub max_concurrent_calls: usize,
+    /// Longest a unary call may run, whatever deadline the client sets, in ms.
+    pub max_call_ms: u64,
+    /// Retry advice sent with a refusal at the concurrency limit, in ms.
+    pub retry_pushback_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_calls: 1024,
+            max_call_ms: 10_000,
+            retry_pushback_ms: 100,
         }
     }
 }
@@ -144,9 +182,13 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
-    /// The effective configuration as TOML, for `reflex config`.
-    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string_pretty(self)
+    /// The effective configuration as TOML with every secret masked, for `reflex config`.
+    pub fn to_toml_redacted(&self) -> Result<String, toml::ser::Error> {
+        let mut shown = self.clone();
+        for key in &mut shown.auth.keys {
+            key.key = "********".into();
+        }
+        toml::to_string_pretty(&shown)
     }
 }
 
@@ -190,6 +232,19 @@ mod tests {
             assert_eq!(config.store.embedded.data_dir, PathBuf::from("/tmp/x"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn printed_configuration_masks_keys() {
+        let mut config = Config::default();
+        config.auth.keys.push(crate::middleware::ApiKey {
+            name: "shop".into(),
+            key: "super-secret-key-123".into(),
+            scopes: vec![crate::middleware::Scope::Ingest],
+        });
+        let text = config.to_toml_redacted().unwrap();
+        assert!(!text.contains("super-secret-key-123"));
+        assert!(text.contains("shop"));
     }
 
     #[test]

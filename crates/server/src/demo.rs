@@ -40,7 +40,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         async {
             let _ = stop_rx.await;
         },
-        move |addr| {
+        move |addr, _metrics| {
             let _ = ready_tx.send(addr);
         },
     ));

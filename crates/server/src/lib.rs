@@ -6,7 +6,8 @@
 //! - [`convert`]: protobuf ↔ domain conversions and the error → status mapping
 //! - [`services`]: the service implementations
 //! - [`config`]: layered configuration
-//! - [`middleware`]: tower layers
+//! - [`middleware`]: tower layers: deadlines, load shedding, API keys, call metrics
+//! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
 
@@ -14,6 +15,7 @@ pub mod app;
 pub mod config;
 pub mod convert;
 pub mod demo;
+pub mod metrics;
 pub mod middleware;
 pub mod proto;
 pub mod services;

@@ -68,7 +68,12 @@ async fn main() -> anyhow::Result<()> {
                 config,
                 listener,
                 reflex_server::app::shutdown_signal(),
-                |addr| println!("reflex listening on {addr}"),
+                |addr, metrics| {
+                    println!("reflex listening on {addr}");
+                    if let Some(metrics) = metrics {
+                        println!("reflex metrics on http://{metrics}/metrics");
+                    }
+                },
             )
             .await
         }
@@ -82,7 +87,10 @@ async fn main() -> anyhow::Result<()> {
             if flags.listen.is_none() {
                 flags.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
             }
-            let config = Config::load(cli.config.as_deref(), &flags)?;
+            let mut config = Config::load(cli.config.as_deref(), &flags)?;
+            // The demo's server is private to it: no scrape endpoint to collide with a
+            // real server's port.
+            config.metrics.enabled = false;
             init_logging(&config, true);
             reflex_server::demo::run(config).await
         }
@@ -90,7 +98,9 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             print!(
                 "{}",
-                config.to_toml().context("printing the configuration")?
+                config
+                    .to_toml_redacted()
+                    .context("printing the configuration")?
             );
             Ok(())
         }

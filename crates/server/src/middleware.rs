@@ -1,9 +1,25 @@
-//! `tower` layers around the gRPC services.
+//! `tower` layers around the gRPC services, composed in one `ServiceBuilder` by
+//! [`crate::app`]: metrics outermost, then deadlines, load shedding, authentication, and
+//! the oversize-message status fix next to the services.
 
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+use tonic::Status;
 use tower::{Layer, Service};
+
+use crate::metrics::Metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What tonic says when a request message is over `max_decoding_message_size`.
 const TOO_LARGE: &str = "decoded message length too large";
@@ -65,9 +81,505 @@ fn rewrite<RB>(mut response: Response<RB>) -> Response<RB> {
     response
 }
 
+/// The path of the one long-lived call, which a server-side cap must not cut short.
+const STREAM_PATH: &str = "/reflex.v1.EventService/Stream";
+/// Health checks stay answerable under overload and without a key, so probes work.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+fn status_response<RB: Default>(status: Status) -> Response<RB> {
+    status.into_http()
+}
+
+/// Parses a `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Per-call deadlines: the client's `grpc-timeout`, capped by `max` for unary calls.
+/// A call past its deadline is answered `DEADLINE_EXCEEDED` and its work dropped.
+#[derive(Clone, Copy, Debug)]
+pub struct DeadlineLayer {
+    /// Longest a unary call may run whatever the client asks.
+    pub max: Duration,
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline {
+            inner,
+            max: self.max,
+        }
+    }
+}
+
+/// The service of [`DeadlineLayer`].
+#[derive(Clone, Debug)]
+pub struct Deadline<S> {
+    inner: S,
+    max: Duration,
+}
+
+impl<S, B, RB> Service<Request<B>> for Deadline<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // Tonic cancels a call at the client's own deadline from outside this layer, with
+        // CANCELLED; ending a millisecond earlier answers the clearer DEADLINE_EXCEEDED.
+        let client =
+            grpc_timeout(request.headers()).map(|d| d.saturating_sub(Duration::from_millis(1)));
+        let limit = if request.uri().path() == STREAM_PATH {
+            client
+        } else {
+            Some(client.map_or(self.max, |c| c.min(self.max)))
+        };
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let Some(limit) = limit else {
+                return call.await;
+            };
+            match tokio::time::timeout(limit, call).await {
+                Ok(result) => result,
+                Err(_) => Ok(status_response(Status::deadline_exceeded(format!(
+                    "call exceeded its deadline of {} ms",
+                    limit.as_millis()
+                )))),
+            }
+        })
+    }
+}
+
+/// Load shedding: at most `max_concurrent` calls run at once across all connections; one
+/// more is refused at once with `RESOURCE_EXHAUSTED` and retry advice
+/// (`grpc-retry-pushback-ms`) instead of queueing without bound. Health checks are exempt.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    permits: Arc<Semaphore>,
+    max: usize,
+    pushback_ms: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl AdmissionLayer {
+    /// Admits `max_concurrent` calls at once, advising a retry after `pushback_ms`.
+    pub fn new(max_concurrent: usize, pushback_ms: u64, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max: max_concurrent,
+            pushback_ms,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admission {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`AdmissionLayer`].
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    layer: AdmissionLayer,
+}
+
+impl<S, B, RB> Service<Request<B>> for Admission<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.uri().path().starts_with(HEALTH_PREFIX) {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
+            self.layer.metrics.load_shed.inc();
+            let mut status = Status::resource_exhausted(format!(
+                "server is at its limit of {} concurrent calls; retry after {} ms with backoff",
+                self.layer.max, self.layer.pushback_ms
+            ));
+            if let Ok(v) = self.layer.pushback_ms.to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            return Box::pin(async move { Ok(status_response(status)) });
+        };
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let result = call.await;
+            drop(permit);
+            result
+        })
+    }
+}
+
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// `EventService`.
+    Ingest,
+    /// `RecommendService`.
+    Recommend,
+    /// Everything, including `CatalogService` and `ProfileService`.
+    Admin,
+}
+
+/// One API key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Who holds it; logged instead of the key.
+    pub name: String,
+    /// The secret itself; never logged, masked by `reflex config`.
+    pub key: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require a key on every call but health checks and reflection.
+    pub enabled: bool,
+    /// Keys given inline (prefer `keys_file` or the environment for real secrets).
+    pub keys: Vec<ApiKey>,
+    /// A TOML file of `[[keys]]` tables with `name`, `key` and `scopes`.
+    pub keys_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<ApiKey>,
+}
+
+impl AuthConfig {
+    /// Every key: inline ones and those of `keys_file`.
+    pub fn load_keys(&self) -> anyhow::Result<Vec<ApiKey>> {
+        use anyhow::Context as _;
+        let mut keys = self.keys.clone();
+        if let Some(path) = &self.keys_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API keys file {}", path.display()))?;
+            let file: KeysFile = toml::from_str(&text)
+                .with_context(|| format!("parsing the API keys file {}", path.display()))?;
+            keys.extend(file.keys);
+        }
+        if let Some(bad) = keys.iter().find(|k| k.key.len() < 16) {
+            anyhow::bail!("API key {:?} is shorter than 16 characters", bad.name);
+        }
+        Ok(keys)
+    }
+}
+
+/// The scope a method needs; `None` for calls open to all (health, reflection).
+fn required_scope(path: &str) -> Option<Scope> {
+    if path.starts_with(HEALTH_PREFIX) || path.starts_with("/grpc.reflection.") {
+        None
+    } else if path.starts_with("/reflex.v1.EventService/") {
+        Some(Scope::Ingest)
+    } else if path.starts_with("/reflex.v1.RecommendService/") {
+        Some(Scope::Recommend)
+    } else {
+        Some(Scope::Admin)
+    }
+}
+
+struct Key {
+    name: String,
+    secret: Vec<u8>,
+    scopes: HashSet<Scope>,
+}
+
+/// API keys with scopes, read from `x-api-key` or `authorization: Bearer …`: no key (or
+/// an unknown one) is `UNAUTHENTICATED`, a key without the method's scope is
+/// `PERMISSION_DENIED`. Every key is compared in constant time.
+#[derive(Clone)]
+pub struct AuthLayer {
+    keys: Arc<Vec<Key>>,
+}
+
+impl AuthLayer {
+    /// Checks calls against `keys`.
+    pub fn new(keys: Vec<ApiKey>) -> Self {
+        let keys = keys
+            .into_iter()
+            .map(|k| Key {
+                name: k.name,
+                secret: k.key.into_bytes(),
+                scopes: k.scopes.into_iter().collect(),
+            })
+            .collect();
+        Self {
+            keys: Arc::new(keys),
+        }
+    }
+
+    fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), Status> {
+        let Some(scope) = required_scope(path) else {
+            return Ok(());
+        };
+        let presented = headers
+            .get("x-api-key")
+            .map(HeaderValue::as_bytes)
+            .or_else(|| {
+                headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            })
+            .ok_or_else(|| Status::unauthenticated("an API key is required (x-api-key header)"))?;
+        // Compare against every key so timing tells nothing about which one nearly matched.
+        let mut found = None;
+        for key in self.keys.iter() {
+            if bool::from(key.secret.as_slice().ct_eq(presented)) {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or_else(|| Status::unauthenticated("unknown API key"))?;
+        if key.scopes.contains(&scope) || key.scopes.contains(&Scope::Admin) {
+            Ok(())
+        } else {
+            tracing::debug!(key = %key.name, ?scope, path, "key lacks scope");
+            Err(Status::permission_denied(format!(
+                "API key {:?} lacks the {scope:?} scope this method needs",
+                key.name
+            )))
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`AuthLayer`].
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl<S, B, RB> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.layer.check(request.headers(), request.uri().path()) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => Box::pin(async move { Ok(status_response(status)) }),
+        }
+    }
+}
+
+/// Counts calls by method and code and tracks calls in flight. The code is read from the
+/// response head, which carries it for every refused or failed unary call; a stream that
+/// fails after it started counts as `0` (its status travels in trailers).
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`GrpcMetricsLayer`].
+#[derive(Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> Service<Request<B>> for GrpcMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let metrics = self.metrics.clone();
+        metrics.grpc_inflight.inc();
+        let started = Instant::now();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let result = call.await;
+            metrics.grpc_inflight.dec();
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics
+                .grpc_requests
+                .with_label_values(&[method.as_str(), code.as_str()])
+                .inc();
+            tracing::trace!(%method, %code, elapsed_us = started.elapsed().as_micros() as u64, "call");
+            result
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        let mut h = HeaderMap::new();
+        assert_eq!(grpc_timeout(&h), None);
+        for (v, d) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("2M", Duration::from_secs(120)),
+        ] {
+            h.insert("grpc-timeout", HeaderValue::from_static(v));
+            assert_eq!(grpc_timeout(&h), Some(d), "{v}");
+        }
+        h.insert("grpc-timeout", HeaderValue::from_static("5x"));
+        assert_eq!(grpc_timeout(&h), None);
+    }
+
+    #[test]
+    fn scopes_follow_services() {
+        assert_eq!(required_scope("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            required_scope("/reflex.v1.EventService/Stream"),
+            Some(Scope::Ingest)
+        );
+        assert_eq!(
+            required_scope("/reflex.v1.RecommendService/Recommend"),
+            Some(Scope::Recommend)
+        );
+        assert_eq!(
+            required_scope("/reflex.v1.CatalogService/UpsertItems"),
+            Some(Scope::Admin)
+        );
+    }
+
+    #[test]
+    fn auth_distinguishes_missing_unknown_and_unscoped_keys() {
+        let auth = AuthLayer::new(vec![ApiKey {
+            name: "shop".into(),
+            key: "0123456789abcdef".into(),
+            scopes: vec![Scope::Recommend],
+        }]);
+        let mut h = HeaderMap::new();
+        let path = "/reflex.v1.RecommendService/Recommend";
+        assert_eq!(
+            auth.check(&h, path).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        h.insert("x-api-key", HeaderValue::from_static("0123456789abcdeX"));
+        assert_eq!(
+            auth.check(&h, path).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        h.insert("x-api-key", HeaderValue::from_static("0123456789abcdef"));
+        assert!(auth.check(&h, path).is_ok());
+        let err = auth
+            .check(&h, "/reflex.v1.EventService/Stream")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            !err.message().contains("0123456789abcdef"),
+            "never echo the key"
+        );
+        let mut bearer = HeaderMap::new();
+        bearer.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer 0123456789abcdef"),
+        );
+        assert!(auth.check(&bearer, path).is_ok());
+        assert!(
+            auth.check(&HeaderMap::new(), "/grpc.health.v1.Health/Check")
+                .is_ok()
+        );
+    }
 
     #[test]
     fn rewrites_only_oversize_out_of_range() {

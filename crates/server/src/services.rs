@@ -3,15 +3,17 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use reflex_core::Engine;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::convert;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::catalog_service_server::CatalogService;
 use crate::proto::event_service_server::EventService;
@@ -26,19 +28,33 @@ const ACK_QUEUE: usize = 16;
 #[derive(Clone)]
 pub struct Reflex {
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    /// Turns true when the server drains: event streams finish the batch in hand, ack
+    /// it, and end cleanly instead of reading more.
+    draining: watch::Receiver<bool>,
 }
 
 impl Reflex {
-    /// Services over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// Services over `engine`, recording into `metrics`, draining when `draining` turns true.
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            engine,
+            metrics,
+            draining,
+        }
     }
 }
 
 async fn ingest(
     engine: &Engine,
+    metrics: &Metrics,
     request: proto::IngestRequest,
 ) -> Result<proto::IngestResponse, Status> {
+    let started = Instant::now();
     let proto::IngestRequest { sequence, events } = request;
     let mut ids = Vec::with_capacity(events.len());
     let mut raw = Vec::with_capacity(events.len());
@@ -46,8 +62,34 @@ async fn ingest(
         ids.push(event.event_id.clone());
         raw.push(convert::raw_event(event));
     }
+    let event_times: Vec<Option<i64>> = raw.iter().map(|r| r.timestamp_ms).collect();
     let outcomes = engine.ingest(raw).await.map_err(convert::status)?;
-    Ok(convert::ack(sequence, ids, outcomes))
+    let applied_ms = reflex_core::types::now_ms();
+    let freshness = metrics.freshness_seconds.with_label_values(&[] as &[&str]);
+    for (outcome, ts) in outcomes.iter().zip(&event_times) {
+        if let (reflex_core::EventOutcome::Accepted, Some(ts)) = (outcome, ts) {
+            freshness.observe((applied_ms - ts).max(0) as f64 / 1000.0);
+        }
+    }
+    let ack = convert::ack(sequence, ids, outcomes);
+    for (status, n) in [
+        ("accepted", ack.accepted),
+        ("duplicate", ack.duplicate),
+        ("rejected", ack.rejected),
+        ("filtered", ack.filtered),
+    ] {
+        if n > 0 {
+            metrics
+                .ingest_events
+                .with_label_values(&[status])
+                .inc_by(u64::from(n));
+        }
+    }
+    metrics
+        .ingest_batch_seconds
+        .with_label_values(&[] as &[&str])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(ack)
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<proto::IngestResponse, Status>> + Send>>;
@@ -63,10 +105,26 @@ impl EventService for Reflex {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
         let engine = self.engine.clone();
+        let metrics = self.metrics.clone();
+        let mut draining = self.draining.clone();
         tokio::spawn(async move {
             // Batches of one stream are applied one after another, so acks come back in
             // order; different streams run concurrently.
-            while let Some(next) = inbound.next().await {
+            loop {
+                if *draining.borrow() {
+                    debug!("server draining, ending the event stream");
+                    break;
+                }
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    changed = draining.changed() => {
+                        if changed.is_err() {
+                            break; // the server is gone
+                        }
+                        continue;
+                    }
+                };
+                let Some(next) = next else { break };
                 let batch = match next {
                     Ok(batch) => batch,
                     Err(status) if status.message().contains("message length too large") => {
@@ -82,7 +140,7 @@ impl EventService for Reflex {
                     }
                 };
                 let seq = batch.sequence;
-                let result = ingest(&engine, batch).await;
+                let result = ingest(&engine, &metrics, batch).await;
                 let failed = result.is_err();
                 if let Err(status) = &result {
                     warn!(batch = seq, %status, "batch refused, closing the stream");
@@ -103,7 +161,7 @@ impl EventService for Reflex {
         &self,
         request: Request<proto::IngestRequest>,
     ) -> Result<Response<proto::IngestResponse>, Status> {
-        ingest(&self.engine, request.into_inner())
+        ingest(&self.engine, &self.metrics, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -120,6 +178,7 @@ impl RecommendService for Reflex {
             count,
             filter,
         } = request.into_inner();
+        let started = Instant::now();
         let user = convert::user_id(&user_id)?;
         let filter = convert::filter(filter)?;
         let rec = self
@@ -127,6 +186,10 @@ impl RecommendService for Reflex {
             .recommend(&user, count as usize, &filter)
             .await
             .map_err(convert::status)?;
+        self.metrics
+            .recommend_seconds
+            .with_label_values(&["recommend"])
+            .observe(started.elapsed().as_secs_f64());
         Ok(Response::new(convert::recommend_response(rec)))
     }
 
@@ -139,6 +202,7 @@ impl RecommendService for Reflex {
             count,
             filter,
         } = request.into_inner();
+        let started = Instant::now();
         let item = convert::item_id(&item_id)?;
         let filter = convert::filter(filter)?;
         let rec = self
@@ -146,6 +210,10 @@ impl RecommendService for Reflex {
             .similar_items(&item, count as usize, &filter)
             .await
             .map_err(convert::status)?;
+        self.metrics
+            .recommend_seconds
+            .with_label_values(&["similar_items"])
+            .observe(started.elapsed().as_secs_f64());
         Ok(Response::new(convert::similar_response(rec)))
     }
 }
