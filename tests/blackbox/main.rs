@@ -7,5 +7,6 @@
 mod support;
 
 mod ingest;
+mod operations;
 mod recommend;
 mod restart;

@@ -1,0 +1,367 @@
+//! Operating the server: API keys, deadlines, load shedding, metrics, health, draining
+//! and configuration precedence.
+
+use std::time::Duration;
+
+use reflex_server::proto;
+use reflex_server::proto::EventKind::View;
+use reflex_server::proto::event_service_client::EventServiceClient;
+use reflex_server::proto::recommend_service_client::RecommendServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::support::*;
+
+const INGEST_KEY: &str = "ingest-key-0123456789";
+const RECOMMEND_KEY: &str = "recommend-key-0123456789";
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-api-key", key.parse().unwrap());
+    request
+}
+
+fn batch(prefix: &str, n: usize) -> proto::IngestRequest {
+    proto::IngestRequest {
+        sequence: 1,
+        events: (0..n)
+            .map(|i| {
+                event(
+                    &format!("{prefix}-{i}"),
+                    &format!("u{}", i % 50),
+                    &format!("i{}", i % 97),
+                    View,
+                )
+            })
+            .collect(),
+    }
+}
+
+async fn health(channel: &Channel) -> ServingStatus {
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}
+
+async fn scrape(server: &Reflex) -> String {
+    let addr = server.metrics_addr.expect("metrics endpoint announced");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn api_keys_and_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nname = \"collector\"\nkey = \"{INGEST_KEY}\"\nscopes = [\"ingest\"]\n\n\
+             [[keys]]\nname = \"storefront\"\nkey = \"{RECOMMEND_KEY}\"\nscopes = [\"recommend\"]\n"
+        ),
+    )
+    .unwrap();
+    let server = Reflex::start_with(
+        &dir.path().join("data"),
+        &[
+            ("REFLEX_AUTH__ENABLED", "true"),
+            ("REFLEX_AUTH__KEYS_FILE", keys.to_str().unwrap()),
+        ],
+    );
+    let channel = server.channel().await;
+    let mut events = EventServiceClient::new(channel.clone());
+    let mut recommend = RecommendServiceClient::new(channel.clone());
+
+    let missing = events.ingest(batch("a", 1)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated, "{missing}");
+    let wrong = events
+        .ingest(with_key(batch("a", 1), "not-a-key-at-all-000"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong}");
+    let unscoped = events
+        .ingest(with_key(batch("a", 1), RECOMMEND_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(unscoped.code(), Code::PermissionDenied, "{unscoped}");
+    assert!(
+        !unscoped.message().contains(RECOMMEND_KEY),
+        "the key is never echoed"
+    );
+
+    let ack = events
+        .ingest(with_key(batch("a", 1), INGEST_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 1);
+    let rec = proto::RecommendRequest {
+        user_id: "u0".into(),
+        count: 3,
+        filter: None,
+    };
+    assert_eq!(
+        recommend
+            .recommend(with_key(rec.clone(), INGEST_KEY))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert!(
+        recommend
+            .recommend(with_key(rec, RECOMMEND_KEY))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        health(&channel).await,
+        ServingStatus::Serving,
+        "probes need no key"
+    );
+}
+
+#[tokio::test]
+async fn deadlines_are_enforced_and_the_server_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Reflex::start(dir.path());
+    let channel = server.channel().await;
+    let mut events = EventServiceClient::new(channel.clone());
+
+    // A 1 ms deadline cannot cover a durable write of 1000 events.
+    let mut request = tonic::Request::new(batch("slow", 1000));
+    request.set_timeout(Duration::from_millis(1));
+    let err = events.ingest(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+
+    assert_eq!(health(&channel).await, ServingStatus::Serving);
+    let ack = events
+        .ingest(batch("after", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ack.accepted + ack.duplicate,
+        10,
+        "serves normally afterwards"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_beyond_the_limit_is_shed_with_retry_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Reflex::start_with(
+        dir.path(),
+        &[
+            ("REFLEX_LIMITS__MAX_CONCURRENT_CALLS", "2"),
+            (
+                "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+                "0",
+            ),
+        ],
+    );
+    let channel = server.channel().await;
+    let calls: Vec<_> = (0..40)
+        .map(|c| {
+            let mut events = EventServiceClient::new(channel.clone());
+            tokio::spawn(async move { events.ingest(batch(&format!("burst{c}"), 1000)).await })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+                assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+                shed += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && shed >= 1, "{ok} served, {shed} shed");
+    assert_eq!(health(&channel).await, ServingStatus::Serving);
+    let ack = EventServiceClient::new(channel.clone())
+        .ingest(batch("calm", 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 5, "serves again after the burst");
+    let text = scrape(&server).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("reflex_load_shed_total"))
+        .unwrap();
+    assert_eq!(line, format!("reflex_load_shed_total {shed}"));
+}
+
+#[tokio::test]
+async fn metrics_reflect_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Reflex::start(dir.path());
+    let channel = server.channel().await;
+    let mut stream = EventStream::open(channel.clone()).await;
+    let mut bad = event("m3", "", "i1", View);
+    bad.user_id.clear();
+    let ack = stream
+        .round_trip(vec![
+            event("m1", "u1", "i1", View),
+            event("m2", "u1", "i2", View),
+            bad,
+            event("m1", "u1", "i1", View),
+        ])
+        .await;
+    assert_eq!((ack.accepted, ack.rejected, ack.duplicate), (2, 1, 1));
+    recommend(&channel, "u1", 5).await;
+    recommend(&channel, "u2", 5).await;
+
+    let text = scrape(&server).await;
+    for expected in [
+        "reflex_ingest_events_total{status=\"accepted\"} 2",
+        "reflex_ingest_events_total{status=\"rejected\"} 1",
+        "reflex_ingest_events_total{status=\"duplicate\"} 1",
+        "reflex_ingest_batch_duration_seconds_count 1",
+        "reflex_recommend_duration_seconds_count{method=\"recommend\"} 2",
+        "reflex_freshness_seconds_count 2",
+        "reflex_grpc_requests_total{code=\"0\",method=\"/reflex.v1.RecommendService/Recommend\"} 2",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_streams_and_keeps_every_acked_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("REFLEX_DRAIN_DELAY_MS", "700"),
+        (
+            "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+            "0",
+        ),
+    ];
+    let mut server = Reflex::start_with(dir.path(), &env);
+    let channel = server.channel().await;
+    assert_eq!(health(&channel).await, ServingStatus::Serving);
+
+    let producer = {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let mut stream = EventStream::open(channel).await;
+            let mut acked = 0u64;
+            for b in 0.. {
+                let events = batch(&format!("t{b}"), 50).events;
+                if stream.send_checked(events).await.is_err() {
+                    break;
+                }
+                match stream.next_ack().await {
+                    Some(Ok(ack)) => acked += u64::from(ack.accepted),
+                    Some(Err(status)) => {
+                        panic!("stream failed instead of ending cleanly: {status}")
+                    }
+                    None => break, // the clean end
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let terminating = tokio::spawn(async move {
+        server.terminate().await;
+        server
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        health(&channel).await,
+        ServingStatus::NotServing,
+        "draining is visible to probes"
+    );
+    let acked = tokio::time::timeout(Duration::from_secs(20), producer)
+        .await
+        .unwrap()
+        .unwrap();
+    let _server = terminating.await.unwrap();
+    assert!(acked > 0);
+    drop(channel);
+
+    let server = Reflex::start_with(dir.path(), &env);
+    let channel = server.channel().await;
+    let mut total = 0;
+    for u in 0..50 {
+        total += applied_events(&channel, &format!("u{u}")).await;
+    }
+    assert_eq!(
+        total, acked,
+        "every acked event persisted, nothing else applied"
+    );
+}
+
+#[test]
+fn configuration_precedence_file_env_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reflex.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:7001\"\nmax_message_bytes = 1000\n[engine]\nmax_batch = 11\n\
+         [[auth.keys]]\nname = \"shop\"\nkey = \"very-secret-key-0001\"\nscopes = [\"admin\"]\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_reflex"))
+        .args(["config", "--config"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:7003"])
+        .env("REFLEX_MAX_MESSAGE_BYTES", "2000")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("listen = \"127.0.0.1:7003\""),
+        "flag wins:\n{text}"
+    );
+    assert!(
+        text.contains("max_message_bytes = 2000"),
+        "env beats file:\n{text}"
+    );
+    assert!(
+        text.contains("max_batch = 11"),
+        "file beats defaults:\n{text}"
+    );
+    assert!(
+        !text.contains("very-secret-key-0001"),
+        "secrets are masked:\n{text}"
+    );
+
+    std::fs::write(&file, "max_batch = 11\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_reflex"))
+        .args(["config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "unknown keys are errors");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_batch"));
+}
