@@ -365,3 +365,77 @@ fn configuration_precedence_file_env_flags() {
     assert!(!output.status.success(), "unknown keys are errors");
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_batch"));
 }
+
+#[tokio::test]
+async fn serves_tls_when_configured() {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // A leaf, not a CA: rustls refuses a CA certificate as a server's own.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl makes the test certificate");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let server = Reflex::start_with(
+        &dir.path().join("data"),
+        &[
+            ("REFLEX_TLS__ENABLED", "true"),
+            ("REFLEX_TLS__CERT_FILE", cert.to_str().unwrap()),
+            ("REFLEX_TLS__KEY_FILE", key.to_str().unwrap()),
+        ],
+    );
+    let pem = std::fs::read(&cert).unwrap();
+    let channel = Channel::from_shared(format!("https://localhost:{}", server.addr.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS handshake with the server's certificate");
+    assert_eq!(health(&channel).await, ServingStatus::Serving);
+    let ack = EventServiceClient::new(channel)
+        .ingest(batch("tls", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 3);
+
+    // A plaintext client cannot talk to it.
+    let plain = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        assert!(
+            HealthClient::new(plain)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_err()
+        );
+    }
+}

@@ -77,6 +77,11 @@ pub async fn serve(
     } else {
         None
     };
+    let tls = if config.tls.enabled {
+        Some(config.tls.server_config()?)
+    } else {
+        None
+    };
     let metrics = Metrics::new().context("registering metrics")?;
     let engine = build_engine(&config).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
@@ -106,11 +111,18 @@ pub async fn serve(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection v1 and, for older clients such as grpcurl before 1.9, v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
 
     let (draining_streams, draining) = tokio::sync::watch::channel(false);
     let reflex = Reflex::new(engine.clone(), metrics.clone(), draining);
@@ -195,10 +207,15 @@ pub async fn serve(
         .option_layer(keys.map(AuthLayer::new))
         .layer(OversizeAsResourceExhausted)
         .into_inner();
-    let serving = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("configuring TLS")?;
+    }
+    let serving = server
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(events)
         .add_service(recommend)
         .add_service(catalog)

@@ -36,6 +36,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Prometheus scrape endpoint.
     pub metrics: MetricsConfig,
+    /// TLS for the gRPC server.
+    pub tls: TlsConfig,
     /// Logging.
     pub log: LogConfig,
     /// Ingest and recommend behaviour.
@@ -59,6 +61,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: TlsConfig::default(),
             log: LogConfig::default(),
             engine: EngineConfig::default(),
             profiles: ProfilePolicy::default(),
@@ -87,6 +90,41 @@ impl Default for LimitsConfig {
             max_call_ms: 10_000,
             retry_pushback_ms: 100,
         }
+    }
+}
+
+/// TLS for the gRPC server (rustls).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Serve TLS instead of plaintext.
+    pub enabled: bool,
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate it signed.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The tonic TLS settings, reading the PEM files.
+    pub fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        use anyhow::Context as _;
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("reading the TLS {what} {}", path.display()))
+        };
+        let identity = Identity::from_pem(
+            read(&self.cert_file, "certificate")?,
+            read(&self.key_file, "key")?,
+        );
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca_file {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        }
+        Ok(tls)
     }
 }
 
