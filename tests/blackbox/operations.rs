@@ -439,3 +439,84 @@ async fn serves_tls_when_configured() {
         );
     }
 }
+
+mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status};
+
+    /// A stand-in OTLP collector that remembers span names.
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        pub spans: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let mut spans = self.spans.lock().unwrap();
+            for resource in request.into_inner().resource_spans {
+                for scope in resource.scope_spans {
+                    spans.extend(scope.spans.into_iter().map(|s| s.name));
+                }
+            }
+            Ok(Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Starts the collector on a free port; returns its endpoint.
+    pub async fn start(collector: Collector) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_when_configured() {
+    let collector = otlp::Collector::default();
+    let endpoint = otlp::start(collector.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Reflex::start_with(
+        dir.path(),
+        &[
+            ("REFLEX_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let channel = server.channel().await;
+    let ack = EventServiceClient::new(channel.clone())
+        .ingest(batch("otlp", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 3);
+    recommend(&channel, "u1", 3).await;
+    drop(channel);
+    // Shutdown flushes the batch exporter.
+    server.terminate().await;
+    let spans = collector.spans.lock().unwrap().clone();
+    for name in ["ingest", "recommend"] {
+        assert!(
+            spans.iter().any(|s| s == name),
+            "no {name} span among {spans:?}"
+        );
+    }
+}

@@ -54,15 +54,13 @@ impl Reflex {
                         let addr: SocketAddr =
                             addr.trim().parse().expect("address in the ready line");
                         // The metrics line, when there is one, follows at once.
-                        if env
+                        let metrics_on = env
                             .iter()
-                            .all(|(k, v)| !(*k == "REFLEX_METRICS__ENABLED" && *v == "false"))
-                        {
-                            if let Some(Ok(line)) = lines.next() {
-                                metrics_addr = line
-                                    .strip_prefix("reflex metrics on http://")
-                                    .and_then(|a| a.trim_end_matches("/metrics").parse().ok());
-                            }
+                            .all(|(k, v)| !(*k == "REFLEX_METRICS__ENABLED" && *v == "false"));
+                        if metrics_on && let Some(Ok(line)) = lines.next() {
+                            metrics_addr = line
+                                .strip_prefix("reflex metrics on http://")
+                                .and_then(|a| a.trim_end_matches("/metrics").parse().ok());
                         }
                         break addr;
                     }

@@ -38,6 +38,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// TLS for the gRPC server.
     pub tls: TlsConfig,
+    /// OpenTelemetry trace export.
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Logging.
     pub log: LogConfig,
     /// Ingest and recommend behaviour.
@@ -62,6 +64,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
             log: LogConfig::default(),
             engine: EngineConfig::default(),
             profiles: ProfilePolicy::default(),

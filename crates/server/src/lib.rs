@@ -8,6 +8,7 @@
 //! - [`config`]: layered configuration
 //! - [`middleware`]: tower layers: deadlines, load shedding, API keys, call metrics
 //! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
+//! - [`telemetry`]: logs and optional OTLP trace export
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
 
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod middleware;
 pub mod proto;
 pub mod services;
+pub mod telemetry;

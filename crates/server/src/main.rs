@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use reflex_server::config::{Config, FlagOverrides, LogFormat};
-use tracing_subscriber::EnvFilter;
+use reflex_server::config::{Config, FlagOverrides};
 
 /// Reflex: real-time personalization over gRPC.
 #[derive(Parser)]
@@ -34,22 +33,6 @@ enum Command {
     Config,
 }
 
-fn init_logging(config: &Config, quiet: bool) {
-    let default = if quiet {
-        "warn"
-    } else {
-        config.log.filter.as_str()
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -60,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
-            init_logging(&config, false);
+            let _telemetry = reflex_server::telemetry::init(&config, false)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
@@ -91,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
             // The demo's server is private to it: no scrape endpoint to collide with a
             // real server's port.
             config.metrics.enabled = false;
-            init_logging(&config, true);
+            let _telemetry = reflex_server::telemetry::init(&config, true)?;
             reflex_server::demo::run(config).await
         }
         Command::Config => {

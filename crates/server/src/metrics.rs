@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -52,11 +52,11 @@ pub struct Metrics {
     /// Ingested events by status (`accepted`, `duplicate`, `rejected`, `filtered`).
     pub ingest_events: IntCounterVec,
     /// Time to apply and ack one batch.
-    pub ingest_batch_seconds: HistogramVec,
+    pub ingest_batch_seconds: Histogram,
     /// Time to answer one Recommend or SimilarItems call, by `method`.
     pub recommend_seconds: HistogramVec,
     /// Event time to applied, for accepted events.
-    pub freshness_seconds: HistogramVec,
+    pub freshness_seconds: Histogram,
     /// Recommend cache lookups by `result` (`hit`, `miss`); no cache exists yet, so only
     /// misses are counted.
     pub cache_requests: IntCounterVec,
@@ -82,13 +82,12 @@ impl Metrics {
             Opts::new("reflex_ingest_events_total", "Ingested events by status"),
             &["status"],
         )?;
-        let ingest_batch_seconds = HistogramVec::new(
+        let ingest_batch_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "reflex_ingest_batch_duration_seconds",
                 "Time to apply and acknowledge one batch",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &[],
         )?;
         let recommend_seconds = HistogramVec::new(
             HistogramOpts::new(
@@ -98,13 +97,12 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["method"],
         )?;
-        let freshness_seconds = HistogramVec::new(
+        let freshness_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "reflex_freshness_seconds",
                 "From an accepted event's timestamp to its being applied",
             )
             .buckets(FRESHNESS_BUCKETS.to_vec()),
-            &[],
         )?;
         let cache_requests = IntCounterVec::new(
             Opts::new(
@@ -213,8 +211,8 @@ mod tests {
         m.recommend_seconds
             .with_label_values(&["recommend"])
             .observe(0.001);
-        m.ingest_batch_seconds.with_label_values(&[]).observe(0.002);
-        m.freshness_seconds.with_label_values(&[]).observe(0.002);
+        m.ingest_batch_seconds.observe(0.002);
+        m.freshness_seconds.observe(0.002);
         m.grpc_requests.with_label_values(&["/x", "ok"]).inc();
         m.cache_requests.with_label_values(&["miss"]).inc();
         m.backend_errors.with_label_values(&["append"]).inc();

@@ -49,6 +49,11 @@ impl Reflex {
     }
 }
 
+#[tracing::instrument(
+    name = "ingest",
+    skip_all,
+    fields(batch = request.sequence, events = request.events.len())
+)]
 async fn ingest(
     engine: &Engine,
     metrics: &Metrics,
@@ -65,7 +70,7 @@ async fn ingest(
     let event_times: Vec<Option<i64>> = raw.iter().map(|r| r.timestamp_ms).collect();
     let outcomes = engine.ingest(raw).await.map_err(convert::status)?;
     let applied_ms = reflex_core::types::now_ms();
-    let freshness = metrics.freshness_seconds.with_label_values(&[] as &[&str]);
+    let freshness = &metrics.freshness_seconds;
     for (outcome, ts) in outcomes.iter().zip(&event_times) {
         if let (reflex_core::EventOutcome::Accepted, Some(ts)) = (outcome, ts) {
             freshness.observe((applied_ms - ts).max(0) as f64 / 1000.0);
@@ -87,7 +92,6 @@ async fn ingest(
     }
     metrics
         .ingest_batch_seconds
-        .with_label_values(&[] as &[&str])
         .observe(started.elapsed().as_secs_f64());
     Ok(ack)
 }
@@ -169,6 +173,7 @@ impl EventService for Reflex {
 
 #[tonic::async_trait]
 impl RecommendService for Reflex {
+    #[tracing::instrument(name = "recommend", skip_all)]
     async fn recommend(
         &self,
         request: Request<proto::RecommendRequest>,
@@ -193,6 +198,7 @@ impl RecommendService for Reflex {
         Ok(Response::new(convert::recommend_response(rec)))
     }
 
+    #[tracing::instrument(name = "similar_items", skip_all)]
     async fn similar_items(
         &self,
         request: Request<proto::SimilarItemsRequest>,
