@@ -13,6 +13,7 @@
 //! - [`demo`]: the synthetic shopping demo
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod demo;

@@ -31,6 +31,8 @@ enum Command {
     Demo,
     /// Print the effective configuration.
     Config,
+    /// Drive a server with synthetic shop traffic and report throughput and latency.
+    Bench(Box<reflex_server::bench::BenchArgs>),
 }
 
 #[tokio::main]
@@ -76,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
             config.metrics.enabled = false;
             let _telemetry = reflex_server::telemetry::init(&config, true)?;
             reflex_server::demo::run(config).await
+        }
+        Command::Bench(args) => {
+            reflex_server::bench::run(*args, cli.config.as_deref(), flags).await
         }
         Command::Config => {
             let config = Config::load(cli.config.as_deref(), &flags)?;

@@ -1,0 +1,108 @@
+//! Micro-benchmarks of the model and retrieval: one online update (`OnlineMf::observe`),
+//! fold-in of a user vector from 10 and 50 history entries (`OnlineModel::user_vector`),
+//! and exact top-10 retrieval (`ExactRetriever::search`) over 10k and 100k items, and 1M
+//! when `REFLEX_BENCH_1M` is set (its setup trains a million items and takes a while).
+//!
+//! All at the default configuration (64 factors, 16 sampled negatives). Run with
+//! `cargo bench -p reflex-models`; figures and method are in BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, UserId};
+use reflex_models::{ExactRetriever, MfConfig, OnlineMf};
+
+fn user(n: usize) -> UserId {
+    UserId::parse(&format!("user-{n:07}"), "user_id")
+        .unwrap_or_else(|e| panic!("benchmark user id: {e}"))
+}
+
+/// A model that has seen every one of `items` items, through 1000 users.
+fn trained(items: usize) -> Arc<OnlineMf> {
+    let model = OnlineMf::new(MfConfig::default());
+    let users: Vec<UserId> = (0..1000).map(user).collect();
+    for i in 0..items {
+        model.observe(&Observation {
+            user: &users[i % users.len()],
+            item: i as ItemIdx,
+            weight: 1.0,
+            timestamp_ms: i as i64,
+        });
+    }
+    model.refresh();
+    model
+}
+
+/// A history of `len` entries over popular-ish items, most recent first.
+fn history(len: usize, items: usize) -> Vec<HistoryEntry> {
+    (0..len)
+        .map(|i| HistoryEntry {
+            item: ((i * 7919) % items) as ItemIdx,
+            weight: if i % 5 == 0 { 4.0 } else { 1.0 },
+            timestamp_ms: 1_000_000 - (i as i64) * 30_000,
+        })
+        .collect()
+}
+
+fn observe(c: &mut Criterion) {
+    let items = 10_000;
+    let model = trained(items);
+    let users: Vec<UserId> = (0..10_000).map(user).collect();
+    let mut n = 0usize;
+    c.bench_function("mf_observe_10k_items", |b| {
+        b.iter(|| {
+            n += 1;
+            model.observe(black_box(&Observation {
+                user: &users[n % users.len()],
+                item: ((n * 104_729) % items) as ItemIdx,
+                weight: 2.0,
+                timestamp_ms: n as i64,
+            }))
+        })
+    });
+}
+
+fn fold_in(c: &mut Criterion) {
+    let items = 10_000;
+    let model = trained(items);
+    let mut group = c.benchmark_group("fold_in_user_vector");
+    for len in [10, 50] {
+        let h = history(len, items);
+        group.bench_function(format!("{len}_entries"), |b| {
+            b.iter(|| model.user_vector(black_box(&h)))
+        });
+    }
+    group.finish();
+}
+
+fn search(c: &mut Criterion) {
+    let mut sizes = vec![10_000, 100_000];
+    if std::env::var_os("REFLEX_BENCH_1M").is_some() {
+        sizes.push(1_000_000);
+    }
+    let mut group = c.benchmark_group("exact_search_k10");
+    for items in sizes {
+        let model = trained(items);
+        let retriever = ExactRetriever::for_model(&model);
+        let query = model
+            .user_vector(&history(20, items))
+            .unwrap_or_else(|| panic!("fold-in of a known history gave no vector"));
+        group.sample_size(if items >= 1_000_000 { 10 } else { 20 });
+        group.bench_function(format!("{items}_items"), |b| {
+            b.iter(|| retriever.search(black_box(&query), 10, &|_| true))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = observe, fold_in, search
+}
+criterion_main!(benches);

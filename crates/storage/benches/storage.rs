@@ -1,0 +1,134 @@
+//! Micro-benchmarks of the embedded store: one profile update (`ProfileStore::apply` with
+//! one event, among 100k users held in memory) and one append of 500 events to the event
+//! log (`EventSink::append`), fsynced (`sync`, the default) and not (`buffered`).
+//!
+//! Run with `cargo bench -p reflex-storage`; figures and method are in BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use reflex_core::types::now_ms;
+use reflex_core::{
+    Event, EventId, EventKind, EventSink, ItemId, LogRecord, ProfilePolicy, ProfileStore,
+    ProfileUpdate, UserId,
+};
+use reflex_storage::{Durability, EmbeddedConfig, EmbeddedStore};
+
+const USERS: u64 = 100_000;
+const ITEMS: u64 = 10_000;
+const BATCH: u64 = 500;
+
+/// Setup failures abort the benchmark with what failed.
+fn fail<T>(what: &str) -> impl FnOnce(reflex_core::Error) -> T + '_ {
+    move |e| panic!("{what}: {e}")
+}
+
+fn event(n: u64, tag: &str, now: i64) -> Event {
+    let mut context = BTreeMap::new();
+    context.insert("device".to_string(), "mobile".to_string());
+    context.insert("channel".to_string(), "web".to_string());
+    Event {
+        event_id: EventId::parse(&format!("{tag}-{n}"), "event_id")
+            .unwrap_or_else(fail("event id")),
+        user_id: UserId::parse(&format!("user-{:07}", (n * 7919) % USERS), "user_id")
+            .unwrap_or_else(fail("user id")),
+        item_id: ItemId::parse(&format!("item-{:07}", (n * 104_729) % ITEMS), "item_id")
+            .unwrap_or_else(fail("item id")),
+        kind: EventKind::View,
+        weight: None,
+        timestamp_ms: now,
+        session_id: None,
+        value: None,
+        context,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("building a runtime: {e}"))
+}
+
+fn open(dir: &std::path::Path, durability: Durability) -> Arc<EmbeddedStore> {
+    let config = EmbeddedConfig {
+        durability,
+        ..EmbeddedConfig::in_dir(dir)
+    };
+    EmbeddedStore::open(config, ProfilePolicy::default()).unwrap_or_else(fail("opening the store"))
+}
+
+fn profile_apply(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let store = open(dir.path(), Durability::Buffered);
+    let now = now_ms();
+    // 100k users, each with a few events, so the map is at a realistic size.
+    let events: Vec<Event> = (0..USERS * 3).map(|n| event(n, "load", now)).collect();
+    let updates: Vec<ProfileUpdate<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| ProfileUpdate {
+            seq: i as u64 + 1,
+            event,
+            weight: 1.0,
+            now_ms: now,
+        })
+        .collect();
+    rt.block_on(store.apply(&updates))
+        .unwrap_or_else(fail("loading profiles"));
+    let mut n = 0usize;
+    c.bench_function("profile_store_apply_1_event_100k_users", |b| {
+        b.iter(|| {
+            n = (n + 1) % updates.len();
+            rt.block_on(store.apply(black_box(&updates[n..n + 1])))
+        })
+    });
+}
+
+fn append(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("event_sink_append_500");
+    group.sample_size(20);
+    group.throughput(criterion::Throughput::Elements(BATCH));
+    for durability in [Durability::Sync, Durability::Buffered] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let store = open(dir.path(), durability);
+        let next = AtomicU64::new(0);
+        let now = now_ms();
+        group.bench_function(format!("{durability:?}").to_lowercase(), |b| {
+            b.iter_batched(
+                // Fresh event ids every time, or the dedupe check would answer duplicate
+                // and nothing would be written.
+                || {
+                    let start = next.fetch_add(BATCH, Ordering::Relaxed);
+                    (start..start + BATCH)
+                        .map(|n| LogRecord::Event {
+                            event: event(n, "append", now),
+                            filtered: false,
+                            ingested_ms: now,
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |records| rt.block_on(store.append(records)),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    targets = profile_apply, append
+}
+criterion_main!(benches);
