@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use reflex_core::{Backends, Engine, ItemIndex};
+use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ProfileStore};
 use reflex_models::{ExactRetriever, OnlineMf};
 use reflex_storage::EmbeddedStore;
 use tokio::net::TcpListener;
@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::{Backend, Config};
+use crate::instrumented::Instrumented;
 use crate::metrics::Metrics;
 use crate::middleware::{
     AdmissionLayer, AuthLayer, DeadlineLayer, GrpcMetricsLayer, OversizeAsResourceExhausted,
@@ -22,13 +23,18 @@ use crate::middleware::{
 use crate::proto;
 use crate::services::Reflex;
 
-/// Builds the backends named by `config` and the engine over them, and replays the event
-/// log so the engine is ready to serve.
-pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
+/// Builds the backends named by `config` (each decorated to record its latency and
+/// failures into `metrics`) and the engine over them, and replays the event log so the
+/// engine is ready to serve.
+pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
     let items = Arc::new(ItemIndex::new());
     let model = OnlineMf::new(config.model.clone());
     let retriever = Arc::new(ExactRetriever::new(model.item_factors().clone()));
-    let backends = match config.store.backend {
+    let (sink, profiles, catalog): (
+        Arc<dyn EventSink>,
+        Arc<dyn ProfileStore>,
+        Arc<dyn CatalogStore>,
+    ) = match config.store.backend {
         Backend::Embedded => {
             let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
                 .with_context(|| {
@@ -37,15 +43,16 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Arc<Engine>> {
                         config.store.embedded.data_dir.display()
                     )
                 })?;
-            Backends {
-                sink: store.clone(),
-                profiles: store.clone(),
-                catalog: store,
-                model,
-                retriever,
-                items,
-            }
+            (store.clone(), store.clone(), store)
         }
+    };
+    let backends = Backends {
+        sink: Instrumented::new(sink, metrics.clone()),
+        profiles: Instrumented::new(profiles, metrics.clone()),
+        catalog: Instrumented::new(catalog, metrics.clone()),
+        model,
+        retriever,
+        items,
     };
     let engine = Arc::new(Engine::new(backends, config.engine.clone()));
     let started = std::time::Instant::now();
@@ -83,7 +90,7 @@ pub async fn serve(
         None
     };
     let metrics = Metrics::new().context("registering metrics")?;
-    let engine = build_engine(&config).await?;
+    let engine = build_engine(&config, &metrics).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
     let maintenance = {

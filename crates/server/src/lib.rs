@@ -9,6 +9,7 @@
 //! - [`middleware`]: tower layers: deadlines, load shedding, API keys, call metrics
 //! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
 //! - [`telemetry`]: logs and optional OTLP trace export
+//! - [`instrumented`]: backend decorators recording latency and failures
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
 
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod demo;
+pub mod instrumented;
 pub mod metrics;
 pub mod middleware;
 pub mod proto;

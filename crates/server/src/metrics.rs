@@ -66,6 +66,8 @@ pub struct Metrics {
     pub profiles: IntGauge,
     /// Backend failures by `op`.
     pub backend_errors: IntCounterVec,
+    /// Backend call latency by `op`.
+    pub backend_seconds: HistogramVec,
     /// gRPC calls by `method` and `code`.
     pub grpc_requests: IntCounterVec,
     /// gRPC calls in progress.
@@ -120,6 +122,14 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let backend_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "reflex_backend_duration_seconds",
+                "Backend call latency by operation",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )?;
         let grpc_requests = IntCounterVec::new(
             Opts::new(
                 "reflex_grpc_requests_total",
@@ -140,6 +150,7 @@ impl Metrics {
         registry.register(Box::new(index_items.clone()))?;
         registry.register(Box::new(profiles.clone()))?;
         registry.register(Box::new(backend_errors.clone()))?;
+        registry.register(Box::new(backend_seconds.clone()))?;
         registry.register(Box::new(grpc_requests.clone()))?;
         registry.register(Box::new(grpc_inflight.clone()))?;
         registry.register(Box::new(load_shed.clone()))?;
@@ -153,6 +164,7 @@ impl Metrics {
             index_items,
             profiles,
             backend_errors,
+            backend_seconds,
             grpc_requests,
             grpc_inflight,
             load_shed,
