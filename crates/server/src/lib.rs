@@ -12,6 +12,7 @@
 //! - [`instrumented`]: backend decorators recording latency and failures
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
+//! - [`bench`]: `reflex bench`, the load generator
 
 pub mod app;
 pub mod bench;
