@@ -190,6 +190,11 @@ pub struct FlagOverrides {
     pub data_dir: Option<PathBuf>,
 }
 
+/// `REFLEX_…` variables that are not settings, so the strict loader must not see them:
+/// the configuration file's own path, and the variables of the project's test and chart
+/// tooling (which share the prefix and would otherwise make every key unknown).
+pub const NOT_SETTINGS: &[&str] = &["config", "data_dir", "bin", "helm_optional"];
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -212,8 +217,7 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment = figment
-            // REFLEX_CONFIG names the file itself and is not a setting.
-            .merge(Env::prefixed("REFLEX_").ignore(&["config"]).split("__"))
+            .merge(Env::prefixed("REFLEX_").ignore(NOT_SETTINGS).split("__"))
             .merge(Serialized::defaults(flags));
         if let Some(dir) = &flags.data_dir {
             figment = figment.merge(Serialized::default("store.embedded.data_dir", dir));
@@ -286,6 +290,20 @@ mod tests {
         let text = config.to_toml_redacted().unwrap();
         assert!(!text.contains("super-secret-key-123"));
         assert!(text.contains("shop"));
+    }
+
+    #[test]
+    fn tooling_variables_are_not_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("REFLEX_HELM_OPTIONAL", "1");
+            jail.set_env("REFLEX_DATA_DIR", "/somewhere");
+            jail.set_env("REFLEX_BIN", "/bin/reflex");
+            jail.set_env("REFLEX_CONFIG", "/nowhere.toml");
+            Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            jail.set_env("REFLEX_LISTNE", "127.0.0.1:1");
+            assert!(Config::load(None, &FlagOverrides::default()).is_err());
+            Ok(())
+        });
     }
 
     #[test]
