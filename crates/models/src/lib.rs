@@ -18,6 +18,7 @@
 //! - [`eval`]: MovieLens readers and the streaming HR@k evaluation
 //! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
 
+pub mod ann;
 pub mod config;
 pub mod eval;
 pub mod factors;
@@ -28,6 +29,7 @@ pub mod retriever;
 pub(crate) mod rng;
 pub(crate) mod topk;
 
+pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quantization};
 pub use config::{MfConfig, NegativeSampling};
 pub use factors::ItemFactors;
 pub use mf::OnlineMf;
