@@ -50,8 +50,18 @@ async fn train(channel: &Channel) {
 
 #[tokio::test]
 async fn purchases_move_that_users_recommendations_only() {
+    purchases_move_recommendations(&[]).await;
+}
+
+#[tokio::test]
+async fn purchases_move_recommendations_through_the_ann_index_too() {
+    // Threshold 0: the usearch HNSW index serves every search.
+    purchases_move_recommendations(&[("REFLEX_RETRIEVAL__THRESHOLD_ITEMS", "0")]).await;
+}
+
+async fn purchases_move_recommendations(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Reflex::start(dir.path());
+    let server = Reflex::start_with(dir.path(), env);
     let channel = server.channel().await;
     upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
     train(&channel).await;

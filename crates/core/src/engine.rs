@@ -263,6 +263,9 @@ impl Engine {
             weight,
             timestamp_ms: event.timestamp_ms,
         });
+        // An index retriever re-reads the item's vector off the request path; the
+        // exact scan reads the model's vectors directly and ignores this.
+        self.backends.retriever.upsert(item, &[]);
         self.events_applied.fetch_add(1, Ordering::Relaxed);
     }
 

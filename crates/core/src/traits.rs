@@ -188,8 +188,10 @@ pub trait Retriever: Send + Sync + 'static {
     /// first; fewer only when fewer items pass.
     fn search(&self, query: &[f32], k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
 
-    /// Tells the retriever an item's vector changed. Retrievers that read the model's
-    /// vectors directly ignore it.
+    /// Tells the retriever an item's vector changed. `vector` is the new vector, or empty
+    /// when the retriever reads vectors from the model's shared store itself (as every
+    /// retriever of `reflex-models` does; the engine passes it empty). Must be cheap and
+    /// must not block: indexes apply changes in the background.
     fn upsert(&self, _item: ItemIdx, _vector: &[f32]) {}
 
     /// Number of items searchable.

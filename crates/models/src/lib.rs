@@ -15,6 +15,8 @@
 //! - [`mf`]: [`OnlineMf`], the `OnlineModel`: SGD with sampled negatives, fold-in, popularity
 //! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
+//! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
+//!   [`HybridRetriever`] (exact below a catalog size, ANN above)
 //! - [`eval`]: MovieLens readers and the streaming HR@k evaluation
 //! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ProfileStore};
-use reflex_models::{ExactRetriever, OnlineMf};
+use reflex_models::{HybridRetriever, OnlineMf};
 use reflex_storage::EmbeddedStore;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -29,7 +29,11 @@ use crate::services::Reflex;
 pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
     let items = Arc::new(ItemIndex::new());
     let model = OnlineMf::new(config.model.clone());
-    let retriever = Arc::new(ExactRetriever::new(model.item_factors().clone()));
+    // Built empty before the replay; its background thread indexes items as they come.
+    let retriever = Arc::new(
+        HybridRetriever::for_model(&model, config.retrieval.clone())
+            .context("building the item index")?,
+    );
     let (sink, profiles, catalog): (
         Arc<dyn EventSink>,
         Arc<dyn ProfileStore>,

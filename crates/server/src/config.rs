@@ -50,6 +50,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The online matrix factorisation model.
     pub model: MfConfig,
+    /// Retrieval: exact scan below `retrieval.threshold_items` items, usearch HNSW above.
+    pub retrieval: reflex_models::AnnConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             profiles: ProfilePolicy::default(),
             store: StoreConfig::default(),
             model: MfConfig::default(),
+            retrieval: reflex_models::AnnConfig::default(),
         }
     }
 }
