@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ProfileStore};
 use reflex_models::{HybridRetriever, OnlineMf};
 use reflex_storage::EmbeddedStore;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -246,6 +248,56 @@ pub async fn serve(
         Err(err) => warn!(error = %err, "final checkpoint failed; the log replays on start"),
     }
     result
+}
+
+/// A server running as a task on this runtime: what `reflex demo` and `reflex bench`
+/// drive when no address is given.
+pub struct InProcess {
+    /// `http://HOST:PORT` of the server.
+    pub endpoint: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts a server with `config` and waits until it serves.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
+        let task = tokio::spawn(crate::app::serve(
+            config,
+            listener,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |addr, _metrics| {
+                let _ = ready_tx.send(addr);
+            },
+        ));
+        match ready_rx.await {
+            Ok(addr) => Ok(Self {
+                endpoint: format!("http://{addr}"),
+                stop,
+                task,
+            }),
+            Err(_) => match task.await {
+                Ok(Err(err)) => Err(err.context("starting the server")),
+                _ => bail!("the server stopped before it was ready"),
+            },
+        }
+    }
+
+    /// Shuts the server down and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .context("joining the server task")?
+            .context("the in-process server failed")
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

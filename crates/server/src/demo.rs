@@ -2,14 +2,13 @@
 //! session through a real gRPC client and prints how recommendations change.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use prost_types::Timestamp;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -29,33 +28,9 @@ const BACKGROUND_USERS: usize = 300;
 
 /// Runs the demo against a fresh server with `config` and returns when it is done.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
-    let server = tokio::spawn(crate::app::serve(
-        config,
-        listener,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |addr, _metrics| {
-            let _ = ready_tx.send(addr);
-        },
-    ));
-    let addr = match ready_rx.await {
-        Ok(addr) => addr,
-        Err(_) => {
-            return match server.await {
-                Ok(Err(err)) => Err(err),
-                _ => bail!("server stopped before it was ready"),
-            };
-        }
-    };
-    let result = drive(addr).await;
-    let _ = stop_tx.send(());
-    server.await.context("joining the server task")??;
+    let server = crate::app::InProcess::start(config).await?;
+    let result = drive(&server.endpoint).await;
+    server.stop().await?;
     result
 }
 
@@ -145,13 +120,13 @@ impl Ingest {
     }
 }
 
-async fn drive(addr: SocketAddr) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+async fn drive(endpoint: &str) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(endpoint.to_owned())
         .context("building the endpoint")?
         .connect()
         .await
         .context("connecting to the demo server")?;
-    println!("Reflex demo: server on {addr}, embedded store\n");
+    println!("Reflex demo: server on {endpoint}, embedded store\n");
 
     // The catalog: six categories of ten items.
     let mut catalog = CatalogServiceClient::new(channel.clone());

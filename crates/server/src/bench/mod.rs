@@ -31,7 +31,6 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -164,7 +163,7 @@ pub async fn run(
                 config.store.embedded.durability
             );
             let pid = Some((args.server_pid.unwrap_or_else(std::process::id), true));
-            let server = InProcess::start(config).await?;
+            let server = crate::app::InProcess::start(config).await?;
             let report = drive(&args, &server.endpoint, target, pid).await;
             server.stop().await?;
             report?
@@ -225,54 +224,6 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--zipf must be finite and >= 0");
     }
     Ok(())
-}
-
-/// A server running on this runtime.
-struct InProcess {
-    endpoint: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl InProcess {
-    /// Starts a server with `config` and waits until it serves.
-    async fn start(config: Config) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
-        let task = tokio::spawn(crate::app::serve(
-            config,
-            listener,
-            async {
-                let _ = stop_rx.await;
-            },
-            move |addr, _metrics| {
-                let _ = ready_tx.send(addr);
-            },
-        ));
-        match ready_rx.await {
-            Ok(addr) => Ok(Self {
-                endpoint: format!("http://{addr}"),
-                stop,
-                task,
-            }),
-            Err(_) => match task.await {
-                Ok(Err(err)) => Err(err.context("starting the server")),
-                _ => bail!("the server stopped before it was ready"),
-            },
-        }
-    }
-
-    /// Shuts the server down and waits for it.
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .context("joining the server task")?
-            .context("the in-process server failed")
-    }
 }
 
 /// Waits until the server answers its health check.
