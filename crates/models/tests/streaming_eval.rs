@@ -6,11 +6,18 @@ use std::path::PathBuf;
 use reflex_models::MfConfig;
 use reflex_models::eval::{EvalOptions, read_movielens_100k, streaming_eval};
 
+/// `REFLEX_DATA_DIR`, else `../shared/data` beside the checkout, else the workplace's
+/// `/work/shared/data` (for checkouts made elsewhere, such as a CI clone in /tmp).
 fn data_dir() -> PathBuf {
-    std::env::var_os("REFLEX_DATA_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    )
+    if let Some(dir) = std::env::var_os("REFLEX_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if beside.exists() {
+        beside
+    } else {
+        PathBuf::from("/work/shared/data")
+    }
 }
 
 #[test]
