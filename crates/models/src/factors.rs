@@ -214,6 +214,25 @@ impl ItemFactors {
         }
     }
 
+    /// Sets item `idx`'s vector to `values` and marks it known (e.g. item factors from a
+    /// batch model such as [`crate::als`]); `false`, changing nothing, when `values` is not
+    /// `factors` long or not finite.
+    pub fn load(&self, idx: ItemIdx, values: &[f32]) -> bool {
+        if values.len() != self.factors || !values.iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        match self.chunk_or_grow(idx) {
+            Some(_) => {
+                if let Some(slot) = self.slot(idx) {
+                    store_vec(slot, values);
+                }
+                self.ensure_known(idx);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Inner product of `query` with a known item's vector.
     pub fn score(&self, idx: ItemIdx, query: &[f32]) -> Option<f32> {
         if !self.is_known(idx) {
@@ -262,5 +281,16 @@ mod tests {
         let mut seen = Vec::new();
         a.for_each_known(|i, _| seen.push(i));
         assert_eq!(seen, vec![3000]);
+    }
+
+    #[test]
+    fn loaded_vectors_are_known_and_read_back() {
+        let a = ItemFactors::new(2, 0.1, 7);
+        assert!(a.load(1500, &[0.5, -1.0]));
+        assert_eq!(a.get(1500), Some(vec![0.5, -1.0]));
+        assert_eq!(a.len(), 1);
+        assert!(!a.load(3, &[1.0]));
+        assert!(!a.load(3, &[1.0, f32::NAN]));
+        assert!(!a.is_known(3));
     }
 }

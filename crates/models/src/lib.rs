@@ -17,9 +17,13 @@
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
 //! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
 //!   [`HybridRetriever`] (exact below a catalog size, ANN above)
-//! - [`eval`]: MovieLens readers and the streaming HR@k evaluation
+//! - [`als`]: the batch baseline, implicit ALS with conjugate gradient ([`AlsConfig`],
+//!   [`Csr`], [`als::fit`]), whose item factors can start [`OnlineMf`]
+//! - [`eval`]: MovieLens readers, the streaming HR@k evaluation and the leave-last-out
+//!   offline evaluation of ALS and popularity
 //! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
 
+pub mod als;
 pub mod ann;
 pub mod config;
 pub mod eval;
@@ -31,6 +35,7 @@ pub mod retriever;
 pub(crate) mod rng;
 pub(crate) mod topk;
 
+pub use als::{AlsConfig, AlsModel, Confidence, Csr};
 pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quantization};
 pub use config::{MfConfig, NegativeSampling};
 pub use factors::ItemFactors;

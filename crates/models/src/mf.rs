@@ -110,6 +110,48 @@ impl OnlineMf {
         self.popularity.score(&self.items, item, at_ms)
     }
 
+    /// Starts the item factors from a batch model's (row-major, `factors` values per item,
+    /// item `i` at row `i`, e.g. [`crate::AlsModel::item_factors`]), then refreshes the
+    /// Gram matrix and the popular list. All-zero rows (items the batch model had no data
+    /// for) are skipped and stay unknown. Returns the number of items loaded; 0, loading
+    /// nothing, when the length is not a multiple of this model's factors.
+    pub fn load_item_factors(&self, factors: &[f32]) -> usize {
+        let k = self.config.factors;
+        if !factors.len().is_multiple_of(k) {
+            return 0;
+        }
+        let mut loaded = 0;
+        for (i, v) in factors.chunks_exact(k).enumerate() {
+            if v.iter().any(|x| *x != 0.0) && self.items.load(i as ItemIdx, v) {
+                loaded += 1;
+            }
+        }
+        self.refresh();
+        loaded
+    }
+
+    /// Sets the learner's own vector for `user` (e.g. from a batch model's user factors),
+    /// so SGD continues from it rather than from a random start; `false` when `vector` is
+    /// not `factors` long or not finite.
+    pub fn load_user_vector(&self, user: &UserId, vector: &[f32]) -> bool {
+        if vector.len() != self.config.factors || !vector.iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        self.users.insert(user.clone(), vector.into());
+        true
+    }
+
+    /// Adds an event to time-decayed popularity only, without learning from it (to replay
+    /// history whose factors came from a batch model). Marks the item known.
+    pub fn record_popularity(&self, item: ItemIdx, weight: f32, timestamp_ms: i64) {
+        if !weight.is_finite() || weight == 0.0 {
+            return;
+        }
+        self.items.ensure_known(item);
+        self.popularity
+            .record(&self.items, item, weight, timestamp_ms);
+    }
+
     /// Recomputes the Gram matrix and the popular list now (e.g. after a replay), instead
     /// of waiting for the next periodic refresh.
     pub fn refresh(&self) {
@@ -559,5 +601,35 @@ mod tests {
             m.item_vector(i)
                 .is_some_and(|v| v.iter().all(|x| x.is_finite()))
         }));
+    }
+
+    #[test]
+    fn starts_from_batch_item_factors() {
+        let m = OnlineMf::new(small(2, 4));
+        // Items 0 and 2 loaded; item 1 (all zero) skipped; a wrong length loads nothing.
+        assert_eq!(m.load_item_factors(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]), 2);
+        assert_eq!(m.load_item_factors(&[1.0, 0.0, 0.0]), 0);
+        assert_eq!(m.item_vector(0), Some(vec![1.0, 0.0]));
+        assert_eq!(m.item_vector(1), None);
+        let alice = user("alice");
+        assert!(m.load_user_vector(&alice, &[0.0, 2.0]));
+        assert!(!m.load_user_vector(&alice, &[0.0]));
+        assert_eq!(learner_score(&m, &alice, 2), 2.0);
+        m.record_popularity(2, 1.0, 10);
+        m.record_popularity(0, 1.0, 10);
+        m.record_popularity(2, 1.0, 10);
+        m.refresh();
+        let top: Vec<ItemIdx> = m.popular(2, &|_| true).iter().map(|s| s.item).collect();
+        assert_eq!(top, vec![2, 0]);
+        assert_eq!(m.events(), 0);
+        // Folding in a history of item 2 points at item 2.
+        let v = m
+            .user_vector(&[HistoryEntry {
+                item: 2,
+                weight: 1.0,
+                timestamp_ms: 10,
+            }])
+            .unwrap();
+        assert!(dot(&v, &[0.0, 1.0]) > dot(&v, &[1.0, 0.0]));
     }
 }
