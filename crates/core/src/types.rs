@@ -146,6 +146,18 @@ impl EventKind {
         }
     }
 
+    /// The kind a [`label`](Self::label) names; `None` for text no label produces.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label {
+            "view" => Self::View,
+            "click" => Self::Click,
+            "add_to_cart" => Self::AddToCart,
+            "remove_from_cart" => Self::RemoveFromCart,
+            "purchase" => Self::Purchase,
+            other => Self::Custom(Arc::from(other.strip_prefix("custom:")?)),
+        })
+    }
+
     /// Validates a custom kind name.
     pub fn custom(name: &str, field: &str) -> Result<Self> {
         if name.is_empty() {
@@ -159,6 +171,9 @@ impl EventKind {
                     name.len()
                 ),
             ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Error::invalid(field, "must not contain control characters"));
         }
         Ok(Self::Custom(Arc::from(name)))
     }
@@ -415,6 +430,23 @@ mod tests {
             Error::InvalidArgument { field, .. } => field,
             other => panic!("expected invalid argument, got {other}"),
         }
+    }
+
+    #[test]
+    fn kind_labels_round_trip() {
+        let kinds = [
+            EventKind::View,
+            EventKind::Click,
+            EventKind::AddToCart,
+            EventKind::RemoveFromCart,
+            EventKind::Purchase,
+            EventKind::custom("wishlist", "kind").unwrap(),
+        ];
+        for kind in kinds {
+            assert_eq!(EventKind::from_label(&kind.label()), Some(kind));
+        }
+        assert_eq!(EventKind::from_label("nonsense"), None);
+        assert!(EventKind::custom("a\u{1f}b", "kind").is_err());
     }
 
     #[test]

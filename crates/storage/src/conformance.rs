@@ -398,3 +398,79 @@ pub async fn catalog_round_trips(catalog: &dyn CatalogStore) -> Result<()> {
     assert!(!catalog.load_all().await?.contains(&b));
     Ok(())
 }
+
+/// The stored profile equals the reference [`Profile::apply`] on the same events, given
+/// in several batches with late events, explicit and derived sessions, repeat purchases
+/// and custom kinds. `policy` is the store's.
+///
+/// [`Profile::apply`]: reflex_core::Profile::apply
+pub async fn profiles_match_the_reference(
+    store: &dyn ProfileStore,
+    policy: &ProfilePolicy,
+) -> Result<()> {
+    let name = "reference-erin";
+    let now = now_ms();
+    let custom = id(EventKind::custom("wishlist", "kind"));
+    let kinds = [
+        EventKind::View,
+        EventKind::Click,
+        EventKind::AddToCart,
+        EventKind::Purchase,
+        EventKind::RemoveFromCart,
+        custom,
+    ];
+    let mut events = Vec::new();
+    let base = 1_700_000_000_000i64;
+    for i in 0..(policy.max_recent as i64 + 30) {
+        let mut e = event(
+            &format!("reference-{i}"),
+            name,
+            &format!("item-{}", i % 7),
+            kinds[(i as usize * 5 + 3) % kinds.len()].clone(),
+            // Mostly forward in time with gaps that split sessions, some events late.
+            base + i * 60_000 + if i % 9 == 4 { -600_000 } else { 0 } + (i / 20) * 3_600_000,
+        );
+        if i % 13 == 0 {
+            e.session_id = Some(format!("client-session-{}", i / 26).into());
+        }
+        events.push(e);
+    }
+    // The history ends in a derived session: a long gap, then two events without an id.
+    let end = base + 100 * 3_600_000;
+    events.push(event(
+        "reference-end-1",
+        name,
+        "item-1",
+        EventKind::View,
+        end,
+    ));
+    events.push(event(
+        "reference-end-2",
+        name,
+        "item-2",
+        EventKind::Click,
+        end + 5,
+    ));
+    let mut expected = reflex_core::Profile::new(user(name));
+    for (i, e) in events.iter().enumerate() {
+        expected.apply(e, 0.25 + i as f32 / 8.0, policy, now + i as i64);
+    }
+    let updates: Vec<ProfileUpdate<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ProfileUpdate {
+            seq: i as Seq + 1,
+            event: e,
+            weight: 0.25 + i as f32 / 8.0,
+            now_ms: now + i as i64,
+        })
+        .collect();
+    for chunk in updates.chunks(17) {
+        store.apply(chunk).await?;
+    }
+    let mut got = present(store.get(&user(name)).await?, "erin has a profile");
+    got.custom_counts.sort();
+    expected.custom_counts.sort();
+    assert_eq!(got, expected);
+    Ok(())
+}

@@ -1,12 +1,14 @@
 //! Reflex storage backends: implementations of the core's [`EventSink`], [`ProfileStore`]
 //! and [`CatalogStore`]. The embedded backend (fjall, in a local directory) is the durable
-//! default; Redis and ScyllaDB backends for scale-out come as sibling modules behind cargo
-//! features, and every backend runs the same conformance suite.
+//! default for one machine; the Redis backend holds the shared state of many replicas.
+//! Every backend runs the same conformance suite.
 //!
 //! Layout:
 //! - [`embedded`]: the embedded backend, [`EmbeddedStore`] and its [`EmbeddedConfig`]
+//! - [`redis`]: the Redis backend (standalone or Cluster), [`RedisStore`] and its
+//!   [`RedisConfig`]
 //! - `conformance` (tests, or the `conformance` feature): backend-agnostic cases every
-//!   backend must pass
+//!   backend must pass; `testing`: a real `redis-server` on a free port for tests
 //!
 //! [`EventSink`]: reflex_core::EventSink
 //! [`ProfileStore`]: reflex_core::ProfileStore
@@ -15,5 +17,9 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod redis;
+#[cfg(any(test, feature = "conformance"))]
+pub mod testing;
 
 pub use embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+pub use redis::{RedisConfig, RedisStore};

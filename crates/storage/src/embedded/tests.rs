@@ -102,6 +102,14 @@ mod conformance_suite {
     }
 
     #[tokio::test]
+    async fn profiles_match_the_reference() {
+        let (_dir, store) = fresh();
+        conformance::profiles_match_the_reference(&*store, &ProfilePolicy::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn catalog_round_trips() {
         let (_dir, store) = fresh();
         conformance::catalog_round_trips(&*store).await.unwrap();

@@ -1,0 +1,119 @@
+//! Configuration of the Redis backend.
+
+use reflex_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Seven days, the dedupe window the ingest contract promises by default.
+const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Settings of the Redis store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Where Redis is: `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS,
+    /// `redis-cluster://host:port?node=host2:port2` (or `rediss-cluster://`) for Cluster.
+    /// Prefer `password_env` to a password in the URL.
+    pub url: String,
+    /// Name of an environment variable holding the password (e.g. filled from a
+    /// Kubernetes Secret); overrides a password in the URL when set.
+    pub password_env: Option<String>,
+    /// Prefix of every key Reflex writes, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Connections in the pool; commands are pipelined on each.
+    pub pool_size: usize,
+    /// How long to wait for the first connection at start-up, in ms.
+    pub connect_timeout_ms: u64,
+    /// How long one command may take before it fails with `UNAVAILABLE`, in ms. Bounds
+    /// how long ingest waits while Redis is down.
+    pub command_timeout_ms: u64,
+    /// How long an event id stays a duplicate after it was first recorded, in ms.
+    pub dedupe_window_ms: i64,
+    /// The event log (a stream) keeps about this many records; 0 keeps all.
+    pub log_max_len: u64,
+    /// Maintenance drops log records ingested longer ago than this, in ms; 0 keeps all.
+    pub log_max_age_ms: i64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            password_env: None,
+            prefix: "reflex".into(),
+            pool_size: 4,
+            connect_timeout_ms: 5_000,
+            command_timeout_ms: 2_000,
+            dedupe_window_ms: DEFAULT_DEDUPE_WINDOW_MS,
+            log_max_len: 10_000_000,
+            log_max_age_ms: 0,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// A default configuration for the Redis at `url`, keys under `prefix`.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: prefix.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        if self.url.is_empty() {
+            return Err(Error::invalid("store.redis.url", "must not be empty"));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}', '*', '?', '[', ']']) {
+            return Err(Error::invalid(
+                "store.redis.prefix",
+                "must be non-empty and free of `{}*?[]`",
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(Error::invalid(
+                "store.redis.pool_size",
+                "must be at least 1",
+            ));
+        }
+        if self.dedupe_window_ms <= 0 {
+            return Err(Error::invalid(
+                "store.redis.dedupe_window_ms",
+                format!("is {}, must be positive", self.dedupe_window_ms),
+            ));
+        }
+        if self.log_max_age_ms < 0 {
+            return Err(Error::invalid(
+                "store.redis.log_max_age_ms",
+                "must not be negative",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_name_the_field() {
+        RedisConfig::default().validate().unwrap();
+        let bad = RedisConfig {
+            prefix: "a{b}".into(),
+            ..RedisConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("prefix"));
+        let bad = RedisConfig {
+            dedupe_window_ms: 0,
+            ..RedisConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dedupe_window_ms")
+        );
+    }
+}

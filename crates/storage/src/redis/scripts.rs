@@ -1,0 +1,138 @@
+//! The Lua scripts that make each Redis write atomic. Each runs as one `EVALSHA` and
+//! touches only the keys it is given, all in one hash slot, so it works on Cluster too.
+
+/// Appends records to the log. Per event record it sets the dedupe key with `SET NX PX`
+/// and, only if that succeeded, takes the next sequence number and `XADD`s the record
+/// with stream id `<seq>-0`; erase records are always appended. Dedupe key and log entry
+/// are written together or not at all.
+///
+/// KEYS: log stream, sequence counter, then one dedupe key per event record in order.
+/// ARGV: dedupe window ms, max log length (0 = unbounded), then per record the triple
+/// (`1` for an event or `0` for an erase, ingested ms, encoded record).
+/// Returns one integer per record: its sequence number, or 0 for a duplicate.
+pub(super) const APPEND: &str = r#"
+local window = ARGV[1]
+local maxlen = tonumber(ARGV[2])
+local out = {}
+local k = 2
+local n = (#ARGV - 2) / 3
+for i = 1, n do
+  local base = 2 + (i - 1) * 3
+  local fresh = true
+  if ARGV[base + 1] == '1' then
+    k = k + 1
+    fresh = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window)
+  end
+  if fresh then
+    local seq = redis.call('INCR', KEYS[2])
+    local id = string.format('%d-0', seq)
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
+    else
+      redis.call('XADD', KEYS[1], id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
+    end
+    out[i] = seq
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Applies events to one user's profile, exactly as `Profile::apply` does in memory:
+/// counters (`HINCRBY`), the recent list ordered newest first by event time and bounded,
+/// the session, the bounded purchase list, last-seen and touched times, the version, and
+/// the TTL (`PEXPIREAT` touched + ttl, so a profile touched too long ago is gone at once).
+///
+/// KEYS: profile hash, recent list, purchase list.
+/// ARGV: max recent, max purchased, session gap ms, ttl ms, then per event the six
+/// (event ms, ingested ms, weight, kind label, item id, session id or empty).
+/// Recent entries are `ms \x1f weight \x1f kind \x1f item`.
+pub(super) const APPLY: &str = r#"
+local h, r, b = KEYS[1], KEYS[2], KEYS[3]
+local max_recent = tonumber(ARGV[1])
+local max_purchased = tonumber(ARGV[2])
+local gap = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local function entry_ms(e)
+  return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
+end
+for o = 5, #ARGV, 6 do
+  local ts_s, now_s, w, kind, item, sid = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5]
+  local ts, now = tonumber(ts_s), tonumber(now_s)
+  redis.call('HINCRBY', h, 'c:' .. kind, 1)
+
+  if max_recent > 0 then
+    local entry = ts_s .. '\31' .. w .. '\31' .. kind .. '\31' .. item
+    local head = redis.call('LINDEX', r, 0)
+    if (not head) or entry_ms(head) <= ts then
+      redis.call('LPUSH', r, entry)
+    else
+      local entries = redis.call('LRANGE', r, 0, max_recent - 1)
+      local pos = #entries + 1
+      for j = 2, #entries do
+        if entry_ms(entries[j]) <= ts then
+          pos = j
+          break
+        end
+      end
+      if pos <= max_recent then
+        if pos > #entries then
+          redis.call('RPUSH', r, entry)
+        else
+          redis.call('LINSERT', r, 'BEFORE', entries[pos], entry)
+        end
+      end
+    end
+    redis.call('LTRIM', r, 0, max_recent - 1)
+  end
+
+  local s = redis.call('HMGET', h, 'sid', 'sst', 'slt')
+  local extend
+  if sid ~= '' then
+    extend = (s[1] == sid)
+    if not extend then
+      redis.call('HSET', h, 'sid', sid, 'sst', ts_s, 'slt', ts_s, 'sn', 1)
+    end
+  else
+    extend = s[1] and s[3] and (ts - tonumber(s[3]) <= gap)
+    if not extend then
+      redis.call('HSET', h, 'sid', 'auto-' .. ts_s, 'sst', ts_s, 'slt', ts_s, 'sn', 1)
+    end
+  end
+  if extend then
+    if ts < tonumber(s[2]) then redis.call('HSET', h, 'sst', ts_s) end
+    if ts > tonumber(s[3]) then redis.call('HSET', h, 'slt', ts_s) end
+    redis.call('HINCRBY', h, 'sn', 1)
+  end
+
+  if kind == 'purchase' and not redis.call('LPOS', b, item) then
+    redis.call('RPUSH', b, item)
+    if max_purchased > 0 then
+      redis.call('LTRIM', b, -max_purchased, -1)
+    else
+      redis.call('DEL', b)
+    end
+  end
+
+  local t = redis.call('HMGET', h, 'ls', 't')
+  if ts > tonumber(t[1] or '0') then redis.call('HSET', h, 'ls', ts_s) end
+  if now > tonumber(t[2] or '0') then redis.call('HSET', h, 't', now_s) end
+  redis.call('HINCRBY', h, 'v', 1)
+end
+local expire_at = string.format('%d', tonumber(redis.call('HGET', h, 't')) + ttl)
+redis.call('PEXPIREAT', h, expire_at)
+redis.call('PEXPIREAT', r, expire_at)
+redis.call('PEXPIREAT', b, expire_at)
+return 1
+"#;
+
+/// Reads one profile consistently (no update can land between the three reads).
+///
+/// KEYS: profile hash, recent list, purchase list.
+/// Returns `{hash fields and values, recent entries, purchases}`, or nil when absent.
+pub(super) const GET: &str = r#"
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return nil end
+return {fields, redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[3], 0, -1)}
+"#;
