@@ -13,12 +13,14 @@
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
 //! - [`bench`]: `reflex bench`, the load generator
+//! - [`eval_cmd`]: `reflex eval`, the offline evaluation of the batch baseline
 
 pub mod app;
 pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod demo;
+pub mod eval_cmd;
 pub mod instrumented;
 pub mod metrics;
 pub mod middleware;

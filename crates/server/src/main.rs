@@ -1,4 +1,4 @@
-//! The `reflex` command: `serve`, `demo` and `config`.
+//! The `reflex` command: `serve`, `demo`, `config`, `bench` and `eval`.
 
 use std::path::PathBuf;
 
@@ -38,6 +38,9 @@ enum Command {
     Config,
     /// Drive a server with synthetic shop traffic and report throughput and latency.
     Bench(Box<reflex_server::bench::BenchArgs>),
+    /// Evaluate the batch baseline (implicit ALS) against popularity on a ratings file,
+    /// leave-last-out, and online MF continuing from it.
+    Eval(Box<reflex_server::eval_cmd::EvalArgs>),
 }
 
 #[tokio::main]
@@ -87,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => {
             reflex_server::bench::run(*args, cli.config.as_deref(), flags).await
         }
+        Command::Eval(args) => reflex_server::eval_cmd::run(*args),
         Command::Config => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             print!(
