@@ -4,8 +4,10 @@
 //! `cargo run --release -p reflex-models --example als_eval -- [100k|1m|FILE] [ALS_JSON]
 //! [MF_JSON]`, with the data folder from `REFLEX_DATA_DIR` (default `../shared/data`
 //! beside the workspace, else `/work/shared/data`). `ALS_JSON` overrides [`AlsConfig`]
-//! fields, e.g. `'{"alpha": 2.0, "iterations": 20}'`; `MF_JSON` overrides the online
-//! model's [`MfConfig`]. Set `ALS_EVAL_OFFLINE_ONLY=1` to skip the online part.
+//! fields, e.g. `'{"alpha": 2.0, "iterations": 20}'`; `MF_JSON` replaces the online
+//! model's [`MfConfig`] (default: `MfConfig::default()` with
+//! `eval::WARM_START_LEARNING_RATE`; `'{}'` is `MfConfig::default()` itself). Set
+//! `ALS_EVAL_OFFLINE_ONLY=1` to skip the online part.
 
 use std::path::PathBuf;
 
@@ -39,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mf: MfConfig = match args.get(2) {
         Some(json) if !json.is_empty() => serde_json::from_str(json)?,
-        _ => MfConfig::default(),
+        _ => BaselineOptions::default().mf,
     };
     let options = BaselineOptions {
         als: als.clone(),

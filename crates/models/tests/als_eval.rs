@@ -60,13 +60,22 @@ fn als_beats_popularity_on_movielens_100k_leave_last_out() {
     assert!(als.ndcg_at_10 > pop.ndcg_at_10 && als.recall_at_20 > pop.recall_at_20);
     assert!(als.recall_at_20 >= als.hr_at_10 && als.hr_at_10 > als.ndcg_at_10);
     assert!(als.coverage_at_10 > 3.0 * pop.coverage_at_10, "{report}");
-    // Online after the baseline (measured: MF 0.1209, decayed popularity 0.0923, frozen
-    // ALS 0.1432 = the offline figure, as each user has one held-out event).
+    // Online after the baseline (measured: online MF 0.1972, the same fold-in without
+    // learning 0.1941, decayed popularity 0.0923, frozen ALS 0.1432 = the offline
+    // figure, as each user has one held-out event). Recency-weighted fold-in over the
+    // ALS item factors beats the frozen user vectors; learning must not undo that.
     let online = report.online.as_ref().unwrap();
     assert_eq!(online.events, 943);
     assert!(
         (online.hr_frozen_als - als.hr_at_10).abs() < 1e-9,
         "{report}"
     );
-    assert!(online.hr_online_mf > online.hr_popularity, "{report}");
+    assert!(
+        online.hr_online_mf >= 2.0 * online.hr_popularity,
+        "{report}"
+    );
+    assert!(
+        online.hr_online_mf >= 1.2 * online.hr_frozen_als,
+        "{report}"
+    );
 }
