@@ -404,11 +404,13 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `out = scale · G v` for a full `k × k` row-major `g`.
+/// `out = scale · G v` for a full symmetric `k × k` row-major `g`, as a sum of its rows
+/// (= columns) weighted by `v`: contiguous axpys, no horizontal sums.
 #[inline]
 fn symv(g: &[f32], k: usize, v: &[f32], scale: f32, out: &mut [f32]) {
-    for (o, row) in out.iter_mut().zip(g.chunks_exact(k)) {
-        *o = scale * dot(row, v);
+    out.fill(0.0);
+    for (row, &vj) in g.chunks_exact(k).zip(v) {
+        axpy(scale * vj, row, out);
     }
 }
 
