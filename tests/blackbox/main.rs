@@ -9,4 +9,5 @@ mod support;
 mod ingest;
 mod operations;
 mod recommend;
+mod replicas;
 mod restart;

@@ -9,10 +9,10 @@ use tonic::transport::Channel;
 
 use crate::support::*;
 
-const CATEGORIES: [&str; 4] = ["shoes", "books", "garden", "toys"];
-const PER_CATEGORY: usize = 8;
+pub(crate) const CATEGORIES: [&str; 4] = ["shoes", "books", "garden", "toys"];
+pub(crate) const PER_CATEGORY: usize = 8;
 
-fn category_share(resp: &proto::RecommendResponse, category: &str) -> usize {
+pub(crate) fn category_share(resp: &proto::RecommendResponse, category: &str) -> usize {
     resp.items
         .iter()
         .filter(|i| i.item_id.starts_with(&format!("{category}-")))
@@ -20,7 +20,7 @@ fn category_share(resp: &proto::RecommendResponse, category: &str) -> usize {
 }
 
 /// Shoppers loyal to one category each, so the model learns the categories.
-async fn train(channel: &Channel) {
+pub(crate) async fn train(channel: &Channel) {
     let mut stream = EventStream::open(channel.clone()).await;
     let base = now().seconds - 7200;
     let mut batch = Vec::new();

@@ -152,6 +152,18 @@ pub struct Engine {
     apply_gate: RwLock<()>,
     checkpoint_lock: Mutex<()>,
     events_applied: AtomicU64,
+    /// Whether the model learns from the shared event log ([`Engine::follow`]) rather than
+    /// from this engine's own ingest.
+    follows_log: bool,
+    /// Log position the model has learnt up to, when following the log, and the catalog
+    /// version last loaded.
+    followed: Mutex<Followed>,
+}
+
+#[derive(Default)]
+struct Followed {
+    seq: Seq,
+    catalog_version: u64,
 }
 
 /// Counters since start-up.
@@ -175,7 +187,50 @@ impl Engine {
             apply_gate: RwLock::new(()),
             checkpoint_lock: Mutex::new(()),
             events_applied: AtomicU64::new(0),
+            follows_log: false,
+            followed: Mutex::new(Followed::default()),
         }
+    }
+
+    /// Makes the model learn by following the event log ([`Engine::follow`]) instead of
+    /// from this engine's own ingest: for stores shared by several replicas, so every
+    /// replica's model learns every replica's events, in log order. Profiles are still
+    /// updated by ingest, so the next recommendation on any replica reflects an event
+    /// at once (fold-in reads the shared profile); item factors follow within one
+    /// follow interval.
+    pub fn following_the_log(mut self) -> Self {
+        self.follows_log = true;
+        self
+    }
+
+    /// Teaches the model every log record appended since the last call (or since
+    /// [`Engine::recover`]), by any replica. Returns the number of records read.
+    pub async fn follow(&self) -> Result<u64> {
+        let mut followed = self.followed.lock().await;
+        let catalog_version = self.backends.catalog.version().await?;
+        if catalog_version != followed.catalog_version {
+            self.reload_catalog().await?;
+            followed.catalog_version = catalog_version;
+        }
+        let mut read = 0u64;
+        loop {
+            let page = self.backends.sink.read(followed.seq, 4096).await?;
+            let Some((last, _)) = page.last() else { break };
+            followed.seq = *last;
+            read += page.len() as u64;
+            for (_, record) in &page {
+                match record {
+                    LogRecord::Event {
+                        event,
+                        filtered: false,
+                        ..
+                    } => self.learn(event, self.weight(event)),
+                    LogRecord::Event { filtered: true, .. } => {}
+                    LogRecord::Erase { user_id, .. } => self.backends.model.forget_user(user_id),
+                }
+            }
+        }
+        Ok(read)
     }
 
     /// The configuration in force.
@@ -195,10 +250,30 @@ impl Engine {
         }
     }
 
+    /// Makes the item index match the stored catalog, upserts and deletes alike.
+    async fn reload_catalog(&self) -> Result<()> {
+        let items = &self.backends.items;
+        let stored = self.backends.catalog.load_all().await?;
+        let present: HashSet<&str> = stored.iter().map(|i| i.item_id.as_str()).collect();
+        for idx in 0..items.len() as ItemIdx {
+            if let (Some(id), Some(meta)) = (items.id(idx), items.meta(idx))
+                && meta.in_catalog
+                && !present.contains(id.as_str())
+            {
+                items.set_deleted(id);
+            }
+        }
+        for item in &stored {
+            items.set_catalog(item);
+        }
+        Ok(())
+    }
+
     /// Loads the catalog and replays the event log into the model, and into profiles
     /// after their durable checkpoint. Returns the number of records replayed.
     pub async fn recover(&self) -> Result<u64> {
         let _gate = self.apply_gate.write().await;
+        let catalog_version = self.backends.catalog.version().await?;
         for item in self.backends.catalog.load_all().await? {
             self.backends.items.set_catalog(&item);
         }
@@ -247,6 +322,10 @@ impl Engine {
                 self.backends.profiles.apply(&updates).await?;
             }
         }
+        *self.followed.lock().await = Followed {
+            seq: after,
+            catalog_version,
+        };
         info!(replayed, ?profile_seq, "event log replayed");
         Ok(replayed)
     }
@@ -336,8 +415,10 @@ impl Engine {
         }
         if !updates.is_empty() {
             self.backends.profiles.apply(&updates).await?;
-            for u in &updates {
-                self.learn(u.event, u.weight);
+            if !self.follows_log {
+                for u in &updates {
+                    self.learn(u.event, u.weight);
+                }
             }
         }
         debug!(

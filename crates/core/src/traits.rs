@@ -125,6 +125,12 @@ pub trait CatalogStore: Send + Sync + 'static {
     async fn delete(&self, item: &ItemId) -> Result<bool>;
     /// Every item, for start-up.
     async fn load_all(&self) -> Result<Vec<Item>>;
+
+    /// A number that changes whenever any writer changes the catalog, so replicas sharing
+    /// the store notice each other's changes; stores only one process uses keep 0.
+    async fn version(&self) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// One accepted event, as a model learns from it.

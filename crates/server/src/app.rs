@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ProfileStore};
 use reflex_models::{HybridRetriever, OnlineMf};
-use reflex_storage::EmbeddedStore;
+use reflex_storage::{EmbeddedStore, RedisStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -51,6 +51,17 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
                 })?;
             (store.clone(), store.clone(), store)
         }
+        Backend::Redis => {
+            let store = RedisStore::connect(config.store.redis.clone(), config.profiles.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to redis at {}",
+                        config.store.redis.url_redacted()
+                    )
+                })?;
+            (store.clone(), store.clone(), store)
+        }
     };
     let backends = Backends {
         sink: Instrumented::new(sink, metrics.clone()),
@@ -60,7 +71,11 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         retriever,
         items,
     };
-    let engine = Arc::new(Engine::new(backends, config.engine.clone()));
+    let mut engine = Engine::new(backends, config.engine.clone());
+    if config.store.backend.is_shared() {
+        engine = engine.following_the_log();
+    }
+    let engine = Arc::new(engine);
     let started = std::time::Instant::now();
     let replayed = engine.recover().await.context("replaying the event log")?;
     info!(
@@ -122,6 +137,24 @@ pub async fn serve(
             }
         })
     };
+
+    let follower = config.store.backend.is_shared().then(|| {
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let every = Duration::from_millis(config.store.follow_interval_ms.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(err) = engine.follow().await {
+                    metrics.backend_errors.with_label_values(&["follow"]).inc();
+                    warn!(error = %err, "following the event log failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        })
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Reflection v1 and, for older clients such as grpcurl before 1.9, v1alpha.
@@ -242,6 +275,9 @@ pub async fn serve(
         }
     };
     maintenance.abort();
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     let _ = metrics_stop.send(());
     match engine.checkpoint().await {
         Ok(seq) => info!(?seq, "final checkpoint written"),

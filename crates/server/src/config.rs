@@ -9,7 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use reflex_core::{EngineConfig, ProfilePolicy};
 use reflex_models::MfConfig;
-use reflex_storage::EmbeddedConfig;
+use reflex_storage::{EmbeddedConfig, RedisConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::MetricsConfig;
@@ -164,13 +164,29 @@ pub enum LogFormat {
 }
 
 /// Which backend holds profiles, the event log and the catalog.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// The backend in use.
     pub backend: Backend,
     /// Settings of the embedded backend.
     pub embedded: EmbeddedConfig,
+    /// Settings of the Redis backend.
+    pub redis: RedisConfig,
+    /// With a shared backend, how often the model reads the shared event log for the
+    /// events of every replica, in ms.
+    pub follow_interval_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::default(),
+            embedded: EmbeddedConfig::default(),
+            redis: RedisConfig::default(),
+            follow_interval_ms: 10,
+        }
+    }
 }
 
 /// Available backends.
@@ -180,6 +196,15 @@ pub enum Backend {
     /// Durable local storage in a data directory (one replica).
     #[default]
     Embedded,
+    /// Redis (standalone or Cluster), shared by many replicas.
+    Redis,
+}
+
+impl Backend {
+    /// Whether several replicas share the backend, so each must follow the shared log.
+    pub fn is_shared(self) -> bool {
+        matches!(self, Self::Redis)
+    }
 }
 
 /// Settings given as command-line flags, which win over everything else.
@@ -233,6 +258,7 @@ impl Config {
     /// The effective configuration as TOML with every secret masked, for `reflex config`.
     pub fn to_toml_redacted(&self) -> Result<String, toml::ser::Error> {
         let mut shown = self.clone();
+        shown.store.redis.url = shown.store.redis.url_redacted();
         for key in &mut shown.auth.keys {
             key.key = "********".into();
         }

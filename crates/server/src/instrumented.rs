@@ -120,4 +120,8 @@ impl CatalogStore for Instrumented<dyn CatalogStore> {
     async fn load_all(&self) -> Result<Vec<Item>> {
         self.timed("load_catalog", self.inner.load_all()).await
     }
+
+    async fn version(&self) -> Result<u64> {
+        self.timed("catalog_version", self.inner.version()).await
+    }
 }

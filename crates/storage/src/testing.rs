@@ -6,19 +6,30 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` child process listening on 127.0.0.1 at a port of its own, without
-/// persistence, killed on drop.
+/// A `redis-server` child process listening on 127.0.0.1 at a port of its own, killed on
+/// drop; persistent (append-only file) only when asked.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server` (from `PATH`, or `REFLEX_REDIS_SERVER`), or `None` when it is
     /// not installed, so callers can print that they skipped.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// Like [`start`](Self::start), but with an append-only file fsynced on every write,
+    /// so the data survives [`restart`](Self::restart).
+    pub fn start_persistent() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<Self> {
         let binary = std::env::var("REFLEX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let installed = Command::new(&binary)
             .arg("--version")
@@ -34,6 +45,7 @@ impl RedisServer {
             child: None,
             port: 0,
             dir,
+            persistent,
         };
         server.port = free_port();
         server.spawn(&binary);
@@ -43,7 +55,12 @@ impl RedisServer {
     fn spawn(&mut self, binary: &str) {
         let child = Command::new(binary)
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -72,7 +89,7 @@ impl RedisServer {
         self.dir.path()
     }
 
-    /// Kills the server (its data is lost: no persistence).
+    /// Kills the server (`SIGKILL`; without persistence its data is lost).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -60,6 +60,17 @@ impl RedisConfig {
         }
     }
 
+    /// The URL with any password masked, for logs and `reflex config`.
+    pub fn url_redacted(&self) -> String {
+        let url = &self.url;
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://********{}", &url[..scheme], &url[at..])
+            }
+            _ => url.clone(),
+        }
+    }
+
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<()> {
         if self.url.is_empty() {
@@ -96,6 +107,14 @@ impl RedisConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        let with = RedisConfig::new("redis://user:secret@host:6379/0", "p");
+        assert_eq!(with.url_redacted(), "redis://********@host:6379/0");
+        let without = RedisConfig::new("redis://host:6379", "p");
+        assert_eq!(without.url_redacted(), "redis://host:6379");
+    }
 
     #[test]
     fn defaults_validate_and_bad_values_name_the_field() {

@@ -67,9 +67,12 @@ pub struct RedisStore {
     append: Script,
     apply: Script,
     get: Script,
+    catalog_upsert: Script,
+    catalog_delete: Script,
     log_key: String,
     seq_key: String,
     catalog_key: String,
+    catalog_version_key: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -153,6 +156,9 @@ impl RedisStore {
             log_key: format!("{{{prefix}}}:log"),
             seq_key: format!("{{{prefix}}}:seq"),
             catalog_key: format!("{{{prefix}}}:catalog"),
+            catalog_version_key: format!("{{{prefix}}}:catalog:v"),
+            catalog_upsert: Script::from_lua(scripts::CATALOG_UPSERT),
+            catalog_delete: Script::from_lua(scripts::CATALOG_DELETE),
             append: Script::from_lua(scripts::APPEND),
             apply: Script::from_lua(scripts::APPLY),
             get: Script::from_lua(scripts::GET),
@@ -160,13 +166,19 @@ impl RedisStore {
             config,
             policy,
         };
-        for script in [&store.append, &store.apply, &store.get] {
+        for script in [
+            &store.append,
+            &store.apply,
+            &store.get,
+            &store.catalog_upsert,
+            &store.catalog_delete,
+        ] {
             script
                 .load(store.pool.next())
                 .await
                 .map_err(|e| redis_error("loading redis scripts", e))?;
         }
-        info!(url = %redact_url(&store.config.url), prefix = %store.config.prefix, "redis store connected");
+        info!(url = %store.config.url_redacted(), prefix = %store.config.prefix, "redis store connected");
         Ok(Arc::new(store))
     }
 
@@ -286,16 +298,6 @@ impl RedisStore {
             .await
             .map_err(|e| redis_error(context, e))?;
         Ok(())
-    }
-}
-
-/// The URL without its password, for logs.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -552,20 +554,19 @@ impl CatalogStore for RedisStore {
         if items.is_empty() {
             return Ok(());
         }
-        let mut values: Vec<(String, Bytes)> = Vec::with_capacity(items.len());
+        let mut args: Vec<Value> = Vec::with_capacity(items.len() * 2);
         for item in items {
-            values.push((
-                item.item_id.to_string(),
-                Bytes::from(encode(item, context)?),
-            ));
+            args.push(Value::from(item.item_id.as_str()));
+            args.push(Value::Bytes(Bytes::from(encode(item, context)?)));
         }
-        // One HSET: all items or none.
-        let _: Value = self
-            .pool
-            .next()
-            .hset(&self.catalog_key, values)
-            .await
-            .map_err(|e| redis_error(context, e))?;
+        // One script: all items and the version bump, or nothing.
+        self.run(
+            &self.catalog_upsert,
+            vec![self.catalog_key.clone(), self.catalog_version_key.clone()],
+            args,
+        )
+        .await
+        .map_err(|e| redis_error(context, e))?;
         Ok(())
     }
 
@@ -581,13 +582,16 @@ impl CatalogStore for RedisStore {
     }
 
     async fn delete(&self, item: &ItemId) -> Result<bool> {
-        let removed: u64 = self
-            .pool
-            .next()
-            .hdel(&self.catalog_key, item.as_str())
+        let context = "deleting a catalog item in redis";
+        let removed = self
+            .run(
+                &self.catalog_delete,
+                vec![self.catalog_key.clone(), self.catalog_version_key.clone()],
+                vec![Value::from(item.as_str())],
+            )
             .await
-            .map_err(|e| redis_error("deleting a catalog item in redis", e))?;
-        Ok(removed > 0)
+            .map_err(|e| redis_error(context, e))?;
+        Ok(removed.as_u64().is_some_and(|n| n > 0))
     }
 
     async fn load_all(&self) -> Result<Vec<Item>> {
@@ -607,5 +611,15 @@ impl CatalogStore for RedisStore {
             }
         }
         Ok(items)
+    }
+
+    async fn version(&self) -> Result<u64> {
+        let v: Option<u64> = self
+            .pool
+            .next()
+            .get(&self.catalog_version_key)
+            .await
+            .map_err(|e| redis_error("reading the redis catalog version", e))?;
+        Ok(v.unwrap_or(0))
     }
 }

@@ -136,3 +136,23 @@ local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return nil end
 return {fields, redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[3], 0, -1)}
 "#;
+
+/// Writes catalog items and bumps the catalog version in one step, so replicas that see
+/// the new version also see the items.
+///
+/// KEYS: catalog hash, catalog version. ARGV: item id and encoded item, repeated.
+pub(super) const CATALOG_UPSERT: &str = r#"
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('INCR', KEYS[2])
+"#;
+
+/// Deletes one catalog item and, if it was there, bumps the catalog version.
+///
+/// KEYS: catalog hash, catalog version. ARGV: item id. Returns 1 when it was there.
+pub(super) const CATALOG_DELETE: &str = r#"
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if removed > 0 then redis.call('INCR', KEYS[2]) end
+return removed
+"#;
