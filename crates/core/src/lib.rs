@@ -7,13 +7,15 @@
 //! - [`catalog`]: catalog items and the shared dense item index
 //! - [`filter`]: the bot and noise filter
 //! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `Retriever`
-//! - [`engine`]: ingest, recommend, recovery and checkpoints
+//! - [`model_store`]: model snapshots and versions, the model store and learner lease
+//! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback
 //! - [`error`]: the error type and its transport-neutral codes
 
 pub mod catalog;
 pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod model_store;
 pub mod profile;
 pub mod traits;
 pub mod types;
@@ -23,6 +25,7 @@ pub use engine::{
     Backends, Engine, EngineConfig, EventOutcome, Recommendation, RequestFilter, ScoredItem, Source,
 };
 pub use error::{Error, ErrorCode, Result};
+pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks, StoredModel};
 pub use profile::{Profile, ProfilePolicy};
 pub use traits::{
     Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Item, ItemIdx};
 use crate::error::Result;
+use crate::model_store::ModelState;
 use crate::profile::Profile;
 use crate::types::{Event, ItemId, TimestampMs, UserId};
 
@@ -186,6 +187,20 @@ pub trait OnlineModel: Send + Sync + 'static {
 
     /// The `k` most popular items right now passing `filter`, best first.
     fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
+
+    /// The learnt state, for a snapshot; `None` when the model cannot export it.
+    fn export(&self) -> Option<ModelState> {
+        None
+    }
+
+    /// Replaces the learnt state of every item and user in `state` (items it does not
+    /// name keep theirs). Fails when the state does not fit (e.g. other dimensions).
+    fn import(&self, _state: &ModelState) -> Result<()> {
+        Err(crate::Error::Internal(format!(
+            "model {} cannot load snapshots",
+            self.version()
+        )))
+    }
 }
 
 /// Nearest-neighbour search over item vectors by inner product.

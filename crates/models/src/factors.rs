@@ -233,6 +233,20 @@ impl ItemFactors {
         }
     }
 
+    /// The stored popularity (`log2` form, see [`crate::popularity`]) of `idx`.
+    pub(crate) fn popularity_log2(&self, idx: ItemIdx) -> f64 {
+        self.chunk(idx).map_or(f64::NEG_INFINITY, |c| {
+            f64::from_bits(c.pop[idx as usize % CHUNK_ITEMS].load(Ordering::Relaxed))
+        })
+    }
+
+    /// Overwrites the stored popularity of `idx` (its chunk must exist).
+    pub(crate) fn set_popularity_log2(&self, idx: ItemIdx, log2: f64) {
+        if let Some(c) = self.chunk(idx) {
+            c.pop[idx as usize % CHUNK_ITEMS].store(log2.to_bits(), Ordering::Relaxed);
+        }
+    }
+
     /// Inner product of `query` with a known item's vector.
     pub fn score(&self, idx: ItemIdx, query: &[f32]) -> Option<f32> {
         if !self.is_known(idx) {

@@ -18,7 +18,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Scored, UserId};
+use reflex_core::{
+    Error, HistoryEntry, ItemIdx, ItemState, ModelState, Observation, OnlineModel, Result, Scored,
+    UserId,
+};
 
 use crate::config::{MfConfig, NegativeSampling};
 use crate::factors::{ItemFactors, store_vec};
@@ -348,6 +351,69 @@ impl OnlineModel for OnlineMf {
         self.users.remove(user);
     }
 
+    fn export(&self) -> Option<ModelState> {
+        let mut items = Vec::with_capacity(self.items.len());
+        self.items.for_each_known(|item, values| {
+            items.push(ItemState {
+                item,
+                vector: values
+                    .iter()
+                    .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
+                    .collect(),
+                popularity: self.items.popularity_log2(item),
+            });
+        });
+        let users = self
+            .users
+            .iter()
+            .map(|e| (e.key().clone(), e.value().to_vec()))
+            .collect();
+        Some(ModelState {
+            factors: self.config.factors,
+            items,
+            users,
+            events: self.events(),
+            latest_ms: self.popularity.latest_ms(),
+        })
+    }
+
+    fn import(&self, state: &ModelState) -> Result<()> {
+        let k = self.config.factors;
+        if state.factors != k {
+            return Err(Error::invalid(
+                "model",
+                format!("snapshot has {} factors, this model {k}", state.factors),
+            ));
+        }
+        let bad = |what: &str| Error::invalid("model", format!("snapshot has a malformed {what}"));
+        if state
+            .items
+            .iter()
+            .any(|i| i.vector.len() != k || !i.vector.iter().all(|v| v.is_finite()))
+        {
+            return Err(bad("item vector"));
+        }
+        if state
+            .users
+            .iter()
+            .any(|(_, v)| v.len() != k || !v.iter().all(|x| x.is_finite()))
+        {
+            return Err(bad("user vector"));
+        }
+        for item in &state.items {
+            self.items.load(item.item, &item.vector);
+            self.items.set_popularity_log2(item.item, item.popularity);
+        }
+        self.users.clear();
+        for (user, vector) in &state.users {
+            self.users.insert(user.clone(), vector.as_slice().into());
+        }
+        self.events.store(state.events, Ordering::Relaxed);
+        self.popularity.saw(state.latest_ms);
+        self.refresh();
+        Ok(())
+    }
+
     fn user_vector(&self, history: &[HistoryEntry]) -> Option<Vec<f32>> {
         self.fold_in(history)
     }
@@ -601,6 +667,36 @@ mod tests {
             m.item_vector(i)
                 .is_some_and(|v| v.iter().all(|x| x.is_finite()))
         }));
+    }
+
+    #[test]
+    fn export_then_import_restores_scores_and_popularity() {
+        let a = OnlineMf::new(small(4, 8));
+        let alice = user("alice");
+        for i in 0..200u32 {
+            a.observe(&Observation {
+                user: &alice,
+                item: i % 10,
+                weight: 1.0,
+                timestamp_ms: 1_000 + i as i64,
+            });
+        }
+        let state = a.export().unwrap();
+        assert_eq!(state.items.len(), 10);
+        let b = OnlineMf::new(small(4, 8));
+        b.import(&state).unwrap();
+        for i in 0..10 {
+            assert_eq!(a.item_vector(i), b.item_vector(i));
+            assert_eq!(a.popularity(i, 2_000), b.popularity(i, 2_000));
+        }
+        assert_eq!(a.learner_vector(&alice), b.learner_vector(&alice));
+        assert_eq!(a.popular(3, &|_| true), b.popular(3, &|_| true));
+        assert_eq!(b.events(), 200);
+        let wrong = ModelState {
+            factors: 3,
+            ..state.clone()
+        };
+        assert!(b.import(&wrong).is_err());
     }
 
     #[test]

@@ -88,6 +88,11 @@ impl Popularity {
         }
     }
 
+    /// Moves the latest event time seen forward to `ts_ms` (after loading a snapshot).
+    pub(crate) fn saw(&self, ts_ms: i64) {
+        self.latest_ms.fetch_max(ts_ms, Ordering::Relaxed);
+    }
+
     /// The latest event time seen.
     pub(crate) fn latest_ms(&self) -> i64 {
         self.latest_ms.load(Ordering::Relaxed)

@@ -474,3 +474,77 @@ pub async fn profiles_match_the_reference(
     assert_eq!(got, expected);
     Ok(())
 }
+
+fn version(reason: &str, log_seq: Seq) -> reflex_core::ModelVersion {
+    reflex_core::ModelVersion {
+        id: 0,
+        created_ms: now_ms(),
+        log_seq,
+        events: log_seq * 2,
+        items: 3,
+        bytes: 0,
+        reason: reason.into(),
+        taken_by: "conformance".into(),
+    }
+}
+
+/// Saved versions get increasing ids, list back oldest first with their metadata, load
+/// back byte for byte; rollbacks are recorded; pruning keeps the newest and the version
+/// the last rollback installed.
+pub async fn models_round_trip(store: &dyn reflex_core::ModelStore) -> Result<()> {
+    assert!(store.list().await?.is_empty());
+    assert_eq!(store.rollbacks().await?, reflex_core::Rollbacks::default());
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let v1 = store.save(version("first", 10), vec![1, 2, 3]).await?;
+    let v2 = store.save(version("second", 20), big.clone()).await?;
+    let v3 = store.save(version("third", 30), vec![9]).await?;
+    assert!(v1.id < v2.id && v2.id < v3.id, "{v1:?} {v2:?} {v3:?}");
+    assert_eq!(v2.bytes, big.len() as u64);
+    assert_eq!(v2.reason, "second");
+    let listed = store.list().await?;
+    assert_eq!(listed, vec![v1.clone(), v2.clone(), v3.clone()]);
+    assert_eq!(store.load(v1.id).await?, Some(vec![1, 2, 3]));
+    assert_eq!(store.load(v2.id).await?, Some(big));
+    assert_eq!(store.load(v3.id + 100).await?, None);
+
+    let r = store.record_rollback(v1.id).await?;
+    assert_eq!(r.generation, 1);
+    assert_eq!(r.version, v1.id);
+    assert_eq!(store.rollbacks().await?, r);
+
+    // Keep one: v3 is the newest, v1 is protected by the rollback, v2 goes.
+    assert_eq!(store.prune(1).await?, 1);
+    let ids: Vec<u64> = store.list().await?.iter().map(|v| v.id).collect();
+    assert_eq!(ids, [v1.id, v3.id]);
+    assert_eq!(store.load(v2.id).await?, None);
+    Ok(())
+}
+
+/// One holder at a time: the holder renews, others are refused until it releases or its
+/// lease (of `ttl`) runs out.
+pub async fn lease_is_exclusive(store: &dyn reflex_core::ModelStore) -> Result<()> {
+    let ttl = 200;
+    assert!(store.acquire_lease("learner", "a", ttl).await?);
+    assert!(
+        !store.acquire_lease("learner", "b", ttl).await?,
+        "b must wait"
+    );
+    assert!(store.acquire_lease("learner", "a", ttl).await?, "a renews");
+    assert!(
+        store.acquire_lease("other", "b", ttl).await?,
+        "leases are by name"
+    );
+    store.release_lease("learner", "b").await?;
+    assert!(
+        !store.acquire_lease("learner", "b", ttl).await?,
+        "b cannot release a's"
+    );
+    store.release_lease("learner", "a").await?;
+    assert!(store.acquire_lease("learner", "b", ttl).await?);
+    tokio::time::sleep(Duration::from_millis(ttl + 100)).await;
+    assert!(
+        store.acquire_lease("learner", "a", ttl).await?,
+        "b's lease ran out"
+    );
+    Ok(())
+}

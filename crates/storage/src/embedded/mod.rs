@@ -7,6 +7,7 @@
 //! - `profiles`: user id → postcard [`Profile`], as of the last checkpoint
 //! - `meta`: `profiles_seq` → the log position (u64 big-endian) `profiles` is consistent with
 //! - `items`: item id → postcard [`Item`]
+//! - `models`: model versions and snapshots (see `models.rs`)
 //!
 //! Profiles live in memory and are written only by checkpoints; the event log is the
 //! durable record that start-up replays after `profiles_seq` (see [`reflex_core::Engine`]).
@@ -18,6 +19,7 @@
 mod catalog;
 mod config;
 mod log;
+mod models;
 mod profiles;
 
 use std::path::{Path, PathBuf};
@@ -37,8 +39,9 @@ use self::profiles::ProfileState;
 /// Key in `meta` of the log position the `profiles` keyspace is consistent with.
 const PROFILES_SEQ_KEY: &[u8] = b"profiles_seq";
 
-/// The embedded store: implements [`EventSink`], [`ProfileStore`] and [`CatalogStore`], so
-/// one `Arc` fills all three slots of the engine's backends.
+/// The embedded store: implements [`EventSink`], [`ProfileStore`], [`CatalogStore`] and
+/// [`ModelStore`](reflex_core::ModelStore), so one `Arc` fills every storage slot of the
+/// engine's backends.
 ///
 /// [`EventSink`]: reflex_core::EventSink
 /// [`ProfileStore`]: reflex_core::ProfileStore
@@ -56,12 +59,14 @@ struct Shared {
     profiles: Keyspace,
     meta: Keyspace,
     items: Keyspace,
+    models: Keyspace,
     /// How appends and catalog writes reach the disk.
     persist: PersistMode,
     dedupe_window_ms: i64,
     log: LogState,
     profile_state: ProfileState,
-    /// Makes a catalog delete's "was it there" and its removal one step.
+    /// Makes a catalog delete's "was it there" and its removal one step (and the same for
+    /// model version numbering).
     catalog_writer: Mutex<()>,
     data_dir: PathBuf,
 }
@@ -89,6 +94,7 @@ impl EmbeddedStore {
         let profiles = keyspace("profiles")?;
         let meta = keyspace("meta")?;
         let items = keyspace("items")?;
+        let models = keyspace("models")?;
 
         let last_seq = log::last_seq_on_disk(&events).map_err(fault("reading the log's end"))?;
         let profile_state =
@@ -108,6 +114,7 @@ impl EmbeddedStore {
                 profiles,
                 meta,
                 items,
+                models,
                 persist: config.durability.persist_mode(),
                 dedupe_window_ms: config.dedupe_window_ms,
                 log: LogState::new(last_seq),

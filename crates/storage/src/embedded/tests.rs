@@ -110,6 +110,12 @@ mod conformance_suite {
     }
 
     #[tokio::test]
+    async fn models_round_trip() {
+        let (_dir, store) = fresh();
+        conformance::models_round_trip(&*store).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn catalog_round_trips() {
         let (_dir, store) = fresh();
         conformance::catalog_round_trips(&*store).await.unwrap();

@@ -40,8 +40,9 @@ use futures_util::{StreamExt, TryStreamExt, future};
 use reflex_core::profile::{Interaction, Session};
 use reflex_core::types::now_ms;
 use reflex_core::{
-    Appended, CatalogStore, Error, EventKind, EventSink, Item, ItemId, LogRecord, Profile,
-    ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+    Appended, CatalogStore, Error, EventKind, EventSink, Item, ItemId, LogRecord, ModelStore,
+    ModelVersion, Profile, ProfilePolicy, ProfileStore, ProfileUpdate, Result, Rollbacks, Seq,
+    UserId,
 };
 use tracing::info;
 
@@ -69,6 +70,10 @@ pub struct RedisStore {
     get: Script,
     catalog_upsert: Script,
     catalog_delete: Script,
+    model_save: Script,
+    lease_acquire: Script,
+    lease_release: Script,
+    record_rollback: Script,
     log_key: String,
     seq_key: String,
     catalog_key: String,
@@ -159,6 +164,10 @@ impl RedisStore {
             catalog_version_key: format!("{{{prefix}}}:catalog:v"),
             catalog_upsert: Script::from_lua(scripts::CATALOG_UPSERT),
             catalog_delete: Script::from_lua(scripts::CATALOG_DELETE),
+            model_save: Script::from_lua(scripts::MODEL_SAVE),
+            lease_acquire: Script::from_lua(scripts::LEASE_ACQUIRE),
+            lease_release: Script::from_lua(scripts::LEASE_RELEASE),
+            record_rollback: Script::from_lua(scripts::RECORD_ROLLBACK),
             append: Script::from_lua(scripts::APPEND),
             apply: Script::from_lua(scripts::APPLY),
             get: Script::from_lua(scripts::GET),
@@ -172,6 +181,10 @@ impl RedisStore {
             &store.get,
             &store.catalog_upsert,
             &store.catalog_delete,
+            &store.model_save,
+            &store.lease_acquire,
+            &store.lease_release,
+            &store.record_rollback,
         ] {
             script
                 .load(store.pool.next())
@@ -190,6 +203,11 @@ impl RedisStore {
     /// Closes every connection.
     pub async fn quit(&self) {
         let _ = self.pool.quit().await;
+    }
+
+    /// A key in the shared `{prefix}` slot.
+    fn shared_key(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.config.prefix)
     }
 
     fn dedupe_key(&self, event_id: &str) -> String {
@@ -621,5 +639,137 @@ impl CatalogStore for RedisStore {
             .await
             .map_err(|e| redis_error("reading the redis catalog version", e))?;
         Ok(v.unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl ModelStore for RedisStore {
+    async fn save(&self, mut version: ModelVersion, snapshot: Vec<u8>) -> Result<ModelVersion> {
+        let context = "saving a model version to redis";
+        version.id = self
+            .pool
+            .next()
+            .incr(self.shared_key("models:id"))
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        version.bytes = snapshot.len() as u64;
+        let meta = encode(&version, context)?;
+        self.run(
+            &self.model_save,
+            vec![
+                self.shared_key(&format!("model:{}", version.id)),
+                self.shared_key("models"),
+            ],
+            vec![
+                Value::from(version.id as i64),
+                Value::Bytes(Bytes::from(meta)),
+                Value::Bytes(Bytes::from(snapshot)),
+            ],
+        )
+        .await
+        .map_err(|e| redis_error(context, e))?;
+        Ok(version)
+    }
+
+    async fn list(&self) -> Result<Vec<ModelVersion>> {
+        let context = "listing model versions in redis";
+        let all: Vec<Bytes> = self
+            .pool
+            .next()
+            .hvals(self.shared_key("models"))
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        let mut versions = all
+            .iter()
+            .map(|b| decode::<ModelVersion>(b, context))
+            .collect::<Result<Vec<_>>>()?;
+        versions.sort_by_key(|v| v.id);
+        Ok(versions)
+    }
+
+    async fn load(&self, id: u64) -> Result<Option<Vec<u8>>> {
+        let bytes: Option<Bytes> = self
+            .pool
+            .next()
+            .get(self.shared_key(&format!("model:{id}")))
+            .await
+            .map_err(|e| redis_error("loading a model version from redis", e))?;
+        Ok(bytes.map(|b| b.to_vec()))
+    }
+
+    async fn prune(&self, keep: usize) -> Result<usize> {
+        let context = "pruning model versions in redis";
+        let versions = self.list().await?;
+        let protected = self.rollbacks().await?.version;
+        let excess = versions.len().saturating_sub(keep);
+        let mut pruned = 0;
+        for v in versions.iter().take(excess).filter(|v| v.id != protected) {
+            let client = self.pool.next();
+            let _: u64 = client
+                .hdel(self.shared_key("models"), v.id.to_string())
+                .await
+                .map_err(|e| redis_error(context, e))?;
+            let _: u64 = client
+                .del(self.shared_key(&format!("model:{}", v.id)))
+                .await
+                .map_err(|e| redis_error(context, e))?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
+    async fn rollbacks(&self) -> Result<Rollbacks> {
+        let context = "reading the rollback record in redis";
+        let fields: std::collections::HashMap<String, u64> = self
+            .pool
+            .next()
+            .hgetall(self.shared_key("rollbacks"))
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        Ok(Rollbacks {
+            generation: fields.get("generation").copied().unwrap_or(0),
+            version: fields.get("version").copied().unwrap_or(0),
+        })
+    }
+
+    async fn record_rollback(&self, version: u64) -> Result<Rollbacks> {
+        let context = "recording a rollback in redis";
+        let generation = self
+            .run(
+                &self.record_rollback,
+                vec![self.shared_key("rollbacks")],
+                vec![Value::from(version as i64)],
+            )
+            .await
+            .map_err(|e| redis_error(context, e))?
+            .as_u64()
+            .ok_or_else(|| reply_error(context, "generation is not a number"))?;
+        Ok(Rollbacks {
+            generation,
+            version,
+        })
+    }
+
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<bool> {
+        let granted = self
+            .run(
+                &self.lease_acquire,
+                vec![self.shared_key(&format!("lease:{name}"))],
+                vec![Value::from(holder), Value::from(ttl_ms as i64)],
+            )
+            .await
+            .map_err(|e| redis_error("taking the lease in redis", e))?;
+        Ok(granted.as_u64() == Some(1))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.run(
+            &self.lease_release,
+            vec![self.shared_key(&format!("lease:{name}"))],
+            vec![Value::from(holder)],
+        )
+        .await
+        .map_err(|e| redis_error("releasing the lease in redis", e))?;
+        Ok(())
     }
 }

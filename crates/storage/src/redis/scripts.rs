@@ -156,3 +156,43 @@ local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 if removed > 0 then redis.call('INCR', KEYS[2]) end
 return removed
 "#;
+
+/// Stores a model snapshot and its metadata together.
+///
+/// KEYS: snapshot key, versions hash. ARGV: version id, encoded metadata, snapshot.
+pub(super) const MODEL_SAVE: &str = r#"
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// Takes or renews a lease: granted when free or already the caller's.
+///
+/// KEYS: lease key. ARGV: holder, ttl ms. Returns 1 when held by the caller now.
+pub(super) const LEASE_ACQUIRE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Gives a lease up if the caller holds it.
+///
+/// KEYS: lease key. ARGV: holder.
+pub(super) const LEASE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Bumps the rollback generation and records the version it installed.
+///
+/// KEYS: rollbacks hash. ARGV: version. Returns the new generation.
+pub(super) const RECORD_ROLLBACK: &str = r#"
+local g = redis.call('HINCRBY', KEYS[1], 'generation', 1)
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+return g
+"#;

@@ -1,0 +1,128 @@
+//! Model versions: what a model's state looks like outside the process, the store that
+//! keeps snapshots of it, and the lease that makes one replica the learner.
+//!
+//! A snapshot names items by [`ItemId`] (item indices are per process), so any replica
+//! can load any other's snapshot.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::ItemIdx;
+use crate::error::Result;
+use crate::traits::Seq;
+use crate::types::{ItemId, TimestampMs, UserId};
+
+/// One item's learnt state, as a model exports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemState {
+    /// The item, by this process's index.
+    pub item: ItemIdx,
+    /// Its factor vector.
+    pub vector: Vec<f32>,
+    /// Its time-decayed popularity in the model's own representation.
+    pub popularity: f64,
+}
+
+/// A model's whole learnt state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelState {
+    /// Dimensions of every vector.
+    pub factors: usize,
+    /// Every learnt item.
+    pub items: Vec<ItemState>,
+    /// The learner's own user vectors.
+    pub users: Vec<(UserId, Vec<f32>)>,
+    /// Events learnt so far.
+    pub events: u64,
+    /// Latest event time learnt.
+    pub latest_ms: TimestampMs,
+}
+
+/// [`ModelState`] with items named by id: what a model store keeps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredModel {
+    /// The model kind that wrote it (e.g. `online-mf`).
+    pub kind: String,
+    /// Dimensions of every vector.
+    pub factors: u32,
+    /// Item id, vector, popularity.
+    pub items: Vec<(ItemId, Vec<f32>, f64)>,
+    /// The learner's own user vectors.
+    pub users: Vec<(UserId, Vec<f32>)>,
+    /// Events learnt so far.
+    pub events: u64,
+    /// Latest event time learnt.
+    pub latest_ms: TimestampMs,
+}
+
+impl StoredModel {
+    /// Encodes for a model store.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self).map_err(|e| crate::Error::storage("encoding a model", e))
+    }
+
+    /// Decodes what [`encode`](Self::encode) wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        postcard::from_bytes(bytes).map_err(|e| crate::Error::storage("decoding a model", e))
+    }
+}
+
+/// What a model store knows about one snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    /// Assigned by the store, increasing from 1.
+    pub id: u64,
+    /// Wall-clock time it was taken.
+    pub created_ms: TimestampMs,
+    /// Every log record up to this position is in it; replay continues after it.
+    pub log_seq: Seq,
+    /// Events the model had learnt.
+    pub events: u64,
+    /// Items it holds.
+    pub items: u64,
+    /// Size of the encoded snapshot in bytes.
+    pub bytes: u64,
+    /// Why it was taken: `scheduled`, `on-demand`, `rollback to N`, `shutdown`, …
+    pub reason: String,
+    /// Which replica took it.
+    pub taken_by: String,
+}
+
+/// Which version replicas should run, and a counter that grows on each rollback so
+/// replicas notice one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollbacks {
+    /// Rollbacks so far.
+    pub generation: u64,
+    /// The version the latest rollback installed.
+    pub version: u64,
+}
+
+/// Where model snapshots live, with the learner lease.
+#[async_trait]
+pub trait ModelStore: Send + Sync + 'static {
+    /// Stores a snapshot; the store assigns `version.id` and returns the stored metadata.
+    async fn save(&self, version: ModelVersion, snapshot: Vec<u8>) -> Result<ModelVersion>;
+
+    /// Every stored version, oldest first.
+    async fn list(&self) -> Result<Vec<ModelVersion>>;
+
+    /// A stored snapshot; `None` when the version does not exist (or was pruned).
+    async fn load(&self, id: u64) -> Result<Option<Vec<u8>>>;
+
+    /// Deletes all but the newest `keep` versions (never the one `Rollbacks` names).
+    async fn prune(&self, keep: usize) -> Result<usize>;
+
+    /// The rollback record (all zero before the first rollback).
+    async fn rollbacks(&self) -> Result<Rollbacks>;
+
+    /// Records a rollback to `version`, returning the new record.
+    async fn record_rollback(&self, version: u64) -> Result<Rollbacks>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl_ms`; `false` when someone
+    /// else holds it. A store used by one process may always answer `true`.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<bool>;
+
+    /// Gives the lease up if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+}
