@@ -406,7 +406,8 @@ mod tests {
     #[test]
     fn defaults_validate_and_bad_values_name_the_field() {
         ScyllaConfig::default().validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut ScyllaConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut ScyllaConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("contact_points", Box::new(|c| c.contact_points.clear())),
             ("keyspace", Box::new(|c| c.keyspace = "Reflex".into())),
             ("keyspace", Box::new(|c| c.keyspace = "1abc".into())),

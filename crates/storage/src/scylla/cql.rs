@@ -13,6 +13,13 @@ pub(super) const LOG_BUCKET: u64 = 10_000;
 /// Name of the log's row in `sequences`.
 pub(super) const LOG_SEQUENCE: &str = "log";
 
+/// Name of the model version ids' row in `sequences`.
+pub(super) const MODEL_SEQUENCE: &str = "models";
+
+/// Bytes of a model snapshot per row of `model_chunks`: well under Scylla's large-cell
+/// warning and any mutation size limit.
+pub(super) const MODEL_CHUNK: usize = 512 * 1024;
+
 /// `CREATE KEYSPACE IF NOT EXISTS` with the given replication map.
 pub(super) fn create_keyspace(keyspace: &str, replication: &str) -> String {
     format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
@@ -80,6 +87,35 @@ pub(super) fn create_tables(ks: &str) -> Vec<(&'static str, String)> {
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.catalog_version (\
                  id int PRIMARY KEY, version counter)"
+            ),
+        ),
+        (
+            "model_versions",
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.model_versions (\
+                 id bigint PRIMARY KEY, meta blob)"
+            ),
+        ),
+        (
+            "model_chunks",
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.model_chunks (\
+                 id bigint, chunk int, data blob, \
+                 PRIMARY KEY ((id), chunk)) WITH CLUSTERING ORDER BY (chunk ASC)"
+            ),
+        ),
+        (
+            "rollbacks",
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.rollbacks (\
+                 name text PRIMARY KEY, generation bigint, version bigint)"
+            ),
+        ),
+        (
+            "leases",
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.leases (\
+                 name text PRIMARY KEY, holder text, expires_ms bigint)"
             ),
         ),
     ]
@@ -166,6 +202,32 @@ pub(super) struct Statements {
     pub bump_catalog_version: String,
     /// no binds → version
     pub select_catalog_version: String,
+    /// bind: id, meta
+    pub insert_model_version: String,
+    /// no binds → (id, meta)
+    pub scan_model_versions: String,
+    /// bind: id → meta
+    pub select_model_version: String,
+    /// bind: id
+    pub delete_model_version: String,
+    /// bind: id, chunk, data
+    pub insert_model_chunk: String,
+    /// bind: id → (chunk, data)
+    pub select_model_chunks: String,
+    /// bind: id
+    pub delete_model_chunks: String,
+    /// bind: name → (generation, version)
+    pub select_rollbacks: String,
+    /// bind: name, generation, version
+    pub insert_rollbacks: String,
+    /// bind: generation, version, name, expected generation
+    pub advance_rollbacks: String,
+    /// bind: name, holder, expires ms, ttl s
+    pub claim_lease: String,
+    /// bind: ttl s, holder, expires ms, name, expected holder, expected expiry
+    pub take_lease: String,
+    /// bind: name, holder
+    pub release_lease: String,
 }
 
 impl Statements {
@@ -226,6 +288,39 @@ impl Statements {
             select_catalog_version: format!(
                 "SELECT version FROM {ks}.catalog_version WHERE id = 0"
             ),
+            insert_model_version: format!(
+                "INSERT INTO {ks}.model_versions (id, meta) VALUES (?, ?)"
+            ),
+            scan_model_versions: format!("SELECT id, meta FROM {ks}.model_versions"),
+            select_model_version: format!("SELECT meta FROM {ks}.model_versions WHERE id = ?"),
+            delete_model_version: format!("DELETE FROM {ks}.model_versions WHERE id = ?"),
+            insert_model_chunk: format!(
+                "INSERT INTO {ks}.model_chunks (id, chunk, data) VALUES (?, ?, ?)"
+            ),
+            select_model_chunks: format!(
+                "SELECT chunk, data FROM {ks}.model_chunks WHERE id = ? ORDER BY chunk ASC"
+            ),
+            delete_model_chunks: format!("DELETE FROM {ks}.model_chunks WHERE id = ?"),
+            select_rollbacks: format!(
+                "SELECT generation, version FROM {ks}.rollbacks WHERE name = ?"
+            ),
+            insert_rollbacks: format!(
+                "INSERT INTO {ks}.rollbacks (name, generation, version) VALUES (?, ?, ?) \
+                 IF NOT EXISTS"
+            ),
+            advance_rollbacks: format!(
+                "UPDATE {ks}.rollbacks SET generation = ?, version = ? WHERE name = ? \
+                 IF generation = ?"
+            ),
+            claim_lease: format!(
+                "INSERT INTO {ks}.leases (name, holder, expires_ms) VALUES (?, ?, ?) \
+                 IF NOT EXISTS USING TTL ?"
+            ),
+            take_lease: format!(
+                "UPDATE {ks}.leases USING TTL ? SET holder = ?, expires_ms = ? WHERE name = ? \
+                 IF holder = ? AND expires_ms = ?"
+            ),
+            release_lease: format!("DELETE FROM {ks}.leases WHERE name = ? IF holder = ?"),
         }
     }
 
@@ -254,6 +349,19 @@ impl Statements {
             &self.scan_items,
             &self.bump_catalog_version,
             &self.select_catalog_version,
+            &self.insert_model_version,
+            &self.scan_model_versions,
+            &self.select_model_version,
+            &self.delete_model_version,
+            &self.insert_model_chunk,
+            &self.select_model_chunks,
+            &self.delete_model_chunks,
+            &self.select_rollbacks,
+            &self.insert_rollbacks,
+            &self.advance_rollbacks,
+            &self.claim_lease,
+            &self.take_lease,
+            &self.release_lease,
         ]
     }
 }
@@ -290,6 +398,10 @@ mod tests {
             ("profiles", "user_id text PRIMARY KEY"),
             ("catalog", "item_id text PRIMARY KEY"),
             ("catalog_version", "id int PRIMARY KEY"),
+            ("model_versions", "id bigint PRIMARY KEY"),
+            ("model_chunks", "PRIMARY KEY ((id), chunk)"),
+            ("rollbacks", "name text PRIMARY KEY"),
+            ("leases", "name text PRIMARY KEY"),
         ];
         assert_eq!(tables.len(), expected_keys.len());
         for ((name, cql), (want, key)) in tables.iter().zip(expected_keys) {

@@ -16,10 +16,13 @@
 //!   profile disappears by itself; reads also drop a profile past its TTL.
 //! - `log` — the event log, partitioned by `bucket = seq / 10 000`, clustered by `seq`,
 //!   each row the postcard-encoded [`LogRecord`] and its ingest time.
-//! - `sequences` — the row `log` holding the last sequence number handed out.
+//! - `sequences` — the rows `log` and `models` holding the last number handed out.
 //! - `dedupe` — one row per event id (claim time and a random claim token), `USING TTL`
 //!   of the dedupe window.
 //! - `catalog` — one row per item; `catalog_version` — a counter bumped on every change.
+//! - `model_versions`, `model_chunks`, `rollbacks`, `leases` — model snapshots, the
+//!   rollback record and the learner lease ([`ModelStore`](reflex_core::ModelStore), see
+//!   `models.rs`).
 //!
 //! # Sequence numbers: a lightweight-transaction counter
 //!
@@ -79,12 +82,14 @@
 
 mod config;
 mod cql;
+mod models;
 mod rows;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -109,7 +114,6 @@ use scylla::statement::Statement;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{Counter, CqlValue, Row};
-use std::sync::Arc;
 use tracing::{info, warn};
 
 pub use config::{ConsistencyLevel, ReplicationClass, ScyllaConfig, SerialConsistencyLevel};
@@ -151,6 +155,7 @@ pub struct ScyllaStore {
     config: ScyllaConfig,
     policy: ProfilePolicy,
     st: Prepared,
+    models: models::ModelPrepared,
 }
 
 impl std::fmt::Debug for ScyllaStore {
@@ -437,6 +442,9 @@ impl ScyllaStore {
 
         migrate(&session, &config).await?;
         let st = prepare_all(&session, &config).await?;
+        let models =
+            models::ModelPrepared::prepare(&session, &cql::Statements::new(&config.keyspace))
+                .await?;
         info!(
             contact_points = ?config.contact_points,
             keyspace = %config.keyspace,
@@ -448,6 +456,7 @@ impl ScyllaStore {
             config,
             policy,
             st,
+            models,
         }))
     }
 
@@ -589,26 +598,25 @@ impl ScyllaStore {
 
     // ---- sequence numbers ----
 
-    /// Reserves `n` consecutive positions; returns the first.
-    async fn reserve(&self, n: u64) -> Result<Seq> {
-        let context = "reserving log positions in scylla";
-        let mut current = self.sequence_value(false, context).await?.map(|(v, _)| v);
+    /// Reserves `n` consecutive numbers of the sequence `name`; returns the first.
+    async fn reserve(&self, name: &str, n: u64) -> Result<Seq> {
+        let context = "reserving sequence numbers in scylla";
+        let mut current = self
+            .sequence_value(name, false, context)
+            .await?
+            .map(|(v, _)| v);
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let owner = fresh_stamp();
             let from = current.unwrap_or(0);
             let to = from + n as i64;
             let answer = match current {
                 None => {
-                    self.lwt(&self.st.insert_sequence, (LOG_SEQUENCE, to, owner), context)
+                    self.lwt(&self.st.insert_sequence, (name, to, owner), context)
                         .await?
                 }
                 Some(v) => {
-                    self.lwt(
-                        &self.st.advance_sequence,
-                        (to, owner, LOG_SEQUENCE, v),
-                        context,
-                    )
-                    .await?
+                    self.lwt(&self.st.advance_sequence, (to, owner, name, v), context)
+                        .await?
                 }
             };
             match answer {
@@ -618,7 +626,7 @@ impl ScyllaStore {
                     // Settle with a serial read: ours if the counter still shows our
                     // reservation. Otherwise it either never landed or others moved on
                     // after it, and its positions stay a gap that readers skip.
-                    let now = self.sequence_value(true, context).await?;
+                    let now = self.sequence_value(name, true, context).await?;
                     if now == Some((to, Some(owner))) {
                         return Ok(from as Seq + 1);
                     }
@@ -633,9 +641,10 @@ impl ScyllaStore {
         ))
     }
 
-    /// The log's sequence row: (last position handed out, owner of that reservation).
+    /// The row of sequence `name`: (last number handed out, owner of that reservation).
     async fn sequence_value(
         &self,
+        name: &str,
         serial: bool,
         context: &str,
     ) -> Result<Option<(i64, Option<i64>)>> {
@@ -644,7 +653,7 @@ impl ScyllaStore {
         } else {
             &self.st.select_sequence
         };
-        let result = self.exec(statement, (LOG_SEQUENCE,), context).await?;
+        let result = self.exec(statement, (name,), context).await?;
         let row: Option<(Option<i64>, Option<i64>)> = result
             .into_rows_result()
             .map_err(|e| Error::storage(context, e))?
@@ -956,7 +965,7 @@ impl EventSink for ScyllaStore {
         if count == 0 {
             return Ok(vec![Appended::Duplicate; records.len()]);
         }
-        let first = match self.reserve(count).await {
+        let first = match self.reserve(LOG_SEQUENCE, count).await {
             Ok(first) => first,
             Err(e) => {
                 self.release(&claims).await;
@@ -1037,7 +1046,7 @@ impl EventSink for ScyllaStore {
 
     async fn last_seq(&self) -> Result<Seq> {
         let value = self
-            .sequence_value(false, "reading the scylla log position")
+            .sequence_value(LOG_SEQUENCE, false, "reading the scylla log position")
             .await?;
         Ok(value.map_or(0, |(v, _)| v.max(0) as Seq))
     }

@@ -134,6 +134,22 @@ mod conformance_suite {
     }
 
     #[tokio::test]
+    async fn models_round_trip() {
+        let Some(store) = fresh().await else {
+            return;
+        };
+        conformance::models_round_trip(&*store).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lease_is_exclusive() {
+        let Some(store) = fresh().await else {
+            return;
+        };
+        conformance::lease_is_exclusive(&*store).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn catalog_round_trips() {
         let Some(store) = fresh().await else {
             return;
