@@ -7,6 +7,7 @@
 mod support;
 
 mod ingest;
+mod models;
 mod operations;
 mod recommend;
 mod replicas;

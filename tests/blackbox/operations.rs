@@ -7,7 +7,7 @@ use reflex_server::proto;
 use reflex_server::proto::EventKind::View;
 use reflex_server::proto::event_service_client::EventServiceClient;
 use reflex_server::proto::recommend_service_client::RecommendServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -53,21 +53,6 @@ async fn health(channel: &Channel) -> ServingStatus {
         .into_inner()
         .status;
     ServingStatus::try_from(status).unwrap()
-}
-
-async fn scrape(server: &Reflex) -> String {
-    let addr = server.metrics_addr.expect("metrics endpoint announced");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    conn.read_to_string(&mut text).await.unwrap();
-    assert!(
-        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
-        "{text}"
-    );
-    text
 }
 
 #[tokio::test]

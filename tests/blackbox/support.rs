@@ -12,8 +12,10 @@ use prost_types::Timestamp;
 use reflex_server::proto;
 use reflex_server::proto::catalog_service_client::CatalogServiceClient;
 use reflex_server::proto::event_service_client::EventServiceClient;
+use reflex_server::proto::model_service_client::ModelServiceClient;
 use reflex_server::proto::profile_service_client::ProfileServiceClient;
 use reflex_server::proto::recommend_service_client::RecommendServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -285,4 +287,57 @@ impl EventStream {
             .map_err(|_| ())?;
         Ok(sequence)
     }
+}
+
+/// The `/metrics` text of `server`.
+pub async fn scrape(server: &Reflex) -> String {
+    let addr = server.metrics_addr.expect("metrics endpoint announced");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+/// Stored model versions and the label answers carry now.
+pub async fn model_versions(channel: &Channel) -> proto::ListVersionsResponse {
+    ModelServiceClient::new(channel.clone())
+        .list_versions(proto::ListVersionsRequest {})
+        .await
+        .expect("list versions")
+        .into_inner()
+}
+
+/// Takes a snapshot now.
+pub async fn snapshot(channel: &Channel, reason: &str) -> proto::ModelVersion {
+    ModelServiceClient::new(channel.clone())
+        .snapshot(proto::SnapshotRequest {
+            reason: reason.into(),
+        })
+        .await
+        .expect("snapshot")
+        .into_inner()
+}
+
+/// Neighbours of `item` with their scores, which depend on item vectors only.
+pub async fn similar(channel: &Channel, item: &str, count: u32) -> Vec<(String, f32)> {
+    RecommendServiceClient::new(channel.clone())
+        .similar_items(proto::SimilarItemsRequest {
+            item_id: item.into(),
+            count,
+            filter: None,
+        })
+        .await
+        .expect("similar items")
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|i| (i.item_id, i.score))
+        .collect()
 }

@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::catalog::{Item, ItemIdx, ItemIndex};
 use crate::error::{Error, Result};
 use crate::filter::{BotFilter, BotFilterConfig};
+use crate::model_store::{ItemState, ModelState, ModelStore, ModelVersion, StoredModel};
 use crate::profile::Profile;
 use crate::traits::{
     Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
@@ -60,6 +61,9 @@ impl Default for EngineConfig {
         }
     }
 }
+
+/// Name of the lease the learner holds in the model store.
+pub const LEARNER_LEASE: &str = "learner";
 
 /// The outcome for one event of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +142,8 @@ pub struct Backends {
     pub retriever: Arc<dyn Retriever>,
     /// The item index shared with the model and retriever.
     pub items: Arc<ItemIndex>,
+    /// Model snapshots and the learner lease.
+    pub models: Arc<dyn ModelStore>,
 }
 
 /// Ingest and recommend over a set of backends.
@@ -158,6 +164,10 @@ pub struct Engine {
     /// Log position the model has learnt up to, when following the log, and the catalog
     /// version last loaded.
     followed: Mutex<Followed>,
+    /// The model version the model started from (0: none), for answers' labels.
+    base_version: AtomicU64,
+    /// Rollback generation this engine has applied.
+    rollback_generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -189,6 +199,8 @@ impl Engine {
             events_applied: AtomicU64::new(0),
             follows_log: false,
             followed: Mutex::new(Followed::default()),
+            base_version: AtomicU64::new(0),
+            rollback_generation: AtomicU64::new(0),
         }
     }
 
@@ -269,25 +281,58 @@ impl Engine {
         Ok(())
     }
 
-    /// Loads the catalog and replays the event log into the model, and into profiles
-    /// after their durable checkpoint. Returns the number of records replayed.
+    /// Loads the catalog and the newest model version, then replays the event log into
+    /// the model after that version, and into profiles after their durable checkpoint.
+    /// Returns the number of records replayed.
     pub async fn recover(&self) -> Result<u64> {
         let _gate = self.apply_gate.write().await;
         let catalog_version = self.backends.catalog.version().await?;
         for item in self.backends.catalog.load_all().await? {
             self.backends.items.set_catalog(&item);
         }
+        let rollbacks = self.backends.models.rollbacks().await?;
+        self.rollback_generation
+            .store(rollbacks.generation, Ordering::Relaxed);
+        let model_seq = match self.backends.models.list().await?.pop() {
+            Some(version) => {
+                let Some(bytes) = self.backends.models.load(version.id).await? else {
+                    return Err(Error::Internal(format!(
+                        "model version {} is listed but has no snapshot",
+                        version.id
+                    )));
+                };
+                self.install(&StoredModel::decode(&bytes)?)?;
+                self.base_version.store(version.id, Ordering::Relaxed);
+                info!(
+                    version = version.id,
+                    log_seq = version.log_seq,
+                    "model version loaded"
+                );
+                version.log_seq
+            }
+            None => 0,
+        };
         let profile_seq = self.backends.profiles.durable_seq().await?;
-        let mut after = 0;
+        let mut after = profile_seq.map_or(model_seq, |p| p.min(model_seq));
         let mut replayed = 0u64;
+        let mut first = true;
         loop {
             let page = self.backends.sink.read(after, 4096).await?;
             let Some((last, _)) = page.last() else { break };
+            if first && page[0].0 > after + 1 {
+                warn!(
+                    missing = page[0].0 - after - 1,
+                    after,
+                    "the event log was trimmed past the newest model version: those events are not learnt"
+                );
+            }
+            first = false;
             after = *last;
             replayed += page.len() as u64;
             let mut updates = Vec::with_capacity(page.len());
             for (seq, record) in &page {
                 let profile_due = profile_seq.is_some_and(|d| *seq > d);
+                let model_due = *seq > model_seq;
                 match record {
                     LogRecord::Event {
                         event,
@@ -295,7 +340,9 @@ impl Engine {
                         ingested_ms,
                     } => {
                         let weight = self.weight(event);
-                        self.learn(event, weight);
+                        if model_due {
+                            self.learn(event, weight);
+                        }
                         if profile_due {
                             updates.push(ProfileUpdate {
                                 seq: *seq,
@@ -311,7 +358,9 @@ impl Engine {
                             self.backends.profiles.apply(&updates).await?;
                             updates.clear();
                         }
-                        self.backends.model.forget_user(user_id);
+                        if model_due {
+                            self.backends.model.forget_user(user_id);
+                        }
                         if profile_due {
                             self.backends.profiles.erase(user_id).await?;
                         }
@@ -322,12 +371,182 @@ impl Engine {
                 self.backends.profiles.apply(&updates).await?;
             }
         }
+        let end = self.backends.sink.last_seq().await?.max(after);
         *self.followed.lock().await = Followed {
-            seq: after,
+            seq: end,
             catalog_version,
         };
-        info!(replayed, ?profile_seq, "event log replayed");
+        info!(replayed, model_seq, ?profile_seq, "event log replayed");
         Ok(replayed)
+    }
+
+    /// Loads `stored` into the model (items by id, interned here) and tells the retriever
+    /// about every item.
+    fn install(&self, stored: &StoredModel) -> Result<()> {
+        let items = &self.backends.items;
+        let state = ModelState {
+            factors: stored.factors as usize,
+            items: stored
+                .items
+                .iter()
+                .map(|(id, vector, popularity)| ItemState {
+                    item: items.intern(id),
+                    vector: vector.clone(),
+                    popularity: *popularity,
+                })
+                .collect(),
+            users: stored.users.clone(),
+            events: stored.events,
+            latest_ms: stored.latest_ms,
+        };
+        self.backends.model.import(&state)?;
+        for item in &state.items {
+            self.backends.retriever.upsert(item.item, &[]);
+        }
+        Ok(())
+    }
+
+    /// Label of the model answering: the model's kind, and the version it started from.
+    pub fn model_version(&self) -> String {
+        match self.base_version.load(Ordering::Relaxed) {
+            0 => self.backends.model.version(),
+            v => format!("{}/v{v}", self.backends.model.version()),
+        }
+    }
+
+    /// Snapshots the model at a consistent log position into the model store. `reason`
+    /// and `taken_by` go into its metadata.
+    pub async fn snapshot(&self, reason: &str, taken_by: &str) -> Result<ModelVersion> {
+        let (seq, state) = if self.follows_log {
+            let followed = self.followed.lock().await;
+            (followed.seq, self.backends.model.export())
+        } else {
+            let _gate = self.apply_gate.write().await;
+            (
+                self.backends.sink.last_seq().await?,
+                self.backends.model.export(),
+            )
+        };
+        let Some(state) = state else {
+            return Err(Error::Internal(format!(
+                "model {} cannot export snapshots",
+                self.backends.model.version()
+            )));
+        };
+        let items = &self.backends.items;
+        let stored = StoredModel {
+            kind: self.backends.model.version(),
+            factors: state.factors as u32,
+            items: state
+                .items
+                .into_iter()
+                .filter_map(|i| Some((items.id(i.item)?.clone(), i.vector, i.popularity)))
+                .collect(),
+            users: state.users,
+            events: state.events,
+            latest_ms: state.latest_ms,
+        };
+        let version = ModelVersion {
+            id: 0,
+            created_ms: now_ms(),
+            log_seq: seq,
+            events: stored.events,
+            items: stored.items.len() as u64,
+            bytes: 0,
+            reason: reason.to_owned(),
+            taken_by: taken_by.to_owned(),
+        };
+        let bytes = stored.encode()?;
+        let saved = self.backends.models.save(version, bytes).await?;
+        info!(
+            version = saved.id,
+            log_seq = seq,
+            bytes = saved.bytes,
+            reason,
+            "model snapshot saved"
+        );
+        Ok(saved)
+    }
+
+    /// Takes or renews the learner lease for `holder`; `false` when another replica has it.
+    pub async fn acquire_learner_lease(&self, holder: &str, ttl_ms: u64) -> Result<bool> {
+        self.backends
+            .models
+            .acquire_lease(LEARNER_LEASE, holder, ttl_ms)
+            .await
+    }
+
+    /// Gives the learner lease up (at shutdown), so another replica takes over at once.
+    pub async fn release_learner_lease(&self, holder: &str) -> Result<()> {
+        self.backends
+            .models
+            .release_lease(LEARNER_LEASE, holder)
+            .await
+    }
+
+    /// Deletes all but the newest `keep` model versions.
+    pub async fn prune_versions(&self, keep: usize) -> Result<usize> {
+        self.backends.models.prune(keep.max(1)).await
+    }
+
+    /// Every stored model version, oldest first.
+    pub async fn model_versions(&self) -> Result<Vec<ModelVersion>> {
+        self.backends.models.list().await
+    }
+
+    /// Rolls the model back to version `id`: loads it, records the result as a new
+    /// version (so replicas that start later load it) and a rollback (so running replicas
+    /// load it too). Requests keep being served throughout; the swap is per item.
+    pub async fn rollback(&self, id: u64, taken_by: &str) -> Result<ModelVersion> {
+        let Some(bytes) = self.backends.models.load(id).await? else {
+            return Err(Error::NotFound(format!("model version {id}")));
+        };
+        let stored = StoredModel::decode(&bytes)?;
+        {
+            // Nothing learns while the old state goes in.
+            let _followed = self.followed.lock().await;
+            let _gate = self.apply_gate.write().await;
+            self.install(&stored)?;
+        }
+        let saved = self
+            .snapshot(&format!("rollback to {id}"), taken_by)
+            .await?;
+        let rollbacks = self.backends.models.record_rollback(saved.id).await?;
+        self.rollback_generation
+            .store(rollbacks.generation, Ordering::Relaxed);
+        self.base_version.store(saved.id, Ordering::Relaxed);
+        warn!(to = id, new_version = saved.id, "model rolled back");
+        Ok(saved)
+    }
+
+    /// Applies a rollback another replica recorded, if there is a new one. Returns the
+    /// version installed.
+    pub async fn follow_rollbacks(&self) -> Result<Option<u64>> {
+        let rollbacks = self.backends.models.rollbacks().await?;
+        if rollbacks.generation <= self.rollback_generation.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(bytes) = self.backends.models.load(rollbacks.version).await? else {
+            return Err(Error::NotFound(format!(
+                "model version {} (installed by a rollback)",
+                rollbacks.version
+            )));
+        };
+        let stored = StoredModel::decode(&bytes)?;
+        {
+            let _followed = self.followed.lock().await;
+            let _gate = self.apply_gate.write().await;
+            self.install(&stored)?;
+        }
+        self.rollback_generation
+            .store(rollbacks.generation, Ordering::Relaxed);
+        self.base_version
+            .store(rollbacks.version, Ordering::Relaxed);
+        info!(
+            version = rollbacks.version,
+            "rollback by another replica applied"
+        );
+        Ok(Some(rollbacks.version))
     }
 
     fn weight(&self, event: &Event) -> f32 {
@@ -480,7 +699,7 @@ impl Engine {
         }
         Ok(Recommendation {
             items,
-            model_version: model.version(),
+            model_version: self.model_version(),
             profile_version: profile.map_or(0, |p| p.version),
             degraded,
         })
@@ -511,7 +730,7 @@ impl Engine {
         self.push_scored(&mut items, &found, Source::Similar);
         Ok(Recommendation {
             items,
-            model_version: self.backends.model.version(),
+            model_version: self.model_version(),
             profile_version: 0,
             degraded: false,
         })

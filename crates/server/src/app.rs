@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ProfileStore};
+use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ModelStore, ProfileStore};
 use reflex_models::{HybridRetriever, OnlineMf};
 use reflex_storage::{EmbeddedStore, RedisStore};
 use tokio::net::TcpListener;
@@ -25,6 +25,26 @@ use crate::middleware::{
 use crate::proto;
 use crate::services::Reflex;
 
+/// The storage half of the engine's backends.
+struct Stores {
+    sink: Arc<dyn EventSink>,
+    profiles: Arc<dyn ProfileStore>,
+    catalog: Arc<dyn CatalogStore>,
+    models: Arc<dyn ModelStore>,
+}
+
+impl Stores {
+    /// Every storage role filled by one backend.
+    fn all_in<S: EventSink + ProfileStore + CatalogStore + ModelStore>(store: Arc<S>) -> Self {
+        Self {
+            sink: store.clone(),
+            profiles: store.clone(),
+            catalog: store.clone(),
+            models: store,
+        }
+    }
+}
+
 /// Builds the backends named by `config` (each decorated to record its latency and
 /// failures into `metrics`) and the engine over them, and replays the event log so the
 /// engine is ready to serve.
@@ -36,11 +56,7 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         HybridRetriever::for_model(&model, config.retrieval.clone())
             .context("building the item index")?,
     );
-    let (sink, profiles, catalog): (
-        Arc<dyn EventSink>,
-        Arc<dyn ProfileStore>,
-        Arc<dyn CatalogStore>,
-    ) = match config.store.backend {
+    let stores = match config.store.backend {
         Backend::Embedded => {
             let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
                 .with_context(|| {
@@ -49,7 +65,7 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
                         config.store.embedded.data_dir.display()
                     )
                 })?;
-            (store.clone(), store.clone(), store)
+            Stores::all_in(store)
         }
         Backend::Redis => {
             let store = RedisStore::connect(config.store.redis.clone(), config.profiles.clone())
@@ -60,9 +76,15 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
                         config.store.redis.url_redacted()
                     )
                 })?;
-            (store.clone(), store.clone(), store)
+            Stores::all_in(store)
         }
     };
+    let Stores {
+        sink,
+        profiles,
+        catalog,
+        models,
+    } = stores;
     let backends = Backends {
         sink: Instrumented::new(sink, metrics.clone()),
         profiles: Instrumented::new(profiles, metrics.clone()),
@@ -70,6 +92,7 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         model,
         retriever,
         items,
+        models,
     };
     let mut engine = Engine::new(backends, config.engine.clone());
     if config.store.backend.is_shared() {
@@ -156,6 +179,16 @@ pub async fn serve(
         })
     });
 
+    let replica: Arc<str> = config.versions.replica().into();
+    let learner = {
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let versions = config.versions.clone();
+        let shared = config.store.backend.is_shared();
+        let replica = replica.clone();
+        tokio::spawn(async move { run_learner(engine, metrics, versions, shared, replica).await })
+    };
+
     let (health, health_service) = tonic_health::server::health_reporter();
     // Reflection v1 and, for older clients such as grpcurl before 1.9, v1alpha.
     let reflection_builder = || {
@@ -171,16 +204,18 @@ pub async fn serve(
         .context("building the v1alpha reflection service")?;
 
     let (draining_streams, draining) = tokio::sync::watch::channel(false);
-    let reflex = Reflex::new(engine.clone(), metrics.clone(), draining);
+    let reflex = Reflex::new(engine.clone(), metrics.clone(), draining, replica.clone());
     let limit = config.max_message_bytes;
     use proto::catalog_service_server::CatalogServiceServer;
     use proto::event_service_server::EventServiceServer;
+    use proto::model_service_server::ModelServiceServer;
     use proto::profile_service_server::ProfileServiceServer;
     use proto::recommend_service_server::RecommendServiceServer;
     let events = EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
     let recommend = RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
     let catalog = CatalogServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
-    let profiles = ProfileServiceServer::new(reflex).max_decoding_message_size(limit);
+    let profiles = ProfileServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
+    let models = ModelServiceServer::new(reflex).max_decoding_message_size(limit);
     let set_health = |status: tonic_health::ServingStatus| {
         let health = health.clone();
         async move {
@@ -190,6 +225,7 @@ pub async fn serve(
                 <RecommendServiceServer<Reflex> as tonic::server::NamedService>::NAME,
                 <CatalogServiceServer<Reflex> as tonic::server::NamedService>::NAME,
                 <ProfileServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <ModelServiceServer<Reflex> as tonic::server::NamedService>::NAME,
             ] {
                 health.set_service_status(name, status).await;
             }
@@ -266,6 +302,7 @@ pub async fn serve(
         .add_service(recommend)
         .add_service(catalog)
         .add_service(profiles)
+        .add_service(models)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let result = tokio::select! {
         served = serving => served.context("serving gRPC"),
@@ -275,8 +312,29 @@ pub async fn serve(
         }
     };
     maintenance.abort();
+    learner.abort();
     if let Some(follower) = follower {
         follower.abort();
+        // Learn what other replicas (or this one's last batches) appended, so a
+        // shutdown snapshot misses nothing.
+        if let Err(err) = engine.follow().await {
+            warn!(error = %err, "last read of the event log failed");
+        }
+    }
+    let holds_lease = engine
+        .acquire_learner_lease(&replica, config.versions.lease_ttl_ms)
+        .await
+        .unwrap_or(false);
+    if holds_lease {
+        if config.versions.snapshot_on_shutdown {
+            match engine.snapshot("shutdown", &replica).await {
+                Ok(v) => info!(version = v.id, "shutdown snapshot saved"),
+                Err(err) => warn!(error = %err, "shutdown snapshot failed"),
+            }
+        }
+        if let Err(err) = engine.release_learner_lease(&replica).await {
+            warn!(error = %err, "releasing the learner lease failed; it expires by itself");
+        }
     }
     let _ = metrics_stop.send(());
     match engine.checkpoint().await {
@@ -363,4 +421,69 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     info!("shutdown requested");
+}
+
+/// The learner's duties, on every replica: take or renew the learner lease (a replica
+/// that holds it takes the scheduled snapshots and prunes old versions; on one machine
+/// the lease is always granted), and apply rollbacks other replicas recorded.
+async fn run_learner(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    versions: crate::config::VersionsConfig,
+    shared: bool,
+    replica: Arc<str>,
+) {
+    let renew_every = Duration::from_millis((versions.lease_ttl_ms / 3).max(10));
+    let snapshot_every = Duration::from_millis(versions.snapshot_interval_ms);
+    let mut tick = tokio::time::interval(renew_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_snapshot = tokio::time::Instant::now();
+    let mut was_learner = false;
+    loop {
+        tick.tick().await;
+        let learner = match engine
+            .acquire_learner_lease(&replica, versions.lease_ttl_ms)
+            .await
+        {
+            Ok(held) => held,
+            Err(err) => {
+                metrics.backend_errors.with_label_values(&["lease"]).inc();
+                warn!(error = %err, "learner lease check failed");
+                false
+            }
+        };
+        if learner != was_learner {
+            info!(replica = %replica, learner, "learner lease {}", if learner { "taken" } else { "lost" });
+            // A new learner counts its interval from now.
+            last_snapshot = tokio::time::Instant::now();
+            was_learner = learner;
+        }
+        metrics.learner.set(i64::from(learner));
+        if shared && let Err(err) = engine.follow_rollbacks().await {
+            metrics
+                .backend_errors
+                .with_label_values(&["rollbacks"])
+                .inc();
+            warn!(error = %err, "checking for rollbacks failed");
+        }
+        if learner && !snapshot_every.is_zero() && last_snapshot.elapsed() >= snapshot_every {
+            last_snapshot = tokio::time::Instant::now();
+            match engine.snapshot("scheduled", &replica).await {
+                Ok(v) => {
+                    metrics.snapshots.with_label_values(&["scheduled"]).inc();
+                    info!(version = v.id, bytes = v.bytes, "scheduled snapshot saved");
+                    if let Err(err) = engine.prune_versions(versions.keep).await {
+                        warn!(error = %err, "pruning model versions failed");
+                    }
+                }
+                Err(err) => {
+                    metrics
+                        .backend_errors
+                        .with_label_values(&["snapshot"])
+                        .inc();
+                    warn!(error = %err, "scheduled snapshot failed");
+                }
+            }
+        }
+    }
 }

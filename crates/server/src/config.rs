@@ -9,7 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use reflex_core::{EngineConfig, ProfilePolicy};
 use reflex_models::MfConfig;
-use reflex_storage::{EmbeddedConfig, RedisConfig};
+use reflex_storage::{EmbeddedConfig, RedisConfig, ScyllaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::MetricsConfig;
@@ -52,6 +52,8 @@ pub struct Config {
     pub model: MfConfig,
     /// Retrieval: exact scan below `retrieval.threshold_items` items, usearch HNSW above.
     pub retrieval: reflex_models::AnnConfig,
+    /// Model versions: scheduled snapshots, retention, the learner lease.
+    pub versions: VersionsConfig,
 }
 
 impl Default for Config {
@@ -73,7 +75,52 @@ impl Default for Config {
             store: StoreConfig::default(),
             model: MfConfig::default(),
             retrieval: reflex_models::AnnConfig::default(),
+            versions: VersionsConfig::default(),
         }
+    }
+}
+
+/// Model versions and the learner.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VersionsConfig {
+    /// The learner snapshots the model this often, in ms; 0 never (on demand only).
+    pub snapshot_interval_ms: u64,
+    /// Versions kept; older ones are pruned after each scheduled snapshot.
+    pub keep: usize,
+    /// Snapshot when the learner shuts down, so the next start replays less of the log.
+    pub snapshot_on_shutdown: bool,
+    /// How long the learner lease lasts without renewal, in ms: the longest another
+    /// replica waits to take over when the learner dies. Renewed every third of it.
+    pub lease_ttl_ms: u64,
+    /// This replica's name in the lease and in versions; the host name (or `reflex`)
+    /// and the process id when empty.
+    pub replica_name: String,
+}
+
+impl Default for VersionsConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_interval_ms: 10 * 60 * 1000,
+            keep: 10,
+            snapshot_on_shutdown: true,
+            lease_ttl_ms: 10_000,
+            replica_name: String::new(),
+        }
+    }
+}
+
+impl VersionsConfig {
+    /// The replica's name: configured, or host name and process id.
+    pub fn replica(&self) -> String {
+        if !self.replica_name.is_empty() {
+            return self.replica_name.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "reflex".into());
+        format!("{host}-{}", std::process::id())
     }
 }
 
@@ -173,6 +220,8 @@ pub struct StoreConfig {
     pub embedded: EmbeddedConfig,
     /// Settings of the Redis backend.
     pub redis: RedisConfig,
+    /// Settings of the ScyllaDB backend.
+    pub scylla: ScyllaConfig,
     /// With a shared backend, how often the model reads the shared event log for the
     /// events of every replica, in ms.
     pub follow_interval_ms: u64,
@@ -184,6 +233,7 @@ impl Default for StoreConfig {
             backend: Backend::default(),
             embedded: EmbeddedConfig::default(),
             redis: RedisConfig::default(),
+            scylla: ScyllaConfig::default(),
             follow_interval_ms: 10,
         }
     }
@@ -198,12 +248,14 @@ pub enum Backend {
     Embedded,
     /// Redis (standalone or Cluster), shared by many replicas.
     Redis,
+    /// A ScyllaDB (or Cassandra) cluster, shared by many replicas.
+    Scylla,
 }
 
 impl Backend {
     /// Whether several replicas share the backend, so each must follow the shared log.
     pub fn is_shared(self) -> bool {
-        matches!(self, Self::Redis)
+        matches!(self, Self::Redis | Self::Scylla)
     }
 }
 

@@ -306,6 +306,20 @@ pub fn profile(p: Profile) -> proto::Profile {
     }
 }
 
+/// A model version's metadata on the wire.
+pub fn model_version(v: reflex_core::ModelVersion) -> proto::ModelVersion {
+    proto::ModelVersion {
+        id: v.id,
+        created: Some(timestamp(v.created_ms)),
+        log_seq: v.log_seq,
+        events: v.events,
+        items: v.items,
+        bytes: v.bytes,
+        reason: v.reason,
+        taken_by: v.taken_by,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,10 @@ pub struct Metrics {
     pub grpc_inflight: IntGauge,
     /// Calls refused because the server was at its concurrency limit.
     pub load_shed: IntCounter,
+    /// 1 while this replica holds the learner lease.
+    pub learner: IntGauge,
+    /// Model snapshots taken by this replica, by reason.
+    pub snapshots: IntCounterVec,
 }
 
 impl Metrics {
@@ -153,7 +157,20 @@ impl Metrics {
         registry.register(Box::new(backend_seconds.clone()))?;
         registry.register(Box::new(grpc_requests.clone()))?;
         registry.register(Box::new(grpc_inflight.clone()))?;
+        let learner = IntGauge::new(
+            "reflex_learner",
+            "1 while this replica holds the learner lease (takes scheduled snapshots)",
+        )?;
+        let snapshots = IntCounterVec::new(
+            Opts::new(
+                "reflex_model_snapshots_total",
+                "Model versions saved by this replica, by trigger",
+            ),
+            &["trigger"],
+        )?;
         registry.register(Box::new(load_shed.clone()))?;
+        registry.register(Box::new(learner.clone()))?;
+        registry.register(Box::new(snapshots.clone()))?;
         Ok(Arc::new(Self {
             registry,
             ingest_events,
@@ -168,6 +185,8 @@ impl Metrics {
             grpc_requests,
             grpc_inflight,
             load_shed,
+            learner,
+            snapshots,
         }))
     }
 

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::catalog_service_server::CatalogService;
 use crate::proto::event_service_server::EventService;
+use crate::proto::model_service_server::ModelService;
 use crate::proto::profile_service_server::ProfileService;
 use crate::proto::recommend_service_server::RecommendService;
 
@@ -32,6 +33,8 @@ pub struct Reflex {
     /// Turns true when the server drains: event streams finish the batch in hand, ack
     /// it, and end cleanly instead of reading more.
     draining: watch::Receiver<bool>,
+    /// This replica's name, recorded with the model versions it takes.
+    replica: Arc<str>,
 }
 
 impl Reflex {
@@ -40,11 +43,13 @@ impl Reflex {
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
         draining: watch::Receiver<bool>,
+        replica: Arc<str>,
     ) -> Self {
         Self {
             engine,
             metrics,
             draining,
+            replica,
         }
     }
 }
@@ -295,5 +300,54 @@ impl ProfileService for Reflex {
             .await
             .map_err(convert::status)?;
         Ok(Response::new(proto::EraseProfileResponse { erased }))
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for Reflex {
+    async fn list_versions(
+        &self,
+        _request: Request<proto::ListVersionsRequest>,
+    ) -> Result<Response<proto::ListVersionsResponse>, Status> {
+        let versions = self
+            .engine
+            .model_versions()
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(proto::ListVersionsResponse {
+            versions: versions.into_iter().map(convert::model_version).collect(),
+            serving: self.engine.model_version(),
+        }))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<proto::ModelVersion>, Status> {
+        let reason = request.into_inner().reason;
+        let reason = if reason.is_empty() {
+            "on-demand"
+        } else {
+            &reason
+        };
+        let version = self
+            .engine
+            .snapshot(reason, &self.replica)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(convert::model_version(version)))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::ModelVersion>, Status> {
+        let id = request.into_inner().version;
+        let version = self
+            .engine
+            .rollback(id, &self.replica)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(convert::model_version(version)))
     }
 }

@@ -449,6 +449,7 @@ fn engine_over(store: &Arc<EmbeddedStore>) -> Engine {
         model: Arc::new(NoModel),
         retriever: Arc::new(NoModel),
         items: Arc::new(ItemIndex::new()),
+        models: store.clone(),
     };
     Engine::new(backends, EngineConfig::default())
 }
