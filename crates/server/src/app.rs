@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ModelStore, ProfileStore};
 use reflex_models::{HybridRetriever, OnlineMf};
-use reflex_storage::{EmbeddedStore, RedisStore};
+use reflex_storage::{EmbeddedStore, RedisStore, ScyllaStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -74,6 +74,18 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
                     format!(
                         "connecting to redis at {}",
                         config.store.redis.url_redacted()
+                    )
+                })?;
+            Stores::all_in(store)
+        }
+        Backend::Scylla => {
+            let store = ScyllaStore::connect(config.store.scylla.clone(), config.profiles.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to scylla at {} (keyspace {})",
+                        config.store.scylla.contact_points.join(","),
+                        config.store.scylla.keyspace
                     )
                 })?;
             Stores::all_in(store)
