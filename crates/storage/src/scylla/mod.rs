@@ -6,7 +6,7 @@
 //! The keyspace and its tables are created at start-up when missing (`CREATE … IF NOT
 //! EXISTS`, replication from [`ScyllaConfig`]); `schema_version` records the schema the
 //! tables follow, so a later release can migrate them and an older binary refuses a newer
-//! schema. The statements are in [`cql`]:
+//! schema. The statements are in `cql.rs`:
 //!
 //! - `profiles` — one row per user (partition key `user_id`): version, last-seen and
 //!   touched times, built-in counters as a frozen list, custom counters, the recent list and
