@@ -877,8 +877,54 @@ impl Engine {
     pub async fn maintain(&self) -> Result<()> {
         self.bots.maintain();
         self.backends.sink.maintain().await?;
+        self.repair_profiles().await?;
         self.checkpoint().await?;
         Ok(())
+    }
+
+    /// Applies again the events whose profile update was never confirmed (see
+    /// [`ProfileStore::unapplied`]); stores make that idempotent. Returns how many.
+    pub async fn repair_profiles(&self) -> Result<usize> {
+        const GRACE_MS: i64 = 5_000;
+        let seqs = self.backends.profiles.unapplied(GRACE_MS, 1000).await?;
+        let mut records = Vec::with_capacity(seqs.len());
+        for seq in &seqs {
+            // Positions are sparse here, so one read each.
+            if let Some(found) = self
+                .backends
+                .sink
+                .read(seq - 1, 1)
+                .await?
+                .into_iter()
+                .find(|(s, _)| s == seq)
+            {
+                records.push(found);
+            }
+        }
+        let updates: Vec<ProfileUpdate<'_>> = records
+            .iter()
+            .filter_map(|(seq, record)| match record {
+                LogRecord::Event {
+                    event,
+                    filtered: false,
+                    ingested_ms,
+                } => Some(ProfileUpdate {
+                    seq: *seq,
+                    event,
+                    weight: self.weight(event),
+                    now_ms: *ingested_ms,
+                }),
+                _ => None,
+            })
+            .collect();
+        if !updates.is_empty() {
+            warn!(
+                events = updates.len(),
+                "applying events to profiles whose first apply was not confirmed"
+            );
+            self.backends.profiles.apply(&updates).await?;
+        }
+        Ok(updates.len())
     }
 
     /// Number of profiles held.

@@ -113,6 +113,14 @@ pub trait ProfileStore: Send + Sync + 'static {
     /// Number of profiles held, including expired ones not yet evicted (for metrics and
     /// tests).
     async fn count(&self) -> Result<usize>;
+
+    /// Log positions of events recorded more than `older_than_ms` ago whose profile update
+    /// was never confirmed (the writer failed or died between logging and applying), for
+    /// [`Engine::maintain`](crate::Engine::maintain) to apply again. Stores whose applies
+    /// are covered by replay from [`durable_seq`](Self::durable_seq) keep none.
+    async fn unapplied(&self, _older_than_ms: i64, _limit: usize) -> Result<Vec<Seq>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Where catalog items live.

@@ -101,6 +101,11 @@ impl ProfileStore for Instrumented<dyn ProfileStore> {
     async fn count(&self) -> Result<usize> {
         self.inner.count().await
     }
+
+    async fn unapplied(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Seq>> {
+        self.timed("unapplied", self.inner.unapplied(older_than_ms, limit))
+            .await
+    }
 }
 
 #[async_trait]

@@ -345,7 +345,9 @@ pub async fn profiles_are_atomic_per_user(store: Arc<dyn ProfileStore>) -> Resul
                     EventKind::View,
                     1,
                 );
-                store.apply(&[update(1, &e, now_ms())]).await?;
+                // Log positions are unique, as the log hands them out.
+                let seq = (t * EACH + i + 1) as Seq;
+                store.apply(&[update(seq, &e, now_ms())]).await?;
             }
             Ok::<_, reflex_core::Error>(())
         }));
@@ -546,5 +548,27 @@ pub async fn lease_is_exclusive(store: &dyn reflex_core::ModelStore) -> Result<(
         store.acquire_lease("learner", "a", ttl).await?,
         "b's lease ran out"
     );
+    Ok(())
+}
+
+/// Applying the same log positions again changes nothing. For stores that re-apply
+/// unconfirmed updates ([`ProfileStore::unapplied`]); the embedded store never re-applies
+/// (start-up replays only after its checkpoint) and does not run this case.
+pub async fn profiles_apply_each_position_once(store: &dyn ProfileStore) -> Result<()> {
+    let events: Vec<Event> = (0..3)
+        .map(|i| event(&format!("once-{i}"), "once-frank", "x", EventKind::View, 1_000 + i))
+        .collect();
+    let now = now_ms();
+    let updates: Vec<ProfileUpdate<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| update(100 + i as Seq, e, now))
+        .collect();
+    store.apply(&updates).await?;
+    let first = present(store.get(&user("once-frank")).await?, "frank has a profile");
+    store.apply(&updates[1..]).await?;
+    let again = present(store.get(&user("once-frank")).await?, "frank has a profile");
+    assert_eq!(again, first);
+    assert_eq!(again.version, 3);
     Ok(())
 }

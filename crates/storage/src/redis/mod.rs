@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::{
     Builder, ClientLike, Config, Error as FredError, ErrorKind, HashesInterface, KeysInterface,
-    LuaInterface, Pool, ReconnectPolicy, StreamsInterface, Value,
+    LuaInterface, Pool, ReconnectPolicy, SortedSetsInterface, StreamsInterface, Value,
 };
 use fred::types::scan::Scanner;
 use fred::types::scripts::Script;
@@ -245,13 +245,14 @@ impl RedisStore {
     }
 
     async fn apply_user(&self, user: &UserId, updates: &[&ProfileUpdate<'_>]) -> Result<()> {
-        let mut args: Vec<Value> = Vec::with_capacity(4 + updates.len() * 6);
+        let mut args: Vec<Value> = Vec::with_capacity(4 + updates.len() * 7);
         args.push(Value::from(self.policy.max_recent as i64));
         args.push(Value::from(self.policy.max_purchased as i64));
         args.push(Value::from(self.policy.session_gap_ms));
         args.push(Value::from(self.policy.ttl_ms));
         for u in updates {
             let e = u.event;
+            args.push(Value::from(u.seq as i64));
             args.push(Value::from(e.timestamp_ms));
             args.push(Value::from(u.now_ms));
             args.push(Value::from(u.weight.to_string()));
@@ -338,9 +339,10 @@ impl EventSink for RedisStore {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let mut keys = Vec::with_capacity(2 + records.len());
+        let mut keys = Vec::with_capacity(3 + records.len());
         keys.push(self.log_key.clone());
         keys.push(self.seq_key.clone());
+        keys.push(self.shared_key("pending"));
         let mut args: Vec<Value> = Vec::with_capacity(2 + records.len() * 3);
         args.push(Value::from(self.config.dedupe_window_ms));
         args.push(Value::from(self.config.log_max_len as i64));
@@ -460,7 +462,40 @@ impl ProfileStore for RedisStore {
             by_user[slot].1.push(u);
         }
         future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
+        // Confirmed: no longer pending.
+        let seqs: Vec<Value> = updates.iter().map(|u| Value::from(u.seq as i64)).collect();
+        if !seqs.is_empty() {
+            let _: u64 = self
+                .pool
+                .next()
+                .zrem(self.shared_key("pending"), seqs)
+                .await
+                .map_err(|e| redis_error("confirming profile updates in redis", e))?;
+        }
         Ok(())
+    }
+
+    async fn unapplied(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Seq>> {
+        let context = "reading unconfirmed profile updates in redis";
+        let key = self.shared_key("pending");
+        let client = self.pool.next();
+        let now = now_ms();
+        // Positions older than the dedupe window are beyond repair (and likely trimmed).
+        let _: u64 = client
+            .zremrangebyscore(&key, "-inf", (now - self.config.dedupe_window_ms) as f64)
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        let seqs: Vec<u64> = client
+            .zrangebyscore(
+                &key,
+                "-inf",
+                (now - older_than_ms) as f64,
+                false,
+                Some((0, limit as i64)),
+            )
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        Ok(seqs)
     }
 
     async fn erase(&self, user: &UserId) -> Result<bool> {
@@ -520,6 +555,7 @@ fn profile_from_reply(user: &UserId, parts: Vec<Value>) -> std::result::Result<P
             "sst" => sst = int(value)?,
             "slt" => slt = int(value)?,
             "sn" => sn = int(value)?,
+            "as" => {} // log positions applied lately, for idempotence
             counter => {
                 let label = counter
                     .strip_prefix("c:")

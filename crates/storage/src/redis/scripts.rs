@@ -6,7 +6,11 @@
 /// with stream id `<seq>-0`; erase records are always appended. Dedupe key and log entry
 /// are written together or not at all.
 ///
-/// KEYS: log stream, sequence counter, then one dedupe key per event record in order.
+/// Each new event's position also goes into the pending set (scored by ingest time) until
+/// its profile update is confirmed, so a writer that dies (or times out) between the two
+/// cannot lose the update: maintenance applies what stays pending.
+///
+/// KEYS: log stream, sequence counter, pending set, then one dedupe key per event record.
 /// ARGV: dedupe window ms, max log length (0 = unbounded), then per record the triple
 /// (`1` for an event or `0` for an erase, ingested ms, encoded record).
 /// Returns one integer per record: its sequence number, or 0 for a duplicate.
@@ -14,7 +18,7 @@ pub(super) const APPEND: &str = r#"
 local window = ARGV[1]
 local maxlen = tonumber(ARGV[2])
 local out = {}
-local k = 2
+local k = 3
 local n = (#ARGV - 2) / 3
 for i = 1, n do
   local base = 2 + (i - 1) * 3
@@ -31,6 +35,9 @@ for i = 1, n do
     else
       redis.call('XADD', KEYS[1], id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
     end
+    if ARGV[base + 1] == '1' then
+      redis.call('ZADD', KEYS[3], ARGV[base + 2], seq)
+    end
     out[i] = seq
   else
     out[i] = 0
@@ -45,8 +52,10 @@ return out
 /// the TTL (`PEXPIREAT` touched + ttl, so a profile touched too long ago is gone at once).
 ///
 /// KEYS: profile hash, recent list, purchase list.
-/// ARGV: max recent, max purchased, session gap ms, ttl ms, then per event the six
-/// (event ms, ingested ms, weight, kind label, item id, session id or empty).
+/// ARGV: max recent, max purchased, session gap ms, ttl ms, then per event the seven
+/// (log position, event ms, ingested ms, weight, kind label, item id, session id or
+/// empty). An event whose log position is among the profile's last 16 applied (field
+/// `as`) is skipped, so applying again after an unconfirmed apply changes nothing.
 /// Recent entries are `ms \x1f weight \x1f kind \x1f item`.
 pub(super) const APPLY: &str = r#"
 local h, r, b = KEYS[1], KEYS[2], KEYS[3]
@@ -57,8 +66,14 @@ local ttl = tonumber(ARGV[4])
 local function entry_ms(e)
   return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
 end
-for o = 5, #ARGV, 6 do
-  local ts_s, now_s, w, kind, item, sid = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5]
+local applied = redis.call('HGET', h, 'as') or ''
+local changed = false
+for o = 5, #ARGV, 7 do
+  local seq = ARGV[o]
+  if not string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true) then
+  changed = true
+  applied = seq .. (applied == '' and '' or ',') .. applied
+  local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
   local ts, now = tonumber(ts_s), tonumber(now_s)
   redis.call('HINCRBY', h, 'c:' .. kind, 1)
 
@@ -119,7 +134,16 @@ for o = 5, #ARGV, 6 do
   if ts > tonumber(t[1] or '0') then redis.call('HSET', h, 'ls', ts_s) end
   if now > tonumber(t[2] or '0') then redis.call('HSET', h, 't', now_s) end
   redis.call('HINCRBY', h, 'v', 1)
+  end
 end
+if not changed then return 0 end
+local kept, count = {}, 0
+for p in string.gmatch(applied, '[^,]+') do
+  count = count + 1
+  if count > 16 then break end
+  kept[count] = p
+end
+redis.call('HSET', h, 'as', table.concat(kept, ','))
 local expire_at = string.format('%d', tonumber(redis.call('HGET', h, 't')) + ttl)
 redis.call('PEXPIREAT', h, expire_at)
 redis.call('PEXPIREAT', r, expire_at)
