@@ -275,6 +275,11 @@ pub struct FlagOverrides {
 /// tooling (which share the prefix and would otherwise make every key unknown).
 pub const NOT_SETTINGS: &[&str] = &["config", "data_dir", "bin", "helm_optional"];
 
+/// `REFLEX_SECRET_…` variables are not settings either: they hold secrets that settings
+/// such as `store.scylla.password_env` or `store.redis.password_env` name (the chart
+/// fills them from Kubernetes Secrets).
+pub const SECRET_VARIABLES: &str = "secret_";
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -297,7 +302,16 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment = figment
-            .merge(Env::prefixed("REFLEX_").ignore(NOT_SETTINGS).split("__"))
+            .merge(
+                Env::prefixed("REFLEX_")
+                    .ignore(NOT_SETTINGS)
+                    .filter(|key| {
+                        !key.as_str()
+                            .get(..SECRET_VARIABLES.len())
+                            .is_some_and(|p| p.eq_ignore_ascii_case(SECRET_VARIABLES))
+                    })
+                    .split("__"),
+            )
             .merge(Serialized::defaults(flags));
         if let Some(dir) = &flags.data_dir {
             figment = figment.merge(Serialized::default("store.embedded.data_dir", dir));
@@ -380,7 +394,17 @@ mod tests {
             jail.set_env("REFLEX_DATA_DIR", "/somewhere");
             jail.set_env("REFLEX_BIN", "/bin/reflex");
             jail.set_env("REFLEX_CONFIG", "/nowhere.toml");
-            Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            jail.set_env("REFLEX_SECRET_SCYLLA_PASSWORD", "hunter2");
+            jail.set_env(
+                "REFLEX_STORE__SCYLLA__PASSWORD_ENV",
+                "REFLEX_SECRET_SCYLLA_PASSWORD",
+            );
+            let config =
+                Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.store.scylla.password_env.as_deref(),
+                Some("REFLEX_SECRET_SCYLLA_PASSWORD")
+            );
             jail.set_env("REFLEX_LISTNE", "127.0.0.1:1");
             assert!(Config::load(None, &FlagOverrides::default()).is_err());
             Ok(())

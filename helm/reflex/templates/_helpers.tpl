@@ -360,11 +360,13 @@ spec:
             secretKeyRef:
               name: {{ .Values.store.scylla.credentialsSecret.name | quote }}
               key: {{ .Values.store.scylla.credentialsSecret.usernameKey | quote }}
-        - name: REFLEX_STORE__SCYLLA__PASSWORD
+        - name: REFLEX_SECRET_SCYLLA_PASSWORD
           valueFrom:
             secretKeyRef:
               name: {{ .Values.store.scylla.credentialsSecret.name | quote }}
               key: {{ .Values.store.scylla.credentialsSecret.passwordKey | quote }}
+        - name: REFLEX_STORE__SCYLLA__PASSWORD_ENV
+          value: REFLEX_SECRET_SCYLLA_PASSWORD
         {{- end }}
         {{- with .Values.env }}
         {{- toYaml . | nindent 8 }}
