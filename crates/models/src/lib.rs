@@ -19,12 +19,15 @@
 //!   [`HybridRetriever`] (exact below a catalog size, ANN above)
 //! - [`als`]: the batch baseline, implicit ALS with conjugate gradient ([`AlsConfig`],
 //!   [`Csr`], [`als::fit`]), whose item factors can start [`OnlineMf`]
+//! - [`batch`]: [`TrainingSet`], events (log or file) to an ALS fit to a model snapshot
+//!   (`reflex train`)
 //! - [`eval`]: MovieLens readers, the streaming HR@k evaluation and the leave-last-out
 //!   offline evaluation of ALS and popularity
 //! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
 
 pub mod als;
 pub mod ann;
+pub mod batch;
 pub mod config;
 pub mod eval;
 pub mod factors;
@@ -37,6 +40,7 @@ pub(crate) mod topk;
 
 pub use als::{AlsConfig, AlsModel, Confidence, Csr};
 pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quantization};
+pub use batch::TrainingSet;
 pub use config::{MfConfig, NegativeSampling};
 pub use factors::ItemFactors;
 pub use mf::OnlineMf;
