@@ -10,8 +10,9 @@
 //! acked `accepted` is never lost and never applied twice.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
@@ -22,6 +23,9 @@ use crate::error::{Error, Result};
 use crate::filter::{BotFilter, BotFilterConfig};
 use crate::model_store::{ItemState, ModelState, ModelStore, ModelVersion, StoredModel};
 use crate::profile::Profile;
+use crate::quality::{
+    QualityConfig, QualityReport, QualityTracker, RollbackDecision, Sampler, VersionQuality,
+};
 use crate::traits::{
     Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
     ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
@@ -168,6 +172,27 @@ pub struct Engine {
     base_version: AtomicU64,
     /// Rollback generation this engine has applied.
     rollback_generation: AtomicU64,
+    /// Which events are scored and which users are held out.
+    sampler: Sampler,
+    /// The prequential figures and the rollback decision.
+    quality: QualityTracker,
+    /// Sampled events on their way to the evaluation task ([`Engine::start_quality`]);
+    /// unset until it runs, and then samples are simply not taken.
+    samples: OnceLock<tokio::sync::mpsc::Sender<Sample>>,
+}
+
+/// Samples waiting for the evaluation task; more are dropped (and counted).
+const SAMPLE_QUEUE: usize = 1024;
+
+/// One sampled event, taken on the learn path just before the model learns it.
+struct Sample {
+    user: UserId,
+    item: ItemIdx,
+    timestamp_ms: i64,
+    /// The item's vector before the model learnt the event, so the score is prequential
+    /// even though the ranking runs a moment later.
+    target: Option<Vec<f32>>,
+    holdout: bool,
 }
 
 #[derive(Default)]
@@ -201,7 +226,143 @@ impl Engine {
             followed: Mutex::new(Followed::default()),
             base_version: AtomicU64::new(0),
             rollback_generation: AtomicU64::new(0),
+            sampler: Sampler::new(&QualityConfig::disabled()),
+            quality: QualityTracker::new(QualityConfig::disabled()),
+            samples: OnceLock::new(),
         }
+    }
+
+    /// Sets the continuous evaluation: which events are scored, the holdout, and the
+    /// automatic rollback (off by default: no scoring, no holdout). Scoring starts with
+    /// [`Engine::start_quality`].
+    pub fn with_quality(mut self, config: QualityConfig) -> Self {
+        self.sampler = Sampler::new(&config);
+        self.quality = QualityTracker::new(config);
+        self
+    }
+
+    /// Starts the task that scores sampled events (needs a Tokio runtime). The learn path
+    /// only copies the event's item vector into a bounded queue; the task folds the user
+    /// in from the profile's history before the event and ranks the item against the top
+    /// 20, at most [`QualityConfig::max_scored_per_sec`] a second. Idempotent.
+    pub fn start_quality(self: &Arc<Self>) {
+        if self.quality.config().sample_ratio <= 0.0 || self.samples.get().is_some() {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Sample>(SAMPLE_QUEUE);
+        if self.samples.set(tx).is_err() {
+            return;
+        }
+        let engine: Weak<Self> = Arc::downgrade(self);
+        let per_sec = self.quality.config().max_scored_per_sec.max(1);
+        let spacing = Duration::from_secs_f64(1.0 / f64::from(per_sec));
+        tokio::spawn(async move {
+            while let Some(sample) = rx.recv().await {
+                let started = Instant::now();
+                let Some(engine) = engine.upgrade() else {
+                    break;
+                };
+                engine.score(sample).await;
+                drop(engine);
+                // Over the rate, wait: the queue fills and the learn path drops samples.
+                if let Some(rest) = spacing.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+            }
+        });
+    }
+
+    /// Scores one sample: rank of its item among the user's recommendations, with the
+    /// user folded in from the history before the event.
+    async fn score(&self, sample: Sample) {
+        let profile = match self.backends.profiles.get(&sample.user).await {
+            Ok(p) => p,
+            Err(err) => {
+                debug!(error = %err, "profile unavailable, sample not scored");
+                self.quality.record_dropped();
+                return;
+            }
+        };
+        let items = &self.backends.items;
+        let history: Vec<HistoryEntry> = profile
+            .iter()
+            .flat_map(|p| p.recent.iter())
+            .filter(|i| i.timestamp_ms < sample.timestamp_ms)
+            .filter_map(|i| {
+                Some(HistoryEntry {
+                    item: items.get(i.item_id.as_str())?,
+                    weight: i.weight,
+                    timestamp_ms: i.timestamp_ms,
+                })
+            })
+            .collect();
+        let Some(user) = (!history.is_empty())
+            .then(|| self.backends.model.user_vector(&history))
+            .flatten()
+        else {
+            self.quality.record_cold();
+            return;
+        };
+        let (hit10, hit20) = match &sample.target {
+            Some(target) if target.len() == user.len() => {
+                let score: f32 = user.iter().zip(target).map(|(a, b)| a * b).sum();
+                let none = HashSet::new();
+                let unfiltered = RequestFilter::default();
+                let above = self
+                    .backends
+                    .retriever
+                    .search(&user, 20, &|idx| {
+                        idx != sample.item && self.passes(idx, &none, &unfiltered)
+                    })
+                    .iter()
+                    .filter(|s| s.score > score)
+                    .count();
+                (above < 10, above < 20)
+            }
+            // An item the model never learnt cannot be recommended.
+            _ => (false, false),
+        };
+        if let Some(decision) = self.quality.record(sample.holdout, hit10, hit20) {
+            warn!(reason = %decision.reason(), "model quality dropped, rollback due");
+        }
+    }
+
+    /// The prequential figures now, with the baseline the automatic rollback compares with.
+    pub fn quality(&self) -> QualityReport {
+        self.quality.report()
+    }
+
+    /// Acts on a rollback the figures called for, when `learner` (only the lease holder
+    /// acts; other replicas drop the decision and apply the rollback the learner records).
+    /// Returns the decision and the version the rollback recorded.
+    pub async fn check_quality(
+        &self,
+        taken_by: &str,
+        learner: bool,
+    ) -> Result<Option<(RollbackDecision, ModelVersion)>> {
+        let Some(decision) = self.quality.take_pending() else {
+            return Ok(None);
+        };
+        if !learner {
+            return Ok(None);
+        }
+        let reason = decision.reason();
+        warn!(%reason, "automatic rollback");
+        let saved = self.rollback_as(decision.to, &reason, taken_by).await?;
+        Ok(Some((decision, saved)))
+    }
+
+    /// Makes the newest stored version that recorded good quality the baseline.
+    async fn refresh_baseline(&self) -> Result<()> {
+        let versions = self.backends.models.list().await?;
+        if let Some((id, q)) = versions
+            .iter()
+            .rev()
+            .find_map(|v| Some((v.id, v.quality?)).filter(|(_, q)| !q.degraded))
+        {
+            self.quality.set_baseline(id, &q);
+        }
+        Ok(())
     }
 
     /// Makes the model learn by following the event log ([`Engine::follow`]) instead of
@@ -236,7 +397,7 @@ impl Engine {
                         event,
                         filtered: false,
                         ..
-                    } => self.learn(event, self.weight(event)),
+                    } => self.learn(event, self.weight(event), true),
                     LogRecord::Event { filtered: true, .. } => {}
                     LogRecord::Erase { user_id, .. } => self.backends.model.forget_user(user_id),
                 }
@@ -341,7 +502,8 @@ impl Engine {
                     } => {
                         let weight = self.weight(event);
                         if model_due {
-                            self.learn(event, weight);
+                            // Replayed events were scored when they first came.
+                            self.learn(event, weight, false);
                         }
                         if profile_due {
                             updates.push(ProfileUpdate {
@@ -377,6 +539,7 @@ impl Engine {
             catalog_version,
         };
         info!(replayed, model_seq, ?profile_seq, "event log replayed");
+        self.refresh_baseline().await?;
         Ok(replayed)
     }
 
@@ -416,7 +579,23 @@ impl Engine {
 
     /// Snapshots the model at a consistent log position into the model store. `reason`
     /// and `taken_by` go into its metadata.
+    /// The quality figures now go into its metadata and, when good, become the baseline
+    /// of the automatic rollback.
     pub async fn snapshot(&self, reason: &str, taken_by: &str) -> Result<ModelVersion> {
+        let quality = self.quality.snapshot_quality();
+        let saved = self.save_snapshot(reason, taken_by, quality).await?;
+        if let Some(q) = &saved.quality {
+            self.quality.set_baseline(saved.id, q);
+        }
+        Ok(saved)
+    }
+
+    async fn save_snapshot(
+        &self,
+        reason: &str,
+        taken_by: &str,
+        quality: Option<VersionQuality>,
+    ) -> Result<ModelVersion> {
         let (seq, state) = if self.follows_log {
             let followed = self.followed.lock().await;
             (followed.seq, self.backends.model.export())
@@ -455,6 +634,7 @@ impl Engine {
             bytes: 0,
             reason: reason.to_owned(),
             taken_by: taken_by.to_owned(),
+            quality,
         };
         let bytes = stored.encode()?;
         let saved = self.backends.models.save(version, bytes).await?;
@@ -498,9 +678,24 @@ impl Engine {
     /// version (so replicas that start later load it) and a rollback (so running replicas
     /// load it too). Requests keep being served throughout; the swap is per item.
     pub async fn rollback(&self, id: u64, taken_by: &str) -> Result<ModelVersion> {
+        self.rollback_as(id, &format!("rollback to {id}"), taken_by)
+            .await
+    }
+
+    /// [`Engine::rollback`] recording `reason`. The new version carries the quality
+    /// version `id` recorded, which becomes the baseline; the decayed figures restart.
+    async fn rollback_as(&self, id: u64, reason: &str, taken_by: &str) -> Result<ModelVersion> {
         let Some(bytes) = self.backends.models.load(id).await? else {
             return Err(Error::NotFound(format!("model version {id}")));
         };
+        let quality = self
+            .backends
+            .models
+            .list()
+            .await?
+            .into_iter()
+            .find(|v| v.id == id)
+            .and_then(|v| v.quality);
         let stored = StoredModel::decode(&bytes)?;
         {
             // Nothing learns while the old state goes in.
@@ -508,14 +703,16 @@ impl Engine {
             let _gate = self.apply_gate.write().await;
             self.install(&stored)?;
         }
-        let saved = self
-            .snapshot(&format!("rollback to {id}"), taken_by)
-            .await?;
+        self.quality.reset_window();
+        let saved = self.save_snapshot(reason, taken_by, quality).await?;
+        if let Some(q) = &saved.quality {
+            self.quality.set_baseline(saved.id, q);
+        }
         let rollbacks = self.backends.models.record_rollback(saved.id).await?;
         self.rollback_generation
             .store(rollbacks.generation, Ordering::Relaxed);
         self.base_version.store(saved.id, Ordering::Relaxed);
-        warn!(to = id, new_version = saved.id, "model rolled back");
+        warn!(to = id, new_version = saved.id, reason, "model rolled back");
         Ok(saved)
     }
 
@@ -542,6 +739,8 @@ impl Engine {
             .store(rollbacks.generation, Ordering::Relaxed);
         self.base_version
             .store(rollbacks.version, Ordering::Relaxed);
+        self.quality.reset_window();
+        self.refresh_baseline().await?;
         info!(
             version = rollbacks.version,
             "rollback by another replica applied"
@@ -553,8 +752,31 @@ impl Engine {
         self.config.weights.weight(&event.kind, event.weight)
     }
 
-    fn learn(&self, event: &Event, weight: f32) {
+    /// Teaches the model one event, unless its user is held out; with `evaluate`, a
+    /// sampled event is first handed to the evaluation with the item's vector as it is
+    /// before learning (prequential).
+    fn learn(&self, event: &Event, weight: f32, evaluate: bool) {
         let item = self.backends.items.intern(&event.item_id);
+        let holdout = self.sampler.holdout(event.user_id.as_str());
+        if evaluate
+            && let Some(samples) = self.samples.get()
+            && self.sampler.sampled(event.event_id.as_str())
+        {
+            let sample = Sample {
+                user: event.user_id.clone(),
+                item,
+                timestamp_ms: event.timestamp_ms,
+                target: self.backends.model.item_vector(item),
+                holdout,
+            };
+            if samples.try_send(sample).is_err() {
+                self.quality.record_dropped();
+            }
+        }
+        if holdout {
+            self.events_applied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.backends.model.observe(&Observation {
             user: &event.user_id,
             item,
@@ -636,7 +858,7 @@ impl Engine {
             self.backends.profiles.apply(&updates).await?;
             if !self.follows_log {
                 for u in &updates {
-                    self.learn(u.event, u.weight);
+                    self.learn(u.event, u.weight, true);
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! - [`filter`]: the bot and noise filter
 //! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `Retriever`
 //! - [`model_store`]: model snapshots and versions, the model store and learner lease
+//! - [`quality`]: prequential evaluation, the holdout and the automatic rollback decision
 //! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback
 //! - [`error`]: the error type and its transport-neutral codes
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod filter;
 pub mod model_store;
 pub mod profile;
+pub mod quality;
 pub mod traits;
 pub mod types;
 
@@ -27,6 +29,7 @@ pub use engine::{
 pub use error::{Error, ErrorCode, Result};
 pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks, StoredModel};
 pub use profile::{Profile, ProfilePolicy};
+pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
     ProfileStore, ProfileUpdate, Retriever, Scored, Seq,

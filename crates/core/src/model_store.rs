@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::ItemIdx;
 use crate::error::Result;
+use crate::quality::VersionQuality;
 use crate::traits::Seq;
 use crate::types::{ItemId, TimestampMs, UserId};
 
@@ -86,6 +87,24 @@ pub struct ModelVersion {
     pub reason: String,
     /// Which replica took it.
     pub taken_by: String,
+    /// Prequential quality when it was taken (for a rollback, the quality of the version
+    /// it installs); `None` when nothing had been scored.
+    ///
+    /// Added after the first release. Stores encode versions with postcard, which is not
+    /// self-describing, so the field is the last one and decodes leniently: a record
+    /// written before it existed ends where this field would start, and reads as `None`.
+    /// New fields must keep going at the end the same way.
+    #[serde(default, deserialize_with = "lenient_last_field")]
+    pub quality: Option<VersionQuality>,
+}
+
+/// Decodes an optional last field, reading a missing one (the input ends) as `None`.
+fn lenient_last_field<'de, D, T>(deserializer: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer).unwrap_or(None))
 }
 
 /// Which version replicas should run, and a counter that grows on each rollback so
@@ -125,4 +144,56 @@ pub trait ModelStore: Send + Sync + 'static {
 
     /// Gives the lease up if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ModelVersion` as it was before `quality`.
+    #[derive(Serialize)]
+    struct ModelVersionV1 {
+        id: u64,
+        created_ms: TimestampMs,
+        log_seq: Seq,
+        events: u64,
+        items: u64,
+        bytes: u64,
+        reason: String,
+        taken_by: String,
+    }
+
+    #[test]
+    fn versions_written_before_quality_still_decode() {
+        let old = ModelVersionV1 {
+            id: 3,
+            created_ms: 17,
+            log_seq: 40,
+            events: 39,
+            items: 5,
+            bytes: 900,
+            reason: "scheduled".into(),
+            taken_by: "r1".into(),
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        let v: ModelVersion = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((v.id, v.log_seq, v.reason.as_str()), (3, 40, "scheduled"));
+        assert_eq!(v.quality, None);
+
+        let mut new = v.clone();
+        new.quality = Some(VersionQuality {
+            scored: 12,
+            degraded: true,
+            ..VersionQuality::default()
+        });
+        new.quality.as_mut().unwrap().all.hit_rate_at_10 = 0.25;
+        let bytes = postcard::to_allocvec(&new).unwrap();
+        assert_eq!(postcard::from_bytes::<ModelVersion>(&bytes).unwrap(), new);
+        let none = ModelVersion {
+            quality: None,
+            ..new
+        };
+        let bytes = postcard::to_allocvec(&none).unwrap();
+        assert_eq!(postcard::from_bytes::<ModelVersion>(&bytes).unwrap(), none);
+    }
 }

@@ -487,6 +487,7 @@ fn version(reason: &str, log_seq: Seq) -> reflex_core::ModelVersion {
         bytes: 0,
         reason: reason.into(),
         taken_by: "conformance".into(),
+        quality: None,
     }
 }
 
