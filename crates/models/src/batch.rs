@@ -15,11 +15,71 @@
 //!   online model's does.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flate2::read::GzDecoder;
 
 use reflex_core::model_store::StoredModel;
 use reflex_core::{ItemId, UserId};
 
 use crate::als::{self, AlsConfig, AlsModel, Csr};
+
+/// Counts bytes read through it (progress over compressed input).
+struct Counting<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A file opened for reading lines, gunzipped when it starts with the gzip magic bytes.
+pub struct LinesFile {
+    /// The (decompressed) text.
+    pub reader: Box<dyn BufRead + Send>,
+    /// Size of the file on disk, in bytes.
+    pub size: u64,
+    /// File bytes consumed so far (compressed bytes for a gzip file), for progress.
+    pub consumed: Arc<AtomicU64>,
+}
+
+/// Opens `path` as a [`LinesFile`]; errors name the file.
+pub fn open_lines(path: &Path) -> io::Result<LinesFile> {
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = File::open(path).map_err(context)?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let consumed = Arc::new(AtomicU64::new(0));
+    let mut reader = BufReader::with_capacity(
+        1 << 16,
+        Counting {
+            inner: file,
+            read: consumed.clone(),
+        },
+    );
+    let gzip = reader
+        .fill_buf()
+        .map_err(context)?
+        .starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn BufRead + Send> = if gzip {
+        Box::new(BufReader::with_capacity(1 << 16, GzDecoder::new(reader)))
+    } else {
+        Box::new(reader)
+    };
+    Ok(LinesFile {
+        reader,
+        size,
+        consumed,
+    })
+}
 
 /// Events gathered for a batch fit: users and items numbered densely in order of first
 /// appearance, each user's weighted interactions, and item popularity.

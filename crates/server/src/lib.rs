@@ -14,6 +14,8 @@
 //! - [`demo`]: the synthetic shopping demo
 //! - [`bench`]: `reflex bench`, the load generator
 //! - [`eval_cmd`]: `reflex eval`, the offline evaluation of the batch baseline
+//! - [`import_cmd`]: `reflex import`, bulk loading of historical events through ingest
+//! - [`train_cmd`]: `reflex train`, implicit ALS from the event log as a model version
 
 pub mod app;
 pub mod bench;
@@ -21,9 +23,11 @@ pub mod config;
 pub mod convert;
 pub mod demo;
 pub mod eval_cmd;
+pub mod import_cmd;
 pub mod instrumented;
 pub mod metrics;
 pub mod middleware;
 pub mod proto;
 pub mod services;
 pub mod telemetry;
+pub mod train_cmd;

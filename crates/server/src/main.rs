@@ -1,4 +1,4 @@
-//! The `reflex` command: `serve`, `demo`, `config`, `bench` and `eval`.
+//! The `reflex` command: `serve`, `demo`, `config`, `bench`, `eval`, `import` and `train`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,12 @@ enum Command {
     /// Evaluate the batch baseline (implicit ALS) against popularity on a ratings file,
     /// leave-last-out, and online MF continuing from it.
     Eval(Box<reflex_server::eval_cmd::EvalArgs>),
+    /// Load historical events from a CSV/TSV file (MovieLens `.inter`, ratings TSV or the
+    /// generic `user_id,item_id,kind,timestamp` format) into the store through ingest.
+    Import(Box<reflex_server::import_cmd::ImportArgs>),
+    /// Fit implicit ALS to the store's event log (or a file) and publish it as a model
+    /// version that servers start from.
+    Train(Box<reflex_server::train_cmd::TrainArgs>),
 }
 
 #[tokio::main]
@@ -91,6 +97,16 @@ async fn main() -> anyhow::Result<()> {
             reflex_server::bench::run(*args, cli.config.as_deref(), flags).await
         }
         Command::Eval(args) => reflex_server::eval_cmd::run(*args),
+        Command::Import(args) => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            let _telemetry = reflex_server::telemetry::init(&config, true)?;
+            reflex_server::import_cmd::run(*args, cli.config.as_deref(), flags).await
+        }
+        Command::Train(args) => {
+            let config = Config::load(cli.config.as_deref(), &flags)?;
+            let _telemetry = reflex_server::telemetry::init(&config, true)?;
+            reflex_server::train_cmd::run(*args, cli.config.as_deref(), flags).await
+        }
         Command::Config => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             print!(
