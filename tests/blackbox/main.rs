@@ -6,6 +6,7 @@
 
 mod support;
 
+mod batch;
 mod ingest;
 mod models;
 mod operations;
