@@ -348,7 +348,9 @@ impl Engine {
         }
         let reason = decision.reason();
         warn!(%reason, "automatic rollback");
-        let saved = self.rollback_as(decision.to, &reason, taken_by).await?;
+        let saved = self
+            .rollback_as(decision.to, &reason, taken_by, true)
+            .await?;
         Ok(Some((decision, saved)))
     }
 
@@ -360,7 +362,7 @@ impl Engine {
             .rev()
             .find_map(|v| Some((v.id, v.quality?)).filter(|(_, q)| !q.degraded))
         {
-            self.quality.set_baseline(id, &q);
+            self.quality.set_baseline(id, &q, true);
         }
         Ok(())
     }
@@ -585,7 +587,7 @@ impl Engine {
         let quality = self.quality.snapshot_quality();
         let saved = self.save_snapshot(reason, taken_by, quality).await?;
         if let Some(q) = &saved.quality {
-            self.quality.set_baseline(saved.id, q);
+            self.quality.set_baseline(saved.id, q, true);
         }
         Ok(saved)
     }
@@ -678,13 +680,19 @@ impl Engine {
     /// version (so replicas that start later load it) and a rollback (so running replicas
     /// load it too). Requests keep being served throughout; the swap is per item.
     pub async fn rollback(&self, id: u64, taken_by: &str) -> Result<ModelVersion> {
-        self.rollback_as(id, &format!("rollback to {id}"), taken_by)
+        self.rollback_as(id, &format!("rollback to {id}"), taken_by, false)
             .await
     }
 
     /// [`Engine::rollback`] recording `reason`. The new version carries the quality
     /// version `id` recorded, which becomes the baseline; the decayed figures restart.
-    async fn rollback_as(&self, id: u64, reason: &str, taken_by: &str) -> Result<ModelVersion> {
+    async fn rollback_as(
+        &self,
+        id: u64,
+        reason: &str,
+        taken_by: &str,
+        auto: bool,
+    ) -> Result<ModelVersion> {
         let Some(bytes) = self.backends.models.load(id).await? else {
             return Err(Error::NotFound(format!("model version {id}")));
         };
@@ -706,7 +714,8 @@ impl Engine {
         self.quality.reset_window();
         let saved = self.save_snapshot(reason, taken_by, quality).await?;
         if let Some(q) = &saved.quality {
-            self.quality.set_baseline(saved.id, q);
+            // An operator's rollback re-arms; an automatic one fires once per good version.
+            self.quality.set_baseline(saved.id, q, !auto);
         }
         let rollbacks = self.backends.models.record_rollback(saved.id).await?;
         self.rollback_generation

@@ -382,9 +382,11 @@ impl QualityTracker {
         })
     }
 
-    /// Makes `version` the last good version (it recorded `quality`) and arms the rollback
-    /// again. A degraded version is ignored.
-    pub fn set_baseline(&self, version: u64, quality: &VersionQuality) {
+    /// Makes `version` the last good version (it recorded `quality`); with `rearm`, the
+    /// rollback may fire again (not after an automatic rollback, whose new version carries
+    /// the old figure: a stream that stays bad must not roll back over and over). A
+    /// degraded version is ignored.
+    pub fn set_baseline(&self, version: u64, quality: &VersionQuality, rearm: bool) {
         if quality.degraded {
             return;
         }
@@ -394,7 +396,9 @@ impl QualityTracker {
             hit_rate_at_10: quality.all.hit_rate_at_10,
         });
         s.below_for = 0;
-        s.fired = false;
+        if rearm {
+            s.fired = false;
+        }
     }
 
     /// The model changed under the figures (a rollback): forgets the decayed window and
@@ -515,7 +519,7 @@ mod tests {
         }
         let q = t.snapshot_quality().unwrap();
         assert!(!q.degraded);
-        t.set_baseline(3, &q);
+        t.set_baseline(3, &q, true);
         assert!(t.report().armed);
         // A short dip does not fire, and recovering resets the span.
         let mut fired = None;
@@ -553,8 +557,19 @@ mod tests {
         // A snapshot taken now is degraded and does not become the baseline.
         let bad = t.snapshot_quality().unwrap();
         assert!(bad.degraded);
-        t.set_baseline(4, &bad);
+        t.set_baseline(4, &bad, true);
         assert_eq!(t.report().baseline.map(|b| b.version), Some(3));
+        // The version an automatic rollback records becomes the baseline without
+        // re-arming; a good snapshot later re-arms.
+        let good = VersionQuality {
+            degraded: false,
+            ..bad
+        };
+        t.set_baseline(5, &good, false);
+        assert_eq!(t.report().baseline.map(|b| b.version), Some(5));
+        assert!(!t.report().armed);
+        t.set_baseline(6, &good, true);
+        assert!(t.report().armed);
     }
 
     #[test]
@@ -563,7 +578,7 @@ mod tests {
         for _ in 0..50 {
             t.record(false, true, true);
         }
-        t.set_baseline(1, &t.snapshot_quality().unwrap());
+        t.set_baseline(1, &t.snapshot_quality().unwrap(), true);
         for round in 0..20 {
             for _ in 0..10 {
                 assert_eq!(t.record(false, false, false), None, "round {round}");
@@ -583,7 +598,7 @@ mod tests {
         for _ in 0..20 {
             t.record(false, true, true);
         }
-        t.set_baseline(1, &t.snapshot_quality().unwrap());
+        t.set_baseline(1, &t.snapshot_quality().unwrap(), true);
         for _ in 0..100 {
             assert_eq!(t.record(false, false, false), None);
         }

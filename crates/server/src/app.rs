@@ -106,13 +106,16 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         items,
         models,
     };
-    let mut engine = Engine::new(backends, config.engine.clone());
+    let mut engine =
+        Engine::new(backends, config.engine.clone()).with_quality(config.quality.clone());
     if config.store.backend.is_shared() {
         engine = engine.following_the_log();
     }
     let engine = Arc::new(engine);
     let started = std::time::Instant::now();
     let replayed = engine.recover().await.context("replaying the event log")?;
+    // Replayed events were scored when they first came; score from here on.
+    engine.start_quality();
     info!(
         replayed,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -436,8 +439,9 @@ pub async fn shutdown_signal() {
 }
 
 /// The learner's duties, on every replica: take or renew the learner lease (a replica
-/// that holds it takes the scheduled snapshots and prunes old versions; on one machine
-/// the lease is always granted), and apply rollbacks other replicas recorded.
+/// that holds it takes the scheduled snapshots, prunes old versions and acts on the
+/// automatic rollback when quality drops; on one machine the lease is always granted),
+/// apply rollbacks other replicas recorded, and publish the quality figures.
 async fn run_learner(
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
@@ -478,6 +482,26 @@ async fn run_learner(
                 .inc();
             warn!(error = %err, "checking for rollbacks failed");
         }
+        match engine.check_quality(&replica, learner).await {
+            Ok(Some((decision, v))) => {
+                metrics.rollbacks.with_label_values(&["auto"]).inc();
+                warn!(
+                    version = v.id,
+                    to = decision.to,
+                    reason = %v.reason,
+                    "automatic rollback: model quality dropped"
+                );
+            }
+            Ok(None) => {}
+            Err(err) => {
+                metrics
+                    .backend_errors
+                    .with_label_values(&["auto_rollback"])
+                    .inc();
+                warn!(error = %err, "automatic rollback failed");
+            }
+        }
+        metrics.record_quality(&engine.quality());
         if learner && !snapshot_every.is_zero() && last_snapshot.elapsed() >= snapshot_every {
             last_snapshot = tokio::time::Instant::now();
             match engine.snapshot("scheduled", &replica).await {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use reflex_core::{EngineConfig, ProfilePolicy};
+use reflex_core::{EngineConfig, ProfilePolicy, QualityConfig};
 use reflex_models::MfConfig;
 use reflex_storage::{EmbeddedConfig, RedisConfig, ScyllaConfig};
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,8 @@ pub struct Config {
     pub retrieval: reflex_models::AnnConfig,
     /// Model versions: scheduled snapshots, retention, the learner lease.
     pub versions: VersionsConfig,
+    /// Continuous prequential evaluation, the holdout and the automatic rollback.
+    pub quality: QualityConfig,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             model: MfConfig::default(),
             retrieval: reflex_models::AnnConfig::default(),
             versions: VersionsConfig::default(),
+            quality: QualityConfig::default(),
         }
     }
 }
@@ -370,6 +373,30 @@ mod tests {
             assert_eq!(config.max_message_bytes, 20, "env beats file");
             assert_eq!(config.engine.max_batch, 8, "nested env key");
             assert_eq!(config.store.embedded.data_dir, PathBuf::from("/tmp/x"));
+            assert_eq!(config.quality, QualityConfig::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn quality_section_loads_and_rejects_unknown_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "reflex.toml",
+                "[quality]\nsample_ratio = 1.0\nmin_events = 50\nauto_rollback = false\n",
+            )?;
+            jail.set_env("REFLEX_QUALITY__MAX_DROP", "0.3");
+            let config = Config::load(Some(Path::new("reflex.toml")), &FlagOverrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.quality.sample_ratio, 1.0);
+            assert_eq!(config.quality.min_events, 50);
+            assert!(!config.quality.auto_rollback);
+            assert_eq!(config.quality.max_drop, 0.3);
+            assert_eq!(config.quality.holdout_ratio, 0.01, "default kept");
+            jail.create_file("bad.toml", "[quality]\nsample_rate = 1.0\n")?;
+            let err =
+                Config::load(Some(Path::new("bad.toml")), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("sample_rate"), "{err}");
             Ok(())
         });
     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -78,6 +78,11 @@ pub struct Metrics {
     pub learner: IntGauge,
     /// Model snapshots taken by this replica, by reason.
     pub snapshots: IntCounterVec,
+    /// Prequential model quality by `metric` (`hr@10`, `recall@20`), `population`
+    /// (`all`, `holdout`) and `window` (`decayed`, `cumulative`).
+    pub model_quality: GaugeVec,
+    /// Model rollbacks this replica recorded, by `trigger` (`manual`, `auto`).
+    pub rollbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -171,6 +176,22 @@ impl Metrics {
         registry.register(Box::new(load_shed.clone()))?;
         registry.register(Box::new(learner.clone()))?;
         registry.register(Box::new(snapshots.clone()))?;
+        let model_quality = GaugeVec::new(
+            Opts::new(
+                "reflex_model_quality",
+                "Prequential model quality (each sampled event scored before the model learns it)",
+            ),
+            &["metric", "population", "window"],
+        )?;
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "reflex_model_rollbacks_total",
+                "Model rollbacks recorded by this replica, by trigger",
+            ),
+            &["trigger"],
+        )?;
+        registry.register(Box::new(model_quality.clone()))?;
+        registry.register(Box::new(rollbacks.clone()))?;
         Ok(Arc::new(Self {
             registry,
             ingest_events,
@@ -187,7 +208,26 @@ impl Metrics {
             load_shed,
             learner,
             snapshots,
+            model_quality,
+            rollbacks,
         }))
+    }
+
+    /// Sets the `reflex_model_quality` gauges from `report`.
+    pub fn record_quality(&self, report: &reflex_core::QualityReport) {
+        for (population, figures) in [("all", &report.all), ("holdout", &report.holdout)] {
+            for (window, f) in [
+                ("decayed", &figures.decayed),
+                ("cumulative", &figures.cumulative),
+            ] {
+                self.model_quality
+                    .with_label_values(&["hr@10", population, window])
+                    .set(f.hit_rate_at_10);
+                self.model_quality
+                    .with_label_values(&["recall@20", population, window])
+                    .set(f.recall_at_20);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every instrument.
@@ -247,6 +287,10 @@ mod tests {
         m.grpc_requests.with_label_values(&["/x", "ok"]).inc();
         m.cache_requests.with_label_values(&["miss"]).inc();
         m.backend_errors.with_label_values(&["append"]).inc();
+        let mut quality = reflex_core::QualityReport::default();
+        quality.all.decayed.hit_rate_at_10 = 0.5;
+        m.record_quality(&quality);
+        m.rollbacks.with_label_values(&["auto"]).inc();
         let text = m.render();
         for name in [
             "reflex_ingest_events_total{status=\"accepted\"} 3",
@@ -260,6 +304,9 @@ mod tests {
             "reflex_profiles 0",
             "reflex_recommend_cache_requests_total",
             "reflex_backend_errors_total",
+            "reflex_model_quality{metric=\"hr@10\",population=\"all\",window=\"decayed\"} 0.5",
+            "reflex_model_quality{metric=\"recall@20\",population=\"holdout\",window=\"cumulative\"} 0",
+            "reflex_model_rollbacks_total{trigger=\"auto\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -348,6 +348,41 @@ impl ModelService for Reflex {
             .rollback(id, &self.replica)
             .await
             .map_err(convert::status)?;
+        self.metrics.rollbacks.with_label_values(&["manual"]).inc();
         Ok(Response::new(convert::model_version(version)))
+    }
+
+    async fn get_quality(
+        &self,
+        _request: Request<proto::GetQualityRequest>,
+    ) -> Result<Response<proto::GetQualityResponse>, Status> {
+        Ok(Response::new(quality_response(&self.engine.quality())))
+    }
+}
+
+/// The quality report on the wire.
+fn quality_response(r: &reflex_core::QualityReport) -> proto::GetQualityResponse {
+    let figures = |f: &reflex_core::quality::Figures| proto::QualityFigures {
+        hit_rate_at_10: f.hit_rate_at_10,
+        recall_at_20: f.recall_at_20,
+    };
+    let population = |p: &reflex_core::quality::PopulationQuality| proto::PopulationQuality {
+        decayed: Some(figures(&p.decayed)),
+        cumulative: Some(figures(&p.cumulative)),
+        events_scored: p.scored,
+    };
+    proto::GetQualityResponse {
+        all: Some(population(&r.all)),
+        holdout: Some(population(&r.holdout)),
+        events_scored: r.all.scored,
+        baseline: r.baseline.map(|b| proto::QualityBaseline {
+            version: b.version,
+            hit_rate_at_10: b.hit_rate_at_10,
+            threshold: r.threshold.unwrap_or_default(),
+        }),
+        events_below: r.below_for,
+        auto_rollback_armed: r.armed,
+        samples_dropped: r.dropped,
+        samples_cold: r.cold,
     }
 }
