@@ -51,7 +51,7 @@ impl Default for QualityConfig {
             auto_rollback: true,
             max_drop: 0.2,
             min_events: 2000,
-            max_scored_per_sec: 500,
+            max_scored_per_sec: 200,
         }
     }
 }
@@ -604,5 +604,48 @@ mod tests {
         }
         assert!(!t.report().armed);
         assert!(t.report().below_for >= 90);
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    /// The per-event work scoring adds on the learn path, timed (run with
+    /// `cargo test --release -p reflex-core on_path_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn on_path_cost() {
+        let sampler = Sampler::new(&QualityConfig::default());
+        let ids: Vec<String> = (0..1_000_000).map(|i| format!("run-s0-{i}")).collect();
+        let users: Vec<String> = (0..1_000_000)
+            .map(|i| format!("user-{:07}", i % 100_000))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut n = 0u64;
+        for (id, user) in ids.iter().zip(&users) {
+            n += u64::from(sampler.holdout(std::hint::black_box(user)));
+            n += u64::from(sampler.sampled(std::hint::black_box(id)));
+        }
+        let per_event = started.elapsed().as_nanos() as f64 / ids.len() as f64;
+        println!("holdout + sample decision: {per_event:.1} ns/event ({n})");
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<f32>)>(1024);
+        let vector = vec![0.5f32; 64];
+        let started = std::time::Instant::now();
+        let rounds = 100_000;
+        for i in 0..rounds {
+            let _ = tx.try_send((users[i].clone(), vector.clone()));
+            if i % 1000 == 999 {
+                rt.block_on(async { while rx.try_recv().is_ok() {} });
+            }
+        }
+        let per_sample = started.elapsed().as_nanos() as f64 / rounds as f64;
+        println!(
+            "sample hand-off (user id + 64-float vector copy + try_send): {per_sample:.1} ns/sample"
+        );
     }
 }
