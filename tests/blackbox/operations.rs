@@ -431,21 +431,70 @@ async fn serves_tls_when_configured() {
 }
 
 mod otlp {
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
     };
     use opentelemetry_proto::tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     };
+    use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
-    /// A stand-in OTLP collector that remembers span names.
+    /// A stand-in OTLP collector that remembers span names and the latest value of
+    /// each sum metric (by name and attributes).
     #[derive(Clone, Default)]
     pub struct Collector {
         pub spans: Arc<Mutex<Vec<String>>>,
+        pub sums: Arc<Mutex<HashMap<String, f64>>>,
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportMetricsServiceRequest>,
+        ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+            let mut sums = self.sums.lock().unwrap();
+            for resource in request.into_inner().resource_metrics {
+                for scope in resource.scope_metrics {
+                    for m in scope.metrics {
+                        if let Some(metric::Data::Sum(sum)) = m.data {
+                            for p in sum.data_points {
+                                let labels: Vec<String> = p
+                                    .attributes
+                                    .iter()
+                                    .map(|a| {
+                                        match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                            Some(any_value::Value::StringValue(v)) => {
+                                                format!("{}={v}", a.key)
+                                            }
+                                            other => format!("{}={other:?}", a.key),
+                                        }
+                                    })
+                                    .collect();
+                                if let Some(number_data_point::Value::AsDouble(v)) = p.value {
+                                    sums.insert(format!("{}{{{}}}", m.name, labels.join(",")), v);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
     }
 
     #[tonic::async_trait]
@@ -472,7 +521,8 @@ mod otlp {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(collector))
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .add_service(MetricsServiceServer::new(collector))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         format!("http://{addr}")
@@ -480,7 +530,7 @@ mod otlp {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_are_exported_over_otlp_when_configured() {
+async fn spans_and_metrics_are_exported_over_otlp_when_configured() {
     let collector = otlp::Collector::default();
     let endpoint = otlp::start(collector.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -488,6 +538,7 @@ async fn spans_are_exported_over_otlp_when_configured() {
         dir.path(),
         &[
             ("REFLEX_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("REFLEX_TELEMETRY__OTLP_METRICS_INTERVAL_MS", "100"),
             ("RUST_LOG", "info"),
         ],
     );
@@ -499,6 +550,21 @@ async fn spans_are_exported_over_otlp_when_configured() {
         .into_inner();
     assert_eq!(ack.accepted, 3);
     recommend(&channel, "u1", 3).await;
+    // Metrics arrive every 100 ms with the same figures /metrics shows.
+    let accepted = "reflex_ingest_events_total{status=accepted}";
+    let start = std::time::Instant::now();
+    loop {
+        let seen = collector.sums.lock().unwrap().get(accepted).copied();
+        if seen == Some(3.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no accepted=3 sum over OTLP: {:?}",
+            collector.sums.lock().unwrap().keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(channel);
     // Shutdown flushes the batch exporter.
     server.terminate().await;

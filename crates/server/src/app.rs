@@ -248,6 +248,14 @@ pub async fn serve(
     };
     set_health(tonic_health::ServingStatus::Serving).await;
 
+    let otlp_metrics = config.telemetry.otlp_endpoint.clone().map(|endpoint| {
+        tokio::spawn(crate::otlp_metrics::run(
+            metrics.clone(),
+            endpoint,
+            config.telemetry.service_name.clone(),
+            Duration::from_millis(config.telemetry.otlp_metrics_interval_ms.max(100)),
+        ))
+    });
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_addr = if config.metrics.enabled {
         let metrics_listener = TcpListener::bind(config.metrics.listen)
@@ -328,6 +336,9 @@ pub async fn serve(
     };
     maintenance.abort();
     learner.abort();
+    if let Some(export) = otlp_metrics {
+        export.abort();
+    }
     if let Some(follower) = follower {
         follower.abort();
         // Learn what other replicas (or this one's last batches) appended, so a

@@ -9,6 +9,7 @@
 //! - [`middleware`]: tower layers: deadlines, load shedding, API keys, call metrics
 //! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
 //! - [`telemetry`]: logs and optional OTLP trace export
+//! - [`otlp_metrics`]: optional OTLP export of the Prometheus registry
 //! - [`instrumented`]: backend decorators recording latency and failures
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
@@ -27,6 +28,7 @@ pub mod import_cmd;
 pub mod instrumented;
 pub mod metrics;
 pub mod middleware;
+pub mod otlp_metrics;
 pub mod proto;
 pub mod services;
 pub mod telemetry;

@@ -230,6 +230,11 @@ impl Metrics {
         }
     }
 
+    /// The registry holding every instrument (what OTLP export reads).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every instrument.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

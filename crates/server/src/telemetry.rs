@@ -24,6 +24,8 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Share of traces kept, 0 to 1.
     pub sample_ratio: f64,
+    /// With an endpoint, how often metrics are pushed over OTLP, in ms.
+    pub otlp_metrics_interval_ms: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -32,6 +34,7 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             service_name: "reflex".into(),
             sample_ratio: 1.0,
+            otlp_metrics_interval_ms: 10_000,
         }
     }
 }
