@@ -637,8 +637,8 @@ mod cost {
         let vector = vec![0.5f32; 64];
         let started = std::time::Instant::now();
         let rounds = 100_000;
-        for i in 0..rounds {
-            let _ = tx.try_send((users[i].clone(), vector.clone()));
+        for (i, user) in users.iter().take(rounds).enumerate() {
+            let _ = tx.try_send((user.clone(), vector.clone()));
             if i % 1000 == 999 {
                 rt.block_on(async { while rx.try_recv().is_ok() {} });
             }

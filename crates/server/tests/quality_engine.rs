@@ -1,6 +1,9 @@
 //! Engine-level checks of the continuous evaluation: the holdout never trains the model
 //! but is served and scored like everyone else.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use reflex_core::quality::Sampler;
