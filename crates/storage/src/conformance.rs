@@ -557,7 +557,15 @@ pub async fn lease_is_exclusive(store: &dyn reflex_core::ModelStore) -> Result<(
 /// (start-up replays only after its checkpoint) and does not run this case.
 pub async fn profiles_apply_each_position_once(store: &dyn ProfileStore) -> Result<()> {
     let events: Vec<Event> = (0..3)
-        .map(|i| event(&format!("once-{i}"), "once-frank", "x", EventKind::View, 1_000 + i))
+        .map(|i| {
+            event(
+                &format!("once-{i}"),
+                "once-frank",
+                "x",
+                EventKind::View,
+                1_000 + i,
+            )
+        })
         .collect();
     let now = now_ms();
     let updates: Vec<ProfileUpdate<'_>> = events

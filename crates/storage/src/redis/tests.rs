@@ -114,8 +114,12 @@ mod conformance_suite {
 
     #[tokio::test]
     async fn profiles_apply_each_position_once() {
-        let Some((_server, store)) = fresh().await else { return };
-        conformance::profiles_apply_each_position_once(&*store).await.unwrap();
+        let Some((_server, store)) = fresh().await else {
+            return;
+        };
+        conformance::profiles_apply_each_position_once(&*store)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -322,7 +326,9 @@ async fn catalog_changes_bump_the_version_replicas_watch() {
 
 #[tokio::test]
 async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
-    let Some((_server, store)) = fresh().await else { return };
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
     let records = vec![view("pend-1", "pend-u"), view("pend-2", "pend-u")];
     let appended = store.append(records.clone()).await.unwrap();
     let seqs: Vec<Seq> = appended
@@ -334,8 +340,13 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
         .collect();
     // As if the writer died before applying: both are pending (grace 0).
     assert_eq!(store.unapplied(-1_000, 10).await.unwrap(), seqs);
-    assert!(store.unapplied(60_000, 10).await.unwrap().is_empty(), "not yet old enough");
-    let LogRecord::Event { event: e1, .. } = &records[0] else { unreachable!() };
+    assert!(
+        store.unapplied(60_000, 10).await.unwrap().is_empty(),
+        "not yet old enough"
+    );
+    let LogRecord::Event { event: e1, .. } = &records[0] else {
+        unreachable!()
+    };
     store
         .apply(&[ProfileUpdate {
             seq: seqs[0],
