@@ -192,6 +192,9 @@ async fn the_automatic_rollback_fires_on_a_deliberately_poisoned_stream() {
         "the category structure is learnt: {q:?}"
     );
     assert!(q.auto_rollback_armed);
+    let recorded = good.quality.expect("the version carries its quality");
+    assert!((recorded.all_users.unwrap().hit_rate_at_10 - baseline.hit_rate_at_10).abs() < 1e-9);
+    assert!(!recorded.degraded);
 
     // Recommendations are served throughout.
     let stop = Arc::new(AtomicBool::new(false));

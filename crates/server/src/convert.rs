@@ -317,6 +317,18 @@ pub fn model_version(v: reflex_core::ModelVersion) -> proto::ModelVersion {
         bytes: v.bytes,
         reason: v.reason,
         taken_by: v.taken_by,
+        quality: v.quality.map(|q| {
+            let figures = |f: reflex_core::quality::Figures| proto::QualityFigures {
+                hit_rate_at_10: f.hit_rate_at_10,
+                recall_at_20: f.recall_at_20,
+            };
+            proto::VersionQuality {
+                scored: q.scored,
+                all_users: Some(figures(q.all)),
+                holdout: Some(figures(q.holdout)),
+                degraded: q.degraded,
+            }
+        }),
     }
 }
 
