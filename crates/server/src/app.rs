@@ -26,11 +26,15 @@ use crate::proto;
 use crate::services::Reflex;
 
 /// The storage half of the engine's backends.
-struct Stores {
-    sink: Arc<dyn EventSink>,
-    profiles: Arc<dyn ProfileStore>,
-    catalog: Arc<dyn CatalogStore>,
-    models: Arc<dyn ModelStore>,
+pub struct Stores {
+    /// The event log.
+    pub sink: Arc<dyn EventSink>,
+    /// User profiles.
+    pub profiles: Arc<dyn ProfileStore>,
+    /// Catalog items.
+    pub catalog: Arc<dyn CatalogStore>,
+    /// Model versions and the learner lease.
+    pub models: Arc<dyn ModelStore>,
 }
 
 impl Stores {
@@ -45,23 +49,15 @@ impl Stores {
     }
 }
 
-/// Builds the backends named by `config` (each decorated to record its latency and
-/// failures into `metrics`) and the engine over them, and replays the event log so the
-/// engine is ready to serve.
-pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
-    let items = Arc::new(ItemIndex::new());
-    let model = OnlineMf::new(config.model.clone());
-    // Built empty before the replay; its background thread indexes items as they come.
-    let retriever = Arc::new(
-        HybridRetriever::for_model(&model, config.retrieval.clone())
-            .context("building the item index")?,
-    );
-    let stores = match config.store.backend {
+/// Opens (or connects to) the backend `config.store` names; one backend fills every
+/// storage role.
+pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
+    Ok(match config.store.backend {
         Backend::Embedded => {
             let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
                 .with_context(|| {
                     format!(
-                        "opening the embedded store in {}",
+                        "opening the embedded store in {} (is another process using it?)",
                         config.store.embedded.data_dir.display()
                     )
                 })?;
@@ -90,7 +86,21 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
                 })?;
             Stores::all_in(store)
         }
-    };
+    })
+}
+
+/// Builds the backends named by `config` (each decorated to record its latency and
+/// failures into `metrics`) and the engine over them, and replays the event log so the
+/// engine is ready to serve.
+pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
+    let items = Arc::new(ItemIndex::new());
+    let model = OnlineMf::new(config.model.clone());
+    // Built empty before the replay; its background thread indexes items as they come.
+    let retriever = Arc::new(
+        HybridRetriever::for_model(&model, config.retrieval.clone())
+            .context("building the item index")?,
+    );
+    let stores = open_stores(config).await?;
     let Stores {
         sink,
         profiles,

@@ -18,19 +18,15 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use reflex_core::{
-    EventKind, EventSink, ItemId, KindWeights, LogRecord, ModelStore, ModelVersion, UserId,
-};
+use reflex_core::{EventKind, EventSink, ItemId, KindWeights, LogRecord, ModelVersion, UserId};
 use reflex_models::eval::WARM_START_LEARNING_RATE;
 use reflex_models::{AlsConfig, TrainingSet};
-use reflex_storage::{EmbeddedStore, RedisStore, ScyllaStore};
 use serde::Serialize;
 
-use crate::config::{Backend, Config, FlagOverrides};
+use crate::config::{Config, FlagOverrides};
 use crate::import_cmd::{self, Format};
 
 /// Flags of `reflex train`.
@@ -104,45 +100,6 @@ pub struct TrainReport {
     pub fit_secs: f64,
     /// The saved version.
     pub version: ModelVersion,
-}
-
-/// The event log and model store of the configured backend, without an engine (no
-/// replay: training reads the log itself).
-async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn EventSink>, Arc<dyn ModelStore>)> {
-    Ok(match config.store.backend {
-        Backend::Embedded => {
-            let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
-                .with_context(|| {
-                    format!(
-                        "opening the embedded store in {} (is a server running on it?)",
-                        config.store.embedded.data_dir.display()
-                    )
-                })?;
-            (store.clone(), store)
-        }
-        Backend::Redis => {
-            let store = RedisStore::connect(config.store.redis.clone(), config.profiles.clone())
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to redis at {}",
-                        config.store.redis.url_redacted()
-                    )
-                })?;
-            (store.clone(), store)
-        }
-        Backend::Scylla => {
-            let store = ScyllaStore::connect(config.store.scylla.clone(), config.profiles.clone())
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to scylla at {}",
-                        config.store.scylla.contact_points.join(",")
-                    )
-                })?;
-            (store.clone(), store)
-        }
-    })
 }
 
 /// Reads the whole log into `set`; returns the last position read and the filtered
@@ -329,7 +286,7 @@ pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainRep
     als.validate()
         .map_err(|e| anyhow::anyhow!("invalid ALS settings: {e}"))?;
 
-    let (sink, models) = open_store(config).await?;
+    let crate::app::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
     let weights = &config.engine.weights;
     let mut set = TrainingSet::new(config.model.popularity_half_life_ms);
     let started = Instant::now();
