@@ -2,28 +2,15 @@
 //! training-set popularity clearly, and online MF continuing from it must beat
 //! popularity on the held-out stream.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use reflex_models::eval::{BaselineOptions, baseline_eval, read_movielens_100k};
 
-/// `REFLEX_DATA_DIR`, else `../shared/data` beside the checkout, else the workplace's
-/// `/work/shared/data` (for checkouts made elsewhere, such as a CI clone in /tmp).
-fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("REFLEX_DATA_DIR") {
-        return PathBuf::from(dir);
-    }
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    if beside.exists() {
-        beside
-    } else {
-        PathBuf::from("/work/shared/data")
-    }
-}
-
 #[test]
 fn als_beats_popularity_on_movielens_100k_leave_last_out() {
-    let file = data_dir().join("movielens-100k/ml-100k.inter");
+    let file = common::data_dir().join("movielens-100k/ml-100k.inter");
     if !file.exists() {
         println!("SKIPPED: {} not found", file.display());
         return;

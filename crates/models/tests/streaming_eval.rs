@@ -1,28 +1,14 @@
 //! Prequential streaming evaluation on MovieLens 100K: the online MF model must beat
 //! time-decayed popularity clearly.
 
-use std::path::PathBuf;
+mod common;
 
 use reflex_models::MfConfig;
 use reflex_models::eval::{EvalOptions, read_movielens_100k, streaming_eval};
 
-/// `REFLEX_DATA_DIR`, else `../shared/data` beside the checkout, else the workplace's
-/// `/work/shared/data` (for checkouts made elsewhere, such as a CI clone in /tmp).
-fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("REFLEX_DATA_DIR") {
-        return PathBuf::from(dir);
-    }
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    if beside.exists() {
-        beside
-    } else {
-        PathBuf::from("/work/shared/data")
-    }
-}
-
 #[test]
 fn streaming_eval_beats_popularity_on_movielens_100k() {
-    let dir = data_dir().join("movielens-100k");
+    let dir = common::data_dir().join("movielens-100k");
     let file = dir.join("ml-100k.inter");
     if !file.exists() {
         println!("SKIPPED: {} not found", file.display());

@@ -581,3 +581,19 @@ pub async fn profiles_apply_each_position_once(store: &dyn ProfileStore) -> Resu
     assert_eq!(again.version, 3);
     Ok(())
 }
+
+/// Every catalog change bumps the version replicas watch; a delete of nothing does not.
+/// For stores shared by replicas (a store one process uses keeps 0 and skips this case).
+pub async fn catalog_version_tracks_changes(catalog: &dyn CatalogStore) -> Result<()> {
+    let v0 = catalog.version().await?;
+    let item = item("v-item", "V", true);
+    catalog.upsert(std::slice::from_ref(&item)).await?;
+    let v1 = catalog.version().await?;
+    assert!(v1 > v0);
+    assert!(catalog.delete(&item.item_id).await?);
+    let v2 = catalog.version().await?;
+    assert!(v2 > v1);
+    assert!(!catalog.delete(&item.item_id).await?);
+    assert_eq!(catalog.version().await?, v2, "no change, no bump");
+    Ok(())
+}
