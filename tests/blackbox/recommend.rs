@@ -196,6 +196,7 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
             item_id: "no-such-item".into(),
             count: 5,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -205,6 +206,7 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
             item_id: "books-3".into(),
             count: 5,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()

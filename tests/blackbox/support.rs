@@ -332,6 +332,7 @@ pub async fn similar(channel: &Channel, item: &str, count: u32) -> Vec<(String, 
             item_id: item.into(),
             count,
             filter: None,
+            ..Default::default()
         })
         .await
         .expect("similar items")

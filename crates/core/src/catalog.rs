@@ -89,6 +89,8 @@ pub struct ItemMeta {
     pub available: bool,
     /// Categories.
     pub categories: Vec<String>,
+    /// The catalog gave it a content embedding.
+    pub has_embedding: bool,
 }
 
 struct Slot {
@@ -128,6 +130,7 @@ impl ItemIndex {
                 in_catalog: false,
                 available: true,
                 categories: Vec::new(),
+                has_embedding: false,
             };
             self.slots.push(Slot {
                 id: id.clone(),
@@ -159,6 +162,7 @@ impl ItemIndex {
                 in_catalog: true,
                 available: item.available,
                 categories: item.categories.clone(),
+                has_embedding: !item.embedding.is_empty(),
             }));
         }
         idx
@@ -173,6 +177,7 @@ impl ItemIndex {
                 in_catalog: false,
                 available: false,
                 categories: Vec::new(),
+                has_embedding: false,
             }));
         }
     }

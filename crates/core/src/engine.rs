@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 use tracing::{debug, info, warn};
 
+use crate::blend::{Candidate, Credit, blend};
 use crate::catalog::{Item, ItemIdx, ItemIndex};
 use crate::error::{Error, Result};
 use crate::filter::{BotFilter, BotFilterConfig};
@@ -27,8 +28,8 @@ use crate::quality::{
     QualityConfig, QualityReport, QualityTracker, RollbackDecision, Sampler, VersionQuality,
 };
 use crate::traits::{
-    Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
-    ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
+    Appended, CatalogStore, ContentModel, EventSink, HistoryEntry, LogRecord, Observation,
+    OnlineModel, ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
 };
 use crate::types::{Event, EventLimits, ItemId, KindWeights, RawEvent, UserId, now_ms};
 
@@ -102,10 +103,24 @@ pub struct RequestFilter {
 pub enum Source {
     /// Matrix factorisation.
     Mf,
+    /// The content model (embeddings from the catalog).
+    Content,
     /// Trending popularity.
     Popular,
     /// Nearest neighbours of an item.
     Similar,
+}
+
+/// Which item space `SimilarItems` searches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SimilarSpace {
+    /// MF when the item has an MF vector, else content when it has an embedding.
+    #[default]
+    Auto,
+    /// The MF item vectors (learnt from interactions).
+    Mf,
+    /// The content embeddings (from the catalog).
+    Content,
 }
 
 /// One recommended item.
@@ -179,6 +194,8 @@ pub struct Engine {
     /// Sampled events on their way to the evaluation task ([`Engine::start_quality`]);
     /// unset until it runs, and then samples are simply not taken.
     samples: OnceLock<tokio::sync::mpsc::Sender<Sample>>,
+    /// The content model and its blend weight, when configured ([`Engine::with_content`]).
+    content: Option<(Arc<dyn ContentModel>, f32)>,
 }
 
 /// Samples waiting for the evaluation task; more are dropped (and counted).
@@ -229,6 +246,27 @@ impl Engine {
             sampler: Sampler::new(&QualityConfig::disabled()),
             quality: QualityTracker::new(QualityConfig::disabled()),
             samples: OnceLock::new(),
+            content: None,
+        }
+    }
+
+    /// Adds the content model: catalog embeddings (which must then have its dimension)
+    /// feed it, recommendations blend it with MF at `weight` (0 = MF order, 1 = content
+    /// order; see [`crate::blend`]) and fall back to it for items with no interactions
+    /// yet, and `SimilarItems` can search its space.
+    pub fn with_content(mut self, content: Arc<dyn ContentModel>, weight: f32) -> Self {
+        self.content = Some((content, weight));
+        self
+    }
+
+    /// Records a stored catalog item in the item index and, when it has an embedding, in
+    /// the content model.
+    fn index_item(&self, item: &Item) {
+        let idx = self.backends.items.set_catalog(item);
+        if let Some((content, _)) = &self.content
+            && item.embedding.len() == content.dim()
+        {
+            content.set_item(idx, &item.embedding);
         }
     }
 
@@ -439,7 +477,7 @@ impl Engine {
             }
         }
         for item in &stored {
-            items.set_catalog(item);
+            self.index_item(item);
         }
         Ok(())
     }
@@ -451,7 +489,7 @@ impl Engine {
         let _gate = self.apply_gate.write().await;
         let catalog_version = self.backends.catalog.version().await?;
         for item in self.backends.catalog.load_all().await? {
-            self.backends.items.set_catalog(&item);
+            self.index_item(&item);
         }
         let rollbacks = self.backends.models.rollbacks().await?;
         self.rollback_generation
@@ -914,9 +952,28 @@ impl Engine {
             })
             .unwrap_or_default();
         let mut items = Vec::with_capacity(count);
-        if let Some(vector) = model.user_vector(&history) {
-            let found = self.backends.retriever.search(&vector, count, &pass);
-            self.push_scored(&mut items, &found, Source::Mf);
+        let mf_vector = model.user_vector(&history);
+        let content = self
+            .content
+            .as_ref()
+            .and_then(|(c, w)| Some((c.as_ref(), *w, c.user_vector(&history)?)));
+        match (mf_vector, content) {
+            (mf_vector, Some((content, weight, content_vector))) => {
+                let found = self.blended(
+                    content,
+                    weight,
+                    mf_vector.as_deref(),
+                    &content_vector,
+                    count,
+                    &pass,
+                );
+                items.extend(found);
+            }
+            (Some(vector), None) => {
+                let found = self.backends.retriever.search(&vector, count, &pass);
+                self.push_scored(&mut items, &found, Source::Mf);
+            }
+            (None, None) => {}
         }
         if items.len() < count {
             let chosen: HashSet<ItemIdx> = items
@@ -936,12 +993,71 @@ impl Engine {
         })
     }
 
-    /// Items whose vectors are nearest to `item`'s.
+    /// MF and content candidates for one user, blended ([`crate::blend`]): each model
+    /// proposes twice `count` items passing `pass`, every candidate is scored by both
+    /// models where they can, and the best `count` come back credited to the model that
+    /// contributed most. Items nobody has interacted with yet come only from content.
+    fn blended(
+        &self,
+        content: &dyn ContentModel,
+        weight: f32,
+        mf_vector: Option<&[f32]>,
+        content_vector: &[f32],
+        count: usize,
+        pass: &dyn Fn(ItemIdx) -> bool,
+    ) -> Vec<ScoredItem> {
+        let items = &self.backends.items;
+        let has_embedding = |idx: ItemIdx| items.meta(idx).is_some_and(|m| m.has_embedding);
+        let content_score = |idx: ItemIdx| {
+            has_embedding(idx)
+                .then(|| content.score(idx, content_vector))
+                .flatten()
+        };
+        let fetch = count.saturating_mul(2);
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(2 * fetch);
+        if let Some(v) = mf_vector {
+            for s in self.backends.retriever.search(v, fetch, pass) {
+                candidates.push(Candidate {
+                    item: s.item,
+                    mf: Some(s.score),
+                    content: content_score(s.item),
+                });
+            }
+        }
+        let from_mf: HashSet<ItemIdx> = candidates.iter().map(|c| c.item).collect();
+        let content_pass = |idx: ItemIdx| has_embedding(idx) && pass(idx);
+        for s in content.search(content_vector, fetch, &content_pass) {
+            if !from_mf.contains(&s.item) {
+                candidates.push(Candidate {
+                    item: s.item,
+                    mf: mf_vector.and_then(|v| self.backends.model.score(s.item, v)),
+                    content: Some(s.score),
+                });
+            }
+        }
+        blend(&candidates, weight, count)
+            .into_iter()
+            .filter_map(|b| {
+                Some(ScoredItem {
+                    item_id: items.id(b.item)?.clone(),
+                    score: b.score,
+                    source: match b.credit {
+                        Credit::Mf => Source::Mf,
+                        Credit::Content => Source::Content,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Items whose vectors are nearest to `item`'s in `space`. NOT_FOUND when the item
+    /// has no vector there (never interacted with, for MF; no embedding, for content).
     pub async fn similar_items(
         &self,
         item: &ItemId,
         count: usize,
         filter: &RequestFilter,
+        space: SimilarSpace,
     ) -> Result<Recommendation> {
         let count = self.check_count(count)?;
         let not_found = || Error::NotFound(format!("item {item:?}"));
@@ -950,15 +1066,49 @@ impl Engine {
             .items
             .get(item.as_str())
             .ok_or_else(not_found)?;
-        let vector = self.backends.model.item_vector(idx).ok_or_else(not_found)?;
+        let content = self.content.as_ref().map(|(c, _)| c.as_ref());
+        let has_embedding = || {
+            self.backends
+                .items
+                .meta(idx)
+                .is_some_and(|m| m.has_embedding)
+        };
+        let content_vector = || {
+            content
+                .filter(|_| has_embedding())
+                .and_then(|c| c.item_vector(idx))
+        };
+        let (vector, use_content) = match space {
+            SimilarSpace::Mf => (self.backends.model.item_vector(idx), false),
+            SimilarSpace::Content if content.is_none() => {
+                return Err(Error::invalid(
+                    "space",
+                    "the content model is not configured (set content.dim)",
+                ));
+            }
+            SimilarSpace::Content => (content_vector(), true),
+            SimilarSpace::Auto => match self.backends.model.item_vector(idx) {
+                Some(v) => (Some(v), false),
+                None => (content_vector(), true),
+            },
+        };
+        let vector = vector.ok_or_else(not_found)?;
         let mut excluded = self.excluded(None, filter);
         excluded.insert(idx);
-        let found = self
-            .backends
-            .retriever
-            .search(&vector, count, &|i| self.passes(i, &excluded, filter));
-        let mut items = Vec::with_capacity(found.len());
-        self.push_scored(&mut items, &found, Source::Similar);
+        let pass = |i: ItemIdx| self.passes(i, &excluded, filter);
+        let mut items = Vec::with_capacity(count);
+        match content {
+            Some(content) if use_content => {
+                let found = content.search(&vector, count, &|i| {
+                    self.backends.items.meta(i).is_some_and(|m| m.has_embedding) && pass(i)
+                });
+                self.push_scored(&mut items, &found, Source::Content);
+            }
+            _ => {
+                let found = self.backends.retriever.search(&vector, count, &pass);
+                self.push_scored(&mut items, &found, Source::Similar);
+            }
+        }
         Ok(Recommendation {
             items,
             model_version: self.model_version(),
@@ -1061,10 +1211,23 @@ impl Engine {
     pub async fn upsert_items(&self, items: Vec<Item>) -> Result<usize> {
         for (i, item) in items.iter().enumerate() {
             item.validate(&format!("items[{i}]"))?;
+            if let Some((content, _)) = &self.content
+                && !item.embedding.is_empty()
+                && item.embedding.len() != content.dim()
+            {
+                return Err(Error::invalid(
+                    format!("items[{i}].embedding"),
+                    format!(
+                        "has {} values; the content model takes {}",
+                        item.embedding.len(),
+                        content.dim()
+                    ),
+                ));
+            }
         }
         self.backends.catalog.upsert(&items).await?;
         for item in &items {
-            self.backends.items.set_catalog(item);
+            self.index_item(item);
         }
         Ok(items.len())
     }

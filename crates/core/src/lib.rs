@@ -6,12 +6,15 @@
 //! - [`profile`]: user profiles and how an event changes one
 //! - [`catalog`]: catalog items and the shared dense item index
 //! - [`filter`]: the bot and noise filter
-//! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `Retriever`
+//! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `ContentModel`,
+//!   `Retriever`
+//! - [`blend`]: how MF and content scores combine into one ranking
 //! - [`model_store`]: model snapshots and versions, the model store and learner lease
 //! - [`quality`]: prequential evaluation, the holdout and the automatic rollback decision
 //! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback
 //! - [`error`]: the error type and its transport-neutral codes
 
+pub mod blend;
 pub mod catalog;
 pub mod engine;
 pub mod error;
@@ -24,14 +27,15 @@ pub mod types;
 
 pub use catalog::{Item, ItemIdx, ItemIndex};
 pub use engine::{
-    Backends, Engine, EngineConfig, EventOutcome, Recommendation, RequestFilter, ScoredItem, Source,
+    Backends, Engine, EngineConfig, EventOutcome, Recommendation, RequestFilter, ScoredItem,
+    SimilarSpace, Source,
 };
 pub use error::{Error, ErrorCode, Result};
 pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks, StoredModel};
 pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
-    Appended, CatalogStore, EventSink, HistoryEntry, LogRecord, Observation, OnlineModel,
-    ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
+    Appended, CatalogStore, ContentModel, EventSink, HistoryEntry, LogRecord, Observation,
+    OnlineModel, ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};

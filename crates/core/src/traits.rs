@@ -193,6 +193,13 @@ pub trait OnlineModel: Send + Sync + 'static {
     /// The item's vector; `None` when the model has not learnt it.
     fn item_vector(&self, item: ItemIdx) -> Option<Vec<f32>>;
 
+    /// Inner product of `query` with the item's vector; `None` when the model has not
+    /// learnt the item. Models override it to score without copying the vector.
+    fn score(&self, item: ItemIdx, query: &[f32]) -> Option<f32> {
+        let v = self.item_vector(item)?;
+        Some(v.iter().zip(query).map(|(a, b)| a * b).sum())
+    }
+
     /// The `k` most popular items right now passing `filter`, best first.
     fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
 
@@ -208,6 +215,41 @@ pub trait OnlineModel: Send + Sync + 'static {
             "model {} cannot load snapshots",
             self.version()
         )))
+    }
+}
+
+/// The content model: items described by embeddings supplied with catalog items (computed
+/// upstream, e.g. by a text or image encoder), and users by a decayed, weighted mean of
+/// the embeddings of what they touched. It needs no interactions with an item, so it
+/// serves items nobody has touched yet (cold start) and blends with the MF model.
+pub trait ContentModel: Send + Sync + 'static {
+    /// Length every embedding must have; the engine refuses catalog items with another.
+    fn dim(&self) -> usize;
+
+    /// Sets the item's embedding (`dim` finite values) and indexes it off the request
+    /// path. Unchanged embeddings cost a comparison and no re-indexing.
+    fn set_item(&self, item: ItemIdx, embedding: &[f32]);
+
+    /// The user's embedding from their history (most recent first), unit length; `None`
+    /// when no item in it has an embedding.
+    fn user_vector(&self, history: &[HistoryEntry]) -> Option<Vec<f32>>;
+
+    /// The item's embedding, unit length; `None` when it has none.
+    fn item_vector(&self, item: ItemIdx) -> Option<Vec<f32>>;
+
+    /// Cosine of `query` (unit length) with the item's embedding; `None` when it has none.
+    fn score(&self, item: ItemIdx, query: &[f32]) -> Option<f32>;
+
+    /// The `k` items whose embeddings are closest to `query` that pass `filter`, best
+    /// first; fewer only when fewer pass.
+    fn search(&self, query: &[f32], k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
+
+    /// Number of items with an embedding.
+    fn len(&self) -> usize;
+
+    /// Whether no item has an embedding.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -13,6 +13,8 @@
 //! Layout:
 //! - [`config`]: [`MfConfig`], the model's settings and their tuned defaults
 //! - [`mf`]: [`OnlineMf`], the `OnlineModel`: SGD with sampled negatives, fold-in, popularity
+//! - [`content`]: [`ContentEmbeddings`], the `ContentModel` over catalog embeddings (user
+//!   embedding = decayed weighted mean of touched items), for blending and cold start
 //! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
 //! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
@@ -29,6 +31,7 @@ pub mod als;
 pub mod ann;
 pub mod batch;
 pub mod config;
+pub mod content;
 pub mod eval;
 pub mod factors;
 pub(crate) mod linalg;
@@ -42,6 +45,7 @@ pub use als::{AlsConfig, AlsModel, Confidence, Csr};
 pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quantization};
 pub use batch::TrainingSet;
 pub use config::{MfConfig, NegativeSampling};
+pub use content::{ContentConfig, ContentEmbeddings};
 pub use factors::ItemFactors;
 pub use mf::OnlineMf;
 pub use retriever::ExactRetriever;

@@ -422,6 +422,13 @@ impl OnlineModel for OnlineMf {
         self.items.get(item)
     }
 
+    fn score(&self, item: ItemIdx, query: &[f32]) -> Option<f32> {
+        if query.len() != self.config.factors {
+            return None;
+        }
+        self.items.score(item, query)
+    }
+
     fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored> {
         self.popularity.top(&self.items, k, filter)
     }

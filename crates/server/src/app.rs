@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ModelStore, ProfileStore};
-use reflex_models::{HybridRetriever, OnlineMf};
+use reflex_models::{ContentEmbeddings, HybridRetriever, OnlineMf};
 use reflex_storage::{EmbeddedStore, RedisStore, ScyllaStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -118,6 +118,15 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
     };
     let mut engine =
         Engine::new(backends, config.engine.clone()).with_quality(config.quality.clone());
+    if config.content.enabled() {
+        config
+            .content
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid content configuration: {e}"))?;
+        let content = ContentEmbeddings::new(config.content.clone(), config.retrieval.clone())
+            .context("building the content index")?;
+        engine = engine.with_content(Arc::new(content), config.content.blend_weight);
+    }
     if config.store.backend.is_shared() {
         engine = engine.following_the_log();
     }

@@ -52,6 +52,8 @@ pub struct Config {
     pub model: MfConfig,
     /// Retrieval: exact scan below `retrieval.threshold_items` items, usearch HNSW above.
     pub retrieval: reflex_models::AnnConfig,
+    /// The content model over catalog embeddings (off while `content.dim` is 0).
+    pub content: reflex_models::ContentConfig,
     /// Model versions: scheduled snapshots, retention, the learner lease.
     pub versions: VersionsConfig,
     /// Continuous prequential evaluation, the holdout and the automatic rollback.
@@ -77,6 +79,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             model: MfConfig::default(),
             retrieval: reflex_models::AnnConfig::default(),
+            content: reflex_models::ContentConfig::default(),
             versions: VersionsConfig::default(),
             quality: QualityConfig::default(),
         }

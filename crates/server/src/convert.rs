@@ -5,7 +5,7 @@
 //! until it is handled here.
 
 use prost_types::Timestamp;
-use reflex_core::engine::{Recommendation, RequestFilter, ScoredItem, Source};
+use reflex_core::engine::{Recommendation, RequestFilter, ScoredItem, SimilarSpace, Source};
 use reflex_core::profile::Profile;
 use reflex_core::types::{EventKind, ItemId, RawEvent, RawKind, TimestampMs, UserId};
 use reflex_core::{Error, ErrorCode, EventOutcome, Item};
@@ -157,6 +157,7 @@ pub fn filter(filter: Option<proto::Filter>) -> Result<RequestFilter, Status> {
 fn source(source: Source) -> proto::Source {
     match source {
         Source::Mf => proto::Source::Mf,
+        Source::Content => proto::Source::Content,
         Source::Popular => proto::Source::Popular,
         Source::Similar => proto::Source::Similar,
     }
@@ -192,6 +193,18 @@ pub fn recommend_response(rec: Recommendation) -> proto::RecommendResponse {
         model_version,
         profile_version,
         degraded,
+    }
+}
+
+/// Reads `SimilarItemsRequest.space`.
+pub fn similar_space(space: i32) -> Result<SimilarSpace, Status> {
+    match proto::SimilarSpace::try_from(space) {
+        Ok(proto::SimilarSpace::Unspecified) => Ok(SimilarSpace::Auto),
+        Ok(proto::SimilarSpace::Mf) => Ok(SimilarSpace::Mf),
+        Ok(proto::SimilarSpace::Content) => Ok(SimilarSpace::Content),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "invalid space: {space} is not a SimilarSpace value"
+        ))),
     }
 }
 

@@ -212,13 +212,15 @@ impl RecommendService for Reflex {
             item_id,
             count,
             filter,
+            space,
         } = request.into_inner();
         let started = Instant::now();
         let item = convert::item_id(&item_id)?;
         let filter = convert::filter(filter)?;
+        let space = convert::similar_space(space)?;
         let rec = self
             .engine
-            .similar_items(&item, count as usize, &filter)
+            .similar_items(&item, count as usize, &filter, space)
             .await
             .map_err(convert::status)?;
         self.metrics

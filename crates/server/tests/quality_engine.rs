@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use reflex_core::quality::Sampler;
 use reflex_core::types::{RawKind, now_ms};
-use reflex_core::{Engine, ItemId, RawEvent, RequestFilter, UserId};
+use reflex_core::{Engine, ItemId, RawEvent, RequestFilter, SimilarSpace, UserId};
 use reflex_server::app::build_engine;
 use reflex_server::config::Config;
 use reflex_server::metrics::Metrics;
@@ -81,13 +81,18 @@ async fn holdout_users_events_do_not_train_the_model() {
     // Items only held-out users touched were never learnt: the model has no vector.
     for i in 0..5 {
         let err = engine
-            .similar_items(&item(&format!("held-item-{i}")), 3, &none)
+            .similar_items(
+                &item(&format!("held-item-{i}")),
+                3,
+                &none,
+                SimilarSpace::Auto,
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code(), reflex_core::ErrorCode::NotFound, "{err}");
     }
     let learnt = engine
-        .similar_items(&item("trained-item-0"), 3, &none)
+        .similar_items(&item("trained-item-0"), 3, &none, SimilarSpace::Auto)
         .await
         .unwrap();
     assert!(!learnt.items.is_empty());

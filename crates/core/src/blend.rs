@@ -1,0 +1,158 @@
+//! How the MF and content models' scores combine into one ranking.
+//!
+//! The two scores live on different scales: MF scores are inner products of any size,
+//! content scores are cosines in [-1, 1]. Within one request the MF scores of the
+//! candidates are divided by the largest of them, so the best MF candidate scores 1, and
+//! then `score = (1 − w)·mf + w·content` with `w` the configured blend weight. A
+//! candidate only one model can score (an item nobody has interacted with yet has no MF
+//! vector; an item without an embedding has no content score) gets that model's score
+//! alone: this is the content model's cold-start fallback, and it keeps catalogs without
+//! embeddings ranked exactly as MF ranks them.
+
+use crate::catalog::ItemIdx;
+
+/// One candidate item with what each model thinks of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    /// The item.
+    pub item: ItemIdx,
+    /// MF score (inner product with the folded-in user vector), when the item has an MF
+    /// vector.
+    pub mf: Option<f32>,
+    /// Content score (cosine with the user's content embedding), when the item has an
+    /// embedding.
+    pub content: Option<f32>,
+}
+
+/// Which model a blended result is credited to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credit {
+    /// The MF part of its score is the larger.
+    Mf,
+    /// The content part is the larger, or MF could not score it.
+    Content,
+}
+
+/// A ranked result of [`blend`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Blended {
+    /// The item.
+    pub item: ItemIdx,
+    /// Its blended score.
+    pub score: f32,
+    /// The model credited with it.
+    pub credit: Credit,
+}
+
+/// Ranks `candidates` (each item once; ones neither model scored are dropped) by blended
+/// score with content weight `weight` (clamped to [0, 1]) and returns the best `k`, best
+/// first; ties go to the lower item index so the answer is deterministic.
+pub fn blend(candidates: &[Candidate], weight: f32, k: usize) -> Vec<Blended> {
+    let w = if weight.is_finite() {
+        weight.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let top_mf = candidates
+        .iter()
+        .filter_map(|c| c.mf)
+        .filter(|s| s.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    // Divide by the best MF score; when every MF score is negative divide by its size, so
+    // the order is kept and the scale is still about 1.
+    let scale = if top_mf.is_finite() && top_mf.abs() > f32::EPSILON {
+        top_mf.abs()
+    } else {
+        1.0
+    };
+    let mut out: Vec<Blended> = candidates
+        .iter()
+        .filter_map(|c| {
+            let mf = c.mf.filter(|s| s.is_finite()).map(|s| s / scale);
+            let content = c.content.filter(|s| s.is_finite());
+            let (score, credit) = match (mf, content) {
+                (Some(m), Some(s)) => {
+                    let credit = if w * s > (1.0 - w) * m {
+                        Credit::Content
+                    } else {
+                        Credit::Mf
+                    };
+                    ((1.0 - w) * m + w * s, credit)
+                }
+                (Some(m), None) => (m, Credit::Mf),
+                (None, Some(s)) => (s, Credit::Content),
+                (None, None) => return None,
+            };
+            Some(Blended {
+                item: c.item,
+                score,
+                credit,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+    out.truncate(k);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(item: ItemIdx, mf: Option<f32>, content: Option<f32>) -> Candidate {
+        Candidate { item, mf, content }
+    }
+
+    fn items(b: &[Blended]) -> Vec<ItemIdx> {
+        b.iter().map(|x| x.item).collect()
+    }
+
+    #[test]
+    fn weight_zero_keeps_the_mf_order_and_weight_one_the_content_order() {
+        let cands = [
+            c(1, Some(4.0), Some(0.1)),
+            c(2, Some(3.0), Some(0.9)),
+            c(3, Some(2.0), Some(0.5)),
+        ];
+        assert_eq!(items(&blend(&cands, 0.0, 3)), vec![1, 2, 3]);
+        assert_eq!(items(&blend(&cands, 1.0, 3)), vec![2, 3, 1]);
+        // Half and half: 1 → 0.5·1 + 0.5·0.1 = 0.55, 2 → 0.5·0.75 + 0.45 = 0.825,
+        // 3 → 0.25 + 0.25 = 0.5.
+        let half = blend(&cands, 0.5, 3);
+        assert_eq!(items(&half), vec![2, 1, 3]);
+        assert!((half[0].score - 0.825).abs() < 1e-6, "{half:?}");
+        assert_eq!(half[0].credit, Credit::Content);
+        assert_eq!(half[1].credit, Credit::Mf);
+    }
+
+    #[test]
+    fn an_item_only_one_model_knows_is_ranked_by_that_model() {
+        // Item 9 has no interactions yet (no MF vector) but matches the user's taste.
+        let cands = [
+            c(1, Some(2.0), Some(0.2)),
+            c(2, Some(1.0), None),
+            c(9, None, Some(0.95)),
+            c(7, None, None),
+        ];
+        let out = blend(&cands, 0.3, 10);
+        assert_eq!(items(&out), vec![9, 1, 2]);
+        assert_eq!(out[0].credit, Credit::Content);
+        assert!((out[0].score - 0.95).abs() < 1e-6);
+        assert!((out[2].score - 0.5).abs() < 1e-6, "MF alone: 1.0 / 2.0");
+    }
+
+    #[test]
+    fn results_are_truncated_deterministic_and_survive_odd_inputs() {
+        let cands = [
+            c(5, Some(-2.0), None),
+            c(4, Some(-1.0), None),
+            c(3, Some(f32::NAN), Some(0.1)),
+            c(2, Some(-1.0), None),
+        ];
+        let out = blend(&cands, f32::NAN, 3);
+        assert_eq!(items(&out), vec![3, 2, 4], "ties by index, NaN MF ignored");
+        assert!(out.iter().all(|b| b.score.is_finite()));
+        assert!(blend(&cands, 0.5, 0).is_empty());
+        assert!(blend(&[], 0.5, 5).is_empty());
+    }
+}
