@@ -58,6 +58,8 @@ pub struct Dataset {
     pub users: usize,
     /// Distinct items.
     pub items: usize,
+    /// Each dense item number's id as written in the file.
+    pub item_ids: Vec<String>,
 }
 
 fn bad(line: usize, what: &str) -> io::Error {
@@ -99,10 +101,15 @@ pub fn read_ratings_tsv(reader: impl BufRead) -> io::Result<Dataset> {
             timestamp_ms: (secs * 1000.0) as i64,
         });
     }
+    let mut item_ids = vec![String::new(); items.len()];
+    for (id, idx) in items {
+        item_ids[idx as usize] = id;
+    }
     Ok(Dataset {
         ratings,
         users: users.len(),
-        items: items.len(),
+        items: item_ids.len(),
+        item_ids,
     })
 }
 
@@ -857,6 +864,7 @@ mod tests {
             ],
             users: 3,
             items: 3,
+            item_ids: vec!["a".into(), "b".into(), "c".into()],
         };
         let split = leave_last_out(&data);
         // User 0: rows 1 and 3 tie at 9, the later row is held out; user 1: row 2;

@@ -15,6 +15,8 @@
 //! - [`mf`]: [`OnlineMf`], the `OnlineModel`: SGD with sampled negatives, fold-in, popularity
 //! - [`content`]: [`ContentEmbeddings`], the `ContentModel` over catalog embeddings (user
 //!   embedding = decayed weighted mean of touched items), for blending and cold start
+//! - [`content_eval`]: streaming evaluation of content, MF and their blends on MovieLens
+//!   with genre embeddings, cold-start events reported apart
 //! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
 //! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
@@ -32,6 +34,7 @@ pub mod ann;
 pub mod batch;
 pub mod config;
 pub mod content;
+pub mod content_eval;
 pub mod eval;
 pub mod factors;
 pub(crate) mod linalg;
