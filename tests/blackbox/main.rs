@@ -8,6 +8,7 @@ mod support;
 
 mod batch;
 mod content;
+mod demo;
 mod ingest;
 mod models;
 mod operations;

@@ -25,9 +25,32 @@ const ADJECTIVES: [&str; 10] = [
 ];
 const ITEMS_PER_CATEGORY: usize = 10;
 const BACKGROUND_USERS: usize = 300;
+/// The item that arrives in step 5.
+const NEW_SHOE: &str = "shoes-new";
+/// Length of the demo's content embeddings: one axis per category, two for variety.
+pub const EMBEDDING_DIM: usize = CATEGORIES.len() + 2;
 
-/// Runs the demo against a fresh server with `config` and returns when it is done.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// A synthetic content embedding: the item's category axis, plus a little per-item
+/// variation, as an upstream text encoder would place similar products close together.
+fn embedding(category: usize, n: usize) -> Vec<f32> {
+    let mut e = vec![0.0; EMBEDDING_DIM];
+    e[category] = 1.0;
+    e[CATEGORIES.len() + n % 2] = 0.1 + 0.02 * n as f32;
+    e
+}
+
+/// Runs the demo against a fresh server with `config` (the content model switched on
+/// for the demo's embeddings unless configured) and returns when it is done.
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    if config.content.dim == 0 {
+        config.content.dim = EMBEDDING_DIM;
+    }
+    if config.content.dim != EMBEDDING_DIM {
+        bail!(
+            "the demo's embeddings have {EMBEDDING_DIM} values; content.dim is {}",
+            config.content.dim
+        );
+    }
     let server = crate::app::InProcess::start(config).await?;
     let result = drive(&server.endpoint).await;
     server.stop().await?;
@@ -132,7 +155,7 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
     let mut catalog = CatalogServiceClient::new(channel.clone());
     let mut titles = HashMap::new();
     let mut items = Vec::new();
-    for category in CATEGORIES {
+    for (c, category) in CATEGORIES.into_iter().enumerate() {
         for (n, adjective) in ADJECTIVES.iter().enumerate().take(ITEMS_PER_CATEGORY) {
             let id = item_id(category, n);
             let title = format!("{adjective} {}", category.trim_end_matches('s'));
@@ -142,17 +165,19 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
                 title,
                 categories: vec![category.into()],
                 available: Some(true),
-                embedding: vec![],
+                embedding: embedding(c, n),
             });
         }
     }
     let n_items = items.len();
+    // Step 5's new item, named here so results can show its title.
+    titles.insert(NEW_SHOE.to_owned(), ("Launch shoe".to_owned(), "shoes"));
     catalog
         .upsert_items(proto::UpsertItemsRequest { items })
         .await
         .context("upserting the catalog")?;
     println!(
-        "1. Catalog: upserted {n_items} items in {} categories.",
+        "1. Catalog: upserted {n_items} items in {} categories, each with a content embedding.",
         CATEGORIES.len()
     );
 
@@ -200,13 +225,13 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
     );
 
     let recommend = RecommendServiceClient::new(channel.clone());
-    let top = |user: &'static str| {
+    let top_n = |user: &'static str, count: u32| {
         let mut client = recommend.clone();
         async move {
             let resp = client
                 .recommend(proto::RecommendRequest {
                     user_id: user.into(),
-                    count: 5,
+                    count,
                     filter: None,
                 })
                 .await
@@ -215,6 +240,7 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
             anyhow::Ok(resp)
         }
     };
+    let top = |user: &'static str| top_n(user, 5);
     let show = |label: &str, resp: &proto::RecommendResponse, before: &[String]| {
         println!(
             "   {label} (profile v{}, model {}):",
@@ -294,9 +320,42 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
         "\n   {shoes} of alice's top 5 are shoes now; the shoe she bought (shoes-07) is excluded."
     );
 
+    let new_shoe = NEW_SHOE;
+    catalog
+        .upsert_items(proto::UpsertItemsRequest {
+            items: vec![proto::Item {
+                item_id: new_shoe.into(),
+                title: "Launch shoe".into(),
+                categories: vec!["shoes".into()],
+                available: Some(true),
+                embedding: embedding(0, ITEMS_PER_CATEGORY),
+            }],
+        })
+        .await
+        .context("upserting the new item")?;
+    println!(
+        "\n5. A new shoe ({new_shoe}) enters the catalog with its embedding; nobody has seen it yet:"
+    );
+    let before = ids(&last);
+    let ten = top_n("alice", 10).await?;
+    show("alice's top 10", &ten, &before);
+    let via_content = ten
+        .items
+        .iter()
+        .find(|i| i.item_id == new_shoe)
+        .is_some_and(|i| i.source == proto::Source::Content as i32);
+    println!(
+        "\n   {}",
+        if via_content {
+            "The new shoe is recommended by the content model before its first event (cold start)."
+        } else {
+            "The new shoe is not in her top 10 (the shoes MF knows score higher)."
+        }
+    );
+
     let bob_after = top("shopper-2").await?;
     println!(
-        "\n5. Another user (shopper-2, a kitchen fan) is untouched: {} before, {} after: {}.",
+        "\n6. Another user (shopper-2, a kitchen fan) is untouched: {} before, {} after: {}.",
         bob_before.profile_version,
         bob_after.profile_version,
         if ids(&bob_before) == ids(&bob_after) {
@@ -306,7 +365,7 @@ async fn drive(endpoint: &str) -> anyhow::Result<()> {
         }
     );
 
-    println!("\n6. Every status kind, in one batch:");
+    println!("\n7. Every status kind, in one batch:");
     let mut batch = Vec::new();
     if let Some(p) = purchase_event {
         batch.push(p);
