@@ -29,6 +29,12 @@ use crate::linalg::{add_outer_lower, cholesky_solve, dot};
 use crate::popularity::Popularity;
 use crate::rng::{SplitMix, fnv1a, mix, unit_f32};
 
+thread_local! {
+    /// Per-thread scratch of one SGD update (the user's old vector, its gradient and one
+    /// item vector), so learning allocates nothing per event.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Version label of this model.
 pub const VERSION: &str = "online-mf";
 
@@ -40,6 +46,20 @@ struct Gram {
     items: usize,
 }
 
+/// The Gram matrix being summed a little per event ([`OnlineMf::advance_gram`]).
+struct GramBuild {
+    /// Partial sum, `k × k`, lower triangle.
+    acc: Vec<f32>,
+    /// Scratch for one item's vector.
+    q: Vec<f32>,
+    /// Position in the known-item list of the next item to add.
+    next: usize,
+    /// Items this pass covers: those known when it began.
+    target: usize,
+    /// Event number at which this pass began.
+    started: u64,
+}
+
 /// Online implicit matrix factorisation with fold-in and time-decayed popularity.
 pub struct OnlineMf {
     config: MfConfig,
@@ -47,8 +67,7 @@ pub struct OnlineMf {
     users: DashMap<UserId, Box<[f32]>>,
     popularity: Popularity,
     gram: ArcSwap<Gram>,
-    gram_due: AtomicU64,
-    gram_lock: Mutex<()>,
+    gram_build: Mutex<GramBuild>,
     /// Events observed, which also numbers each event's random stream.
     events: AtomicU64,
     /// Recent positive items, for popularity-proportional negatives.
@@ -74,8 +93,13 @@ impl OnlineMf {
                 g: vec![0.0; k * k],
                 items: 0,
             }),
-            gram_due: AtomicU64::new(0),
-            gram_lock: Mutex::new(()),
+            gram_build: Mutex::new(GramBuild {
+                acc: vec![0.0; k * k],
+                q: vec![0.0; k],
+                next: 0,
+                target: 0,
+                started: 0,
+            }),
             events: AtomicU64::new(0),
             ring: (0..config.recent_ring).map(|_| AtomicU32::new(0)).collect(),
             ring_pos: AtomicU64::new(0),
@@ -156,18 +180,48 @@ impl OnlineMf {
     }
 
     /// Recomputes the Gram matrix and the popular list now (e.g. after a replay), instead
-    /// of waiting for the next periodic refresh.
+    /// of waiting for the rolling refresh.
     pub fn refresh(&self) {
-        let _g = self.gram_lock.lock();
+        let mut build = self.gram_build.lock();
         self.rebuild_gram();
+        build.acc.fill(0.0);
+        build.next = 0;
+        build.target = 0;
+        build.started = self.events();
         self.popularity.rebuild(&self.items);
     }
 
-    /// Rebuilds the Gram matrix unless another thread is already at it.
-    fn try_rebuild_gram(&self) {
-        if let Some(_g) = self.gram_lock.try_lock() {
-            self.rebuild_gram();
+    /// Adds one more item to the Gram matrix being summed and publishes it once it
+    /// covers every item known when its pass began, so the cost of keeping the matrix
+    /// fresh is one `k × k` outer product per event, never a whole rebuild on one
+    /// event's path (which at a million items would stall that event for a second). A
+    /// pass lasts as many events as it has items, and at least `gram_refresh_events`.
+    /// Skipped when another thread holds the build: a concurrent event does the step.
+    fn advance_gram(&self, event_no: u64) {
+        let Some(mut guard) = self.gram_build.try_lock() else {
+            return;
+        };
+        let k = self.config.factors;
+        let b = &mut *guard;
+        if b.next < b.target {
+            if let Some(idx) = self.items.known_at(b.next)
+                && self.items.read_into(idx, &mut b.q)
+            {
+                add_outer_lower(&mut b.acc, k, &b.q, 1.0);
+            }
+            b.next += 1;
+            return;
         }
+        if event_no.saturating_sub(b.started) < self.config.gram_refresh_events {
+            return;
+        }
+        if b.target > 0 {
+            let g = std::mem::replace(&mut b.acc, vec![0.0; k * k]);
+            self.gram.store(Arc::new(Gram { g, items: b.target }));
+        }
+        b.next = 0;
+        b.target = self.items.len();
+        b.started = event_no;
     }
 
     fn rebuild_gram(&self) {
@@ -183,9 +237,6 @@ impl OnlineMf {
             items += 1;
         });
         self.gram.store(Arc::new(Gram { g, items }));
-        let due = self.config.gram_refresh_events.max(items as u64);
-        self.gram_due
-            .store(self.events().saturating_add(due), Ordering::Relaxed);
     }
 
     fn initial_user(&self, user: &UserId) -> Box<[f32]> {
@@ -248,23 +299,42 @@ impl OnlineMf {
                 .or_insert_with(|| self.initial_user(obs.user)),
         };
         let p: &mut [f32] = entry.value_mut();
-        let p_old = p.to_vec();
-        let mut grad = vec![0.0f32; k];
-        let mut q = vec![0.0f32; k];
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.resize(3 * k, 0.0);
+            let (p_old, rest) = scratch.split_at_mut(k);
+            let (grad, q) = rest.split_at_mut(k);
+            p_old.copy_from_slice(p);
+            self.sgd(obs, &mut rng, p, p_old, grad, q);
+        });
+    }
+
+    /// The SGD steps of one event: the item (and sampled negatives) against `p_old`, the
+    /// user's vector before the event, then the user's own step into `p`.
+    fn sgd(
+        &self,
+        obs: &Observation<'_>,
+        rng: &mut SplitMix,
+        p: &mut [f32],
+        p_old: &[f32],
+        grad: &mut [f32],
+        q: &mut [f32],
+    ) {
+        let k = p.len();
         let c = obs.weight.abs().min(self.config.max_confidence);
         if obs.weight > 0.0 {
-            self.step(obs.item, &p_old, 1.0, c, &mut grad, &mut q);
+            self.step(obs.item, p_old, 1.0, c, grad, q);
             let neg_c = self.config.negative_weight;
             for _ in 0..self.config.negatives {
-                match self.sample_negative(&mut rng) {
+                match self.sample_negative(rng) {
                     Some(j) if j != obs.item => {
-                        self.step(j, &p_old, 0.0, neg_c, &mut grad, &mut q);
+                        self.step(j, p_old, 0.0, neg_c, grad, q);
                     }
                     _ => {}
                 }
             }
         } else {
-            self.step(obs.item, &p_old, 0.0, c, &mut grad, &mut q);
+            self.step(obs.item, p_old, 0.0, c, grad, q);
         }
         let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
         for d in 0..k {
@@ -303,8 +373,13 @@ impl OnlineMf {
         if positives == 0 {
             return None;
         }
-        if self.gram.load().items == 0 && !self.items.is_empty() {
-            self.try_rebuild_gram();
+        // The first fold-in after start-up sums the Gram matrix at once rather than
+        // waiting for the rolling pass (unless another thread holds the build).
+        if self.gram.load().items == 0
+            && !self.items.is_empty()
+            && let Some(_build) = self.gram_build.try_lock()
+        {
+            self.rebuild_gram();
         }
         let gram = self.gram.load();
         if gram.items > 0 {
@@ -342,9 +417,7 @@ impl OnlineModel for OnlineMf {
         }
         self.popularity
             .record(&self.items, obs.item, obs.weight, obs.timestamp_ms);
-        if event_no + 1 >= self.gram_due.load(Ordering::Relaxed) {
-            self.try_rebuild_gram();
-        }
+        self.advance_gram(event_no);
     }
 
     fn forget_user(&self, user: &UserId) {
