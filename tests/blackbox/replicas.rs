@@ -2,7 +2,7 @@
 //! by any replica, duplicates recognised across replicas, catalog changes seen by all,
 //! and a Redis outage answered with UNAVAILABLE, then recovered from without loss.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reflex_server::proto;
 use reflex_server::proto::EventKind::{Purchase, View};
@@ -28,22 +28,6 @@ fn start_replica(redis: &RedisServer, extra: &[(&str, &str)]) -> (tempfile::Temp
     all.extend_from_slice(extra);
     let server = Reflex::start_with(dir.path(), &all);
     (dir, server)
-}
-
-/// Polls `check` until it holds or `within` passes; the last failure message otherwise.
-async fn eventually<F, Fut>(within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(why) if start.elapsed() > within => panic!("not within {within:?}: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 async fn ingest(

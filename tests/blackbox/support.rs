@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
 use reflex_server::proto;
@@ -173,17 +173,21 @@ pub struct EventStream {
 
 impl EventStream {
     pub async fn open(channel: Channel) -> EventStream {
+        Self::try_open(channel).await.expect("opening the stream")
+    }
+
+    /// Opens a stream; the server's refusal when it does not admit it.
+    pub async fn try_open(channel: Channel) -> Result<EventStream, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let acks = EventServiceClient::new(channel)
             .stream(ReceiverStream::new(rx))
-            .await
-            .expect("opening the stream")
+            .await?
             .into_inner();
-        EventStream {
+        Ok(EventStream {
             tx,
             acks,
             next_sequence: 1,
-        }
+        })
     }
 
     /// Sends a batch without waiting; returns its sequence number.
@@ -202,6 +206,18 @@ impl EventStream {
         tokio::time::timeout(Duration::from_secs(30), self.acks.next())
             .await
             .expect("ack within 30 s")
+    }
+
+    /// Closes the sending side and reads what is left until the server ends the stream.
+    pub async fn finish(self) {
+        let EventStream { tx, mut acks, .. } = self;
+        drop(tx);
+        while let Some(next) = tokio::time::timeout(Duration::from_secs(30), acks.next())
+            .await
+            .expect("the stream ends within 30 s")
+        {
+            next.expect("the stream ends cleanly");
+        }
     }
 
     /// Sends a batch and waits for its ack.
@@ -341,3 +357,20 @@ pub async fn similar(channel: &Channel, item: &str, count: u32) -> Vec<(String, 
         .map(|i| (i.item_id, i.score))
         .collect()
 }
+
+/// Polls `check` until it holds or `within` passes; the last failure message otherwise.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if start.elapsed() > within => panic!("not within {within:?}: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+

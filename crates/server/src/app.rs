@@ -25,6 +25,11 @@ use crate::middleware::{
 use crate::proto;
 use crate::services::Reflex;
 
+/// How often the server pings an HTTP/2 connection to check its client is still there.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection (and its streams) is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The storage half of the engine's backends.
 pub struct Stores {
     /// The event log.
@@ -316,13 +321,19 @@ pub async fn serve(
         })
         .layer(AdmissionLayer::new(
             config.limits.max_concurrent_calls.max(1),
+            config.limits.max_streams.max(1),
             config.limits.retry_pushback_ms,
             metrics.clone(),
         ))
         .option_layer(keys.map(AuthLayer::new))
         .layer(OversizeAsResourceExhausted)
         .into_inner();
-    let mut server = Server::builder();
+    // HTTP/2 pings find connections whose client vanished without closing them (a host
+    // that died, a dropped NAT entry), so their event streams end and free their
+    // `limits.max_streams` permits instead of holding them forever.
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         server = server.tls_config(tls).context("configuring TLS")?;
     }

@@ -132,10 +132,14 @@ impl VersionsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Calls running at once across all connections; more are refused, not queued.
+    /// An event stream counts only until its response starts: `max_streams` bounds it.
     pub max_concurrent_calls: usize,
+    /// `EventService.Stream` calls open at once, each counted for its whole life; one
+    /// more is refused at once, not queued.
+    pub max_streams: usize,
     /// Longest a unary call may run, whatever deadline the client sets, in ms.
     pub max_call_ms: u64,
-    /// Retry advice sent with a refusal at the concurrency limit, in ms.
+    /// Retry advice sent with a refusal at the call or stream limit, in ms.
     pub retry_pushback_ms: u64,
 }
 
@@ -143,6 +147,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_concurrent_calls: 1024,
+            max_streams: 256,
             max_call_ms: 10_000,
             retry_pushback_ms: 100,
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -172,26 +172,52 @@ where
     }
 }
 
-/// Load shedding: at most `max_concurrent` calls run at once across all connections; one
-/// more is refused at once with `RESOURCE_EXHAUSTED` and retry advice
-/// (`grpc-retry-pushback-ms`) instead of queueing without bound. Health checks are exempt.
+/// Load shedding: at most `max_concurrent` calls run at once across all connections, and
+/// at most `max_streams` event streams are open at once; one more of either is refused at
+/// once with `RESOURCE_EXHAUSTED` and retry advice (`grpc-retry-pushback-ms`) instead of
+/// queueing without bound. Health checks are exempt.
+///
+/// A call holds its concurrency permit until its response starts, which for an event
+/// stream is almost at once; so a stream also takes a stream permit, which travels with
+/// its response body and is released when the body is dropped: when the stream ends, the
+/// client cancels it or its connection goes away.
 #[derive(Clone)]
 pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
     max: usize,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
     pushback_ms: u64,
     metrics: Arc<Metrics>,
 }
 
 impl AdmissionLayer {
-    /// Admits `max_concurrent` calls at once, advising a retry after `pushback_ms`.
-    pub fn new(max_concurrent: usize, pushback_ms: u64, metrics: Arc<Metrics>) -> Self {
+    /// Admits `max_concurrent` calls and `max_streams` open event streams at once,
+    /// advising a retry after `pushback_ms`.
+    pub fn new(
+        max_concurrent: usize,
+        max_streams: usize,
+        pushback_ms: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_concurrent)),
             max: max_concurrent,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
             pushback_ms,
             metrics,
         }
+    }
+
+    /// The refusal at a limit, counted under `reason`.
+    fn refuse(&self, reason: &str, message: String) -> Status {
+        self.metrics.load_shed.with_label_values(&[reason]).inc();
+        let mut status = Status::resource_exhausted(message);
+        if let Ok(v) = self.pushback_ms.to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        }
+        status
     }
 }
 
@@ -213,40 +239,118 @@ pub struct Admission<S> {
     layer: AdmissionLayer,
 }
 
-impl<S, B, RB> Service<Request<B>> for Admission<S>
+/// One open event stream's place under `limits.max_streams`, counted in
+/// `reflex_open_streams` while it lives.
+struct StreamPermit {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl StreamPermit {
+    fn new(permit: OwnedSemaphorePermit, open: prometheus::IntGauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A response body that holds a [`StreamPermit`] until hyper drops it, which it does
+/// when the stream has sent its trailers, was reset by the client, or lost its connection.
+struct WithPermit<B> {
+    inner: B,
+    _permit: StreamPermit,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for WithPermit<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, B> Service<Request<B>> for Admission<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<tonic::body::Body>>,
     S::Future: Send + 'static,
-    RB: Default + Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+    type Future = BoxFuture<Result<Response<tonic::body::Body>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if request.uri().path().starts_with(HEALTH_PREFIX) {
+        let path = request.uri().path();
+        if path.starts_with(HEALTH_PREFIX) {
             return Box::pin(self.inner.call(request));
         }
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            self.layer.metrics.load_shed.inc();
-            let mut status = Status::resource_exhausted(format!(
-                "server is at its limit of {} concurrent calls; retry after {} ms with backoff",
-                self.layer.max, self.layer.pushback_ms
-            ));
-            if let Ok(v) = self.layer.pushback_ms.to_string().parse() {
-                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
-            }
+        let layer = &self.layer;
+        let stream_permit = if path == STREAM_PATH {
+            let Ok(permit) = layer.streams.clone().try_acquire_owned() else {
+                let status = layer.refuse(
+                    "streams",
+                    format!(
+                        "server is at its limit of {} open event streams; retry after {} ms \
+                         with backoff",
+                        layer.max_streams, layer.pushback_ms
+                    ),
+                );
+                return Box::pin(async move { Ok(status_response(status)) });
+            };
+            Some(StreamPermit::new(
+                permit,
+                layer.metrics.open_streams.clone(),
+            ))
+        } else {
+            None
+        };
+        let Ok(permit) = layer.permits.clone().try_acquire_owned() else {
+            let status = layer.refuse(
+                "calls",
+                format!(
+                    "server is at its limit of {} concurrent calls; retry after {} ms with \
+                     backoff",
+                    layer.max, layer.pushback_ms
+                ),
+            );
             return Box::pin(async move { Ok(status_response(status)) });
         };
         let call = self.inner.call(request);
         Box::pin(async move {
             let result = call.await;
             drop(permit);
-            result
+            match (result, stream_permit) {
+                (Ok(response), Some(stream)) => Ok(response.map(|inner| {
+                    tonic::body::Body::new(WithPermit {
+                        inner,
+                        _permit: stream,
+                    })
+                })),
+                (result, _) => result,
+            }
         })
     }
 }
