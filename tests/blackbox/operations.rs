@@ -43,18 +43,6 @@ fn batch(prefix: &str, n: usize) -> proto::IngestRequest {
     }
 }
 
-async fn health(channel: &Channel) -> ServingStatus {
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).unwrap()
-}
-
 #[tokio::test]
 async fn api_keys_and_scopes() {
     let dir = tempfile::tempdir().unwrap();

@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A running `reflex serve`, killed when dropped.
 pub struct Reflex {
@@ -34,6 +37,22 @@ impl Reflex {
     /// Starts the binary on a free port over `data_dir` with extra `REFLEX_…` variables,
     /// and waits until it serves.
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Reflex {
+        Self::launch(data_dir, env, &["reflex listening on "])
+    }
+
+    /// Like [`start_with`](Self::start_with), but returns as soon as the server listens,
+    /// also while it is still waiting for its store (health NOT_SERVING).
+    pub fn start_listening_with(data_dir: &Path, env: &[(&str, &str)]) -> Reflex {
+        Self::launch(
+            data_dir,
+            env,
+            &["reflex listening on ", "reflex starting on "],
+        )
+    }
+
+    /// Starts the binary and waits for a line that starts with one of `announcements`
+    /// followed by the gRPC address.
+    fn launch(data_dir: &Path, env: &[(&str, &str)], announcements: &[&str]) -> Reflex {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_reflex"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -52,9 +71,11 @@ impl Reflex {
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("reflex listening on ") {
-                        let addr: SocketAddr =
-                            addr.trim().parse().expect("address in the ready line");
+                    let announced = announcements
+                        .iter()
+                        .find_map(|a| line.strip_prefix(a)?.split_whitespace().next());
+                    if let Some(addr) = announced {
+                        let addr: SocketAddr = addr.parse().expect("address in the ready line");
                         // The metrics line, when there is one, follows at once.
                         let metrics_on = env
                             .iter()
@@ -374,3 +395,15 @@ where
     }
 }
 
+/// What the server's health service says about the whole server.
+pub async fn health(channel: &Channel) -> ServingStatus {
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}

@@ -233,6 +233,9 @@ pub struct StoreConfig {
     /// With a shared backend, how often the model reads the shared event log for the
     /// events of every replica, in ms.
     pub follow_interval_ms: u64,
+    /// With a shared backend that cannot be reached at start-up, the longest wait
+    /// between attempts to open it, in ms (the first wait is 100 ms, then doubling).
+    pub connect_retry_max_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -243,6 +246,7 @@ impl Default for StoreConfig {
             redis: RedisConfig::default(),
             scylla: ScyllaConfig::default(),
             follow_interval_ms: 10,
+            connect_retry_max_ms: 5_000,
         }
     }
 }

@@ -33,6 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use self::drivers::{BenchKey, Conn, IngestDriver, Probe, RpcWorker, Target, send_all};
@@ -232,18 +233,24 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the server answers its health check.
+/// Waits until the server's health check says SERVING.
 async fn wait_healthy(target: &Target) -> anyhow::Result<Conn> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let attempt = async {
             let channel = target.connect().await?;
-            HealthClient::new(channel.clone())
+            let status = HealthClient::new(channel.clone())
                 .check(HealthCheckRequest {
                     service: String::new(),
                 })
                 .await
-                .context("health check")?;
+                .context("health check")?
+                .into_inner()
+                .status;
+            // A server still recovering (or waiting for its store) says NOT_SERVING.
+            if status != ServingStatus::Serving as i32 {
+                bail!("health check: not serving yet (status {status})");
+            }
             anyhow::Ok(channel)
         };
         match attempt.await {
