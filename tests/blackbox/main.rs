@@ -7,6 +7,7 @@
 mod support;
 
 mod batch;
+mod bench;
 mod content;
 mod demo;
 mod ingest;

@@ -43,18 +43,6 @@ fn batch(prefix: &str, n: usize) -> proto::IngestRequest {
     }
 }
 
-async fn health(channel: &Channel) -> ServingStatus {
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).unwrap()
-}
-
 #[tokio::test]
 async fn api_keys_and_scopes() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,9 +186,103 @@ async fn a_burst_beyond_the_limit_is_shed_with_retry_advice() {
     let text = scrape(&server).await;
     let line = text
         .lines()
-        .find(|l| l.starts_with("reflex_load_shed_total"))
+        .find(|l| l.starts_with("reflex_load_shed_total{reason=\"calls\"}"))
         .unwrap();
-    assert_eq!(line, format!("reflex_load_shed_total {shed}"));
+    assert_eq!(
+        line,
+        format!("reflex_load_shed_total{{reason=\"calls\"}} {shed}")
+    );
+}
+
+/// The value of the unlabelled or fully labelled series `series` in a scrape.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Opens an event stream as soon as the server admits one (within 5 s).
+async fn open_when_admitted(channel: &Channel) -> EventStream {
+    let start = std::time::Instant::now();
+    loop {
+        match EventStream::try_open(channel.clone()).await {
+            Ok(stream) => return stream,
+            Err(status)
+                if status.code() == Code::ResourceExhausted
+                    && start.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("no stream admitted within 5 s: {status}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn open_event_streams_are_limited_for_their_whole_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Reflex::start_with(dir.path(), &[("REFLEX_LIMITS__MAX_STREAMS", "2")]);
+    let channel = server.channel().await;
+    // Two long-lived streams, each on its own connection; both ack a batch, so both are
+    // open on the server, well past the start of their responses.
+    let (first_conn, second_conn) = (server.channel().await, server.channel().await);
+    let mut first = EventStream::open(first_conn.clone()).await;
+    let mut second = EventStream::open(second_conn.clone()).await;
+    first.round_trip(vec![event("s1", "u1", "i1", View)]).await;
+    second.round_trip(vec![event("s2", "u2", "i2", View)]).await;
+    let text = scrape(&server).await;
+    assert_eq!(metric(&text, "reflex_open_streams"), Some(2.0), "{text}");
+
+    // A third is refused at once, with retry advice.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        EventServiceClient::new(channel.clone()).stream(tokio_stream::iter(vec![batch("s3", 1)])),
+    )
+    .await
+    .expect("refused at once, not queued")
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(refused.message().contains("event streams"), "{refused}");
+    assert!(
+        refused.metadata().get("grpc-retry-pushback-ms").is_some(),
+        "{refused:?}"
+    );
+    // Unary calls are not streams: still served.
+    let ack = EventServiceClient::new(channel.clone())
+        .ingest(batch("unary", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 2);
+    recommend(&channel, "u1", 3).await;
+    let text = scrape(&server).await;
+    assert_eq!(
+        metric(&text, "reflex_load_shed_total{reason=\"streams\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "reflex_load_shed_total{reason=\"calls\"}"),
+        Some(0.0)
+    );
+
+    // A stream that ends cleanly frees its place.
+    first.finish().await;
+    let mut third = open_when_admitted(&channel).await;
+    third.round_trip(vec![event("s4", "u3", "i3", View)]).await;
+    let refused = EventStream::try_open(channel.clone())
+        .await
+        .err()
+        .expect("full again");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    // So does one whose client vanishes: its connection goes away mid-stream.
+    drop(second);
+    drop(second_conn);
+    let mut fourth = open_when_admitted(&channel).await;
+    fourth.round_trip(vec![event("s5", "u4", "i4", View)]).await;
+    drop(first_conn);
+    let text = scrape(&server).await;
+    assert_eq!(metric(&text, "reflex_open_streams"), Some(2.0), "{text}");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use reflex_server::proto;
 use reflex_server::proto::EventKind::{Purchase, View};
 use reflex_server::proto::event_service_client::EventServiceClient;
+use reflex_server::proto::recommend_service_client::RecommendServiceClient;
 use reflex_storage::testing::RedisServer;
 use tonic::transport::Channel;
 
@@ -28,22 +29,6 @@ fn start_replica(redis: &RedisServer, extra: &[(&str, &str)]) -> (tempfile::Temp
     all.extend_from_slice(extra);
     let server = Reflex::start_with(dir.path(), &all);
     (dir, server)
-}
-
-/// Polls `check` until it holds or `within` passes; the last failure message otherwise.
-async fn eventually<F, Fut>(within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(why) if start.elapsed() > within => panic!("not within {within:?}: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 async fn ingest(
@@ -386,4 +371,170 @@ async fn the_learner_hands_over_when_it_dies_and_rollbacks_reach_every_replica()
         }
     })
     .await;
+}
+
+/// The Redis settings of a replica pointed at `url`, retrying a failed start quickly.
+fn starting_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("REFLEX_STORE__BACKEND", "redis".to_string()),
+        ("REFLEX_STORE__REDIS__URL", url.to_string()),
+        ("REFLEX_STORE__REDIS__CONNECT_TIMEOUT_MS", "500".to_string()),
+        ("REFLEX_STORE__REDIS__COMMAND_TIMEOUT_MS", "500".to_string()),
+        ("REFLEX_STORE__CONNECT_RETRY_MAX_MS", "400".to_string()),
+    ]
+}
+
+fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn starts_before_redis_is_up_and_serves_once_it_is() {
+    let Some(mut redis) = RedisServer::start() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    // Its port is known; nothing listens there until it is started again.
+    redis.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let env = starting_env(&redis.url());
+    let server = Reflex::start_listening_with(dir.path(), &as_refs(&env));
+    let channel = server.channel().await;
+    assert_eq!(
+        health(&channel).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    let refused = RecommendServiceClient::new(channel.clone())
+        .recommend(proto::RecommendRequest {
+            user_id: "early".into(),
+            count: 3,
+            filter: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("starting"), "{refused}");
+    assert!(
+        refused.metadata().get("grpc-retry-pushback-ms").is_some(),
+        "{refused:?}"
+    );
+    let refused = ingest(&channel, vec![event("early-1", "early", "toys-1", View)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    let stream = EventStream::try_open(channel.clone()).await;
+    let status = match stream {
+        Err(status) => status,
+        Ok(mut stream) => stream.next_ack().await.expect("an answer").unwrap_err(),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    // Each failed attempt is counted.
+    eventually(Duration::from_secs(5), || async {
+        let text = scrape(&server).await;
+        let failures = text
+            .lines()
+            .find_map(|l| l.strip_prefix("reflex_backend_errors_total{op=\"startup\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        match failures >= 2 {
+            true => Ok(()),
+            false => Err(format!("{failures} start-up failures counted")),
+        }
+    })
+    .await;
+
+    redis.restart();
+    eventually(Duration::from_secs(10), || async {
+        match health(&channel).await {
+            tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+            other => Err(format!("health {other:?}")),
+        }
+    })
+    .await;
+    upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
+    let ack = ingest(
+        &channel,
+        vec![
+            event("late-1", "late", "toys-1", View),
+            event("late-2", "late", "toys-2", Purchase),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.accepted, 2);
+    let r = recommend(&channel, "late", 4).await;
+    assert_eq!(r.profile_version, 2, "{r:?}");
+    assert!(!r.degraded);
+    assert!(!ids(&r).contains(&"toys-2".to_string()), "purchased: {r:?}");
+}
+
+/// A port on this host where nothing listens.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_for_the_store_exits_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = starting_env(&format!("redis://127.0.0.1:{}", dead_port()));
+    let mut server = Reflex::start_listening_with(dir.path(), &as_refs(&env));
+    let channel = server.channel().await;
+    assert_eq!(
+        health(&channel).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), server.terminate())
+        .await
+        .expect("exits within 5 s of SIGTERM");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Runs `reflex serve` on the Redis backend with `env`; its exit status and stderr once it
+/// exits, which it must do within 10 s.
+fn serve_until_exit(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reflex"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("REFLEX_METRICS__LISTEN", "127.0.0.1:0")
+        .env("REFLEX_STORE__BACKEND", "redis")
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .env_remove("REFLEX_CONFIG")
+        .env_remove("RUST_BACKTRACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("a misconfiguration must end the start, not be retried: {env:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn a_store_misconfiguration_fails_at_start() {
+    let (status, stderr) = serve_until_exit(&[("REFLEX_STORE__REDIS__URL", "redis://127.0.0.1:x")]);
+    assert!(!status.success());
+    assert!(stderr.contains("store.redis.url"), "{stderr}");
+    let (status, stderr) = serve_until_exit(&[(
+        "REFLEX_STORE__REDIS__PASSWORD_ENV",
+        "REFLEX_TEST_UNSET_PASSWORD_VARIABLE",
+    )]);
+    assert!(!status.success());
+    assert!(stderr.contains("store.redis.password_env"), "{stderr}");
 }

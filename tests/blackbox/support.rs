@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
 use reflex_server::proto;
@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A running `reflex serve`, killed when dropped.
 pub struct Reflex {
@@ -34,6 +37,22 @@ impl Reflex {
     /// Starts the binary on a free port over `data_dir` with extra `REFLEX_…` variables,
     /// and waits until it serves.
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Reflex {
+        Self::launch(data_dir, env, &["reflex listening on "])
+    }
+
+    /// Like [`start_with`](Self::start_with), but returns as soon as the server listens,
+    /// also while it is still waiting for its store (health NOT_SERVING).
+    pub fn start_listening_with(data_dir: &Path, env: &[(&str, &str)]) -> Reflex {
+        Self::launch(
+            data_dir,
+            env,
+            &["reflex listening on ", "reflex starting on "],
+        )
+    }
+
+    /// Starts the binary and waits for a line that starts with one of `announcements`
+    /// followed by the gRPC address.
+    fn launch(data_dir: &Path, env: &[(&str, &str)], announcements: &[&str]) -> Reflex {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_reflex"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -52,9 +71,11 @@ impl Reflex {
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("reflex listening on ") {
-                        let addr: SocketAddr =
-                            addr.trim().parse().expect("address in the ready line");
+                    let announced = announcements
+                        .iter()
+                        .find_map(|a| line.strip_prefix(a)?.split_whitespace().next());
+                    if let Some(addr) = announced {
+                        let addr: SocketAddr = addr.parse().expect("address in the ready line");
                         // The metrics line, when there is one, follows at once.
                         let metrics_on = env
                             .iter()
@@ -173,17 +194,21 @@ pub struct EventStream {
 
 impl EventStream {
     pub async fn open(channel: Channel) -> EventStream {
+        Self::try_open(channel).await.expect("opening the stream")
+    }
+
+    /// Opens a stream; the server's refusal when it does not admit it.
+    pub async fn try_open(channel: Channel) -> Result<EventStream, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let acks = EventServiceClient::new(channel)
             .stream(ReceiverStream::new(rx))
-            .await
-            .expect("opening the stream")
+            .await?
             .into_inner();
-        EventStream {
+        Ok(EventStream {
             tx,
             acks,
             next_sequence: 1,
-        }
+        })
     }
 
     /// Sends a batch without waiting; returns its sequence number.
@@ -202,6 +227,18 @@ impl EventStream {
         tokio::time::timeout(Duration::from_secs(30), self.acks.next())
             .await
             .expect("ack within 30 s")
+    }
+
+    /// Closes the sending side and reads what is left until the server ends the stream.
+    pub async fn finish(self) {
+        let EventStream { tx, mut acks, .. } = self;
+        drop(tx);
+        while let Some(next) = tokio::time::timeout(Duration::from_secs(30), acks.next())
+            .await
+            .expect("the stream ends within 30 s")
+        {
+            next.expect("the stream ends cleanly");
+        }
     }
 
     /// Sends a batch and waits for its ack.
@@ -341,4 +378,33 @@ pub async fn similar(channel: &Channel, item: &str, count: u32) -> Vec<(String, 
         .into_iter()
         .map(|i| (i.item_id, i.score))
         .collect()
+}
+
+/// Polls `check` until it holds or `within` passes; the last failure message otherwise.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if start.elapsed() > within => panic!("not within {within:?}: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// What the server's health service says about the whole server.
+pub async fn health(channel: &Channel) -> ServingStatus {
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
 }

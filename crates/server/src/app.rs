@@ -21,9 +21,15 @@ use crate::instrumented::Instrumented;
 use crate::metrics::Metrics;
 use crate::middleware::{
     AdmissionLayer, AuthLayer, DeadlineLayer, GrpcMetricsLayer, OversizeAsResourceExhausted,
+    Startup, WhenReady,
 };
 use crate::proto;
 use crate::services::Reflex;
+
+/// How often the server pings an HTTP/2 connection to check its client is still there.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection (and its streams) is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The storage half of the engine's backends.
 pub struct Stores {
@@ -35,6 +41,9 @@ pub struct Stores {
     pub catalog: Arc<dyn CatalogStore>,
     /// Model versions and the learner lease.
     pub models: Arc<dyn ModelStore>,
+    /// The Redis store, when it is the backend: its connections outlive the handles
+    /// above and are closed through it when a start-up attempt gives up on it.
+    pub redis: Option<Arc<RedisStore>>,
 }
 
 impl Stores {
@@ -45,6 +54,7 @@ impl Stores {
             profiles: store.clone(),
             catalog: store.clone(),
             models: store,
+            redis: None,
         }
     }
 }
@@ -72,7 +82,10 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
                         config.store.redis.url_redacted()
                     )
                 })?;
-            Stores::all_in(store)
+            Stores {
+                redis: Some(store.clone()),
+                ..Stores::all_in(store)
+            }
         }
         Backend::Scylla => {
             let store = ScyllaStore::connect(config.store.scylla.clone(), config.profiles.clone())
@@ -106,6 +119,7 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         profiles,
         catalog,
         models,
+        redis,
     } = stores;
     let backends = Backends {
         sink: Instrumented::new(sink, metrics.clone()),
@@ -132,7 +146,16 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
     }
     let engine = Arc::new(engine);
     let started = std::time::Instant::now();
-    let replayed = engine.recover().await.context("replaying the event log")?;
+    let replayed = match engine.recover().await {
+        Ok(replayed) => replayed,
+        Err(err) => {
+            // A failed start may be retried: close this attempt's connections.
+            if let Some(redis) = redis {
+                redis.quit().await;
+            }
+            return Err(err).context("replaying the event log");
+        }
+    };
     // Replayed events were scored when they first came; score from here on.
     engine.start_quality();
     info!(
@@ -143,14 +166,92 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
     Ok(engine)
 }
 
+/// How far [`serve`] has come, as told to its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Listening, with health NOT_SERVING and every other call answered `UNAVAILABLE`:
+    /// the shared store could not be reached and opening it is being retried.
+    WaitingForStore,
+    /// State recovered; requests are served.
+    Ready,
+}
+
+/// The first wait before trying to open an unreachable store again.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether `err` says a backend could not be reached, which retrying may fix (as opposed
+/// to a configuration error or corrupt data, which it will not).
+fn is_unreachable(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<reflex_core::Error>(),
+            Some(reflex_core::Error::Unavailable { .. })
+        )
+    })
+}
+
+/// Builds the engine as [`build_engine`] does; with a shared backend that cannot be
+/// reached, retries with capped exponential backoff (each failure logged and counted in
+/// `reflex_backend_errors_total{op="startup"}`), calling `on_waiting` after the first.
+/// `None` when `stop` turns true first. Any other failure, and any failure of the
+/// embedded store, is returned at once.
+async fn start_engine(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    startup: &Startup,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut on_waiting: impl FnMut(),
+) -> anyhow::Result<Option<Arc<Engine>>> {
+    let max_wait = Duration::from_millis(config.store.connect_retry_max_ms).max(FIRST_RETRY);
+    let mut wait = FIRST_RETRY;
+    let mut attempt = 1u64;
+    loop {
+        let built = tokio::select! {
+            built = build_engine(config, metrics) => built,
+            _ = stop.wait_for(|stop| *stop) => return Ok(None),
+        };
+        let err = match built {
+            Ok(engine) => {
+                startup.set_store_unreachable(false);
+                return Ok(Some(engine));
+            }
+            Err(err) if config.store.backend.is_shared() && is_unreachable(&err) => err,
+            Err(err) => return Err(err),
+        };
+        metrics.backend_errors.with_label_values(&["startup"]).inc();
+        warn!(
+            error = %format!("{err:#}"),
+            attempt,
+            retry_in_ms = wait.as_millis() as u64,
+            "the store is not reachable at start-up; health stays NOT_SERVING until it is"
+        );
+        if attempt == 1 {
+            startup.set_store_unreachable(true);
+            on_waiting();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|stop| *stop) => return Ok(None),
+        }
+        wait = (wait * 2).min(max_wait);
+        attempt += 1;
+    }
+}
+
 /// Runs the server on `listener` until `shutdown` resolves, then drains, checkpoints
-/// and returns. `on_ready` is called with the bound gRPC address (and the metrics
-/// address, when enabled) once requests are served.
+/// and returns.
+///
+/// The listener answers at once: health reports NOT_SERVING and every other call
+/// `UNAVAILABLE` while the store is opened and state recovered (with a shared backend
+/// that cannot be reached, retried until it can), then SERVING. `on_progress` is told
+/// with the gRPC address (and the metrics address, when enabled) when the server is
+/// waiting for its store and when it is ready. Configuration errors (API keys, TLS
+/// files, the metrics address, store settings) end it at once.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    mut on_progress: impl FnMut(Progress, SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
     let keys = if config.auth.enabled {
         let keys = config.auth.load_keys()?;
@@ -168,8 +269,188 @@ pub async fn serve(
         None
     };
     let metrics = Metrics::new().context("registering metrics")?;
-    let engine = build_engine(&config, &metrics).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
+
+    // The caller's shutdown, as a flag both the start-up and the server watch.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Reflection v1 and, for older clients such as grpcurl before 1.9, v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
+
+    use proto::catalog_service_server::CatalogServiceServer;
+    use proto::event_service_server::EventServiceServer;
+    use proto::model_service_server::ModelServiceServer;
+    use proto::profile_service_server::ProfileServiceServer;
+    use proto::recommend_service_server::RecommendServiceServer;
+    // The API services exist from the start and answer UNAVAILABLE until the engine is
+    // recovered and they are set.
+    let startup = Startup::new(config.limits.retry_pushback_ms);
+    let events = WhenReady::<EventServiceServer<Reflex>>::new(startup.clone());
+    let recommend = WhenReady::<RecommendServiceServer<Reflex>>::new(startup.clone());
+    let catalog = WhenReady::<CatalogServiceServer<Reflex>>::new(startup.clone());
+    let profiles = WhenReady::<ProfileServiceServer<Reflex>>::new(startup.clone());
+    let models = WhenReady::<ModelServiceServer<Reflex>>::new(startup.clone());
+    let set_health = |status: tonic_health::ServingStatus| {
+        let health = health.clone();
+        async move {
+            for name in [
+                "",
+                <EventServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <RecommendServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <CatalogServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <ProfileServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+                <ModelServiceServer<Reflex> as tonic::server::NamedService>::NAME,
+            ] {
+                health.set_service_status(name, status).await;
+            }
+        }
+    };
+    // The reporter starts with "" SERVING; nothing is served before recovery.
+    set_health(tonic_health::ServingStatus::NotServing).await;
+
+    let otlp_metrics = config.telemetry.otlp_endpoint.clone().map(|endpoint| {
+        tokio::spawn(crate::otlp_metrics::run(
+            metrics.clone(),
+            endpoint,
+            config.telemetry.service_name.clone(),
+            Duration::from_millis(config.telemetry.otlp_metrics_interval_ms.max(100)),
+        ))
+    });
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_addr = if config.metrics.enabled {
+        let metrics_listener = TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", config.metrics.listen))?;
+        let metrics_addr = metrics_listener.local_addr().ok();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, stop).await {
+                warn!(error = %err, "metrics endpoint failed");
+            }
+        });
+        metrics_addr
+    } else {
+        None
+    };
+
+    // Shutdown: health turns NOT_SERVING, then after the drain delay the server stops
+    // accepting and lets open calls finish; after the grace period whatever is still
+    // open is closed so the process always exits. A server still starting has no
+    // traffic to drain and skips the delay.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain_delay = Duration::from_millis(config.drain_delay_ms);
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let (draining_streams, draining) = tokio::sync::watch::channel(false);
+    let server_shutdown = {
+        let mut stop = stop.clone();
+        let ready = ready.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+            set_health(tonic_health::ServingStatus::NotServing).await;
+            if ready.load(std::sync::atomic::Ordering::Acquire) {
+                info!(drain_delay_ms = drain_delay.as_millis() as u64, "draining");
+                tokio::time::sleep(drain_delay).await;
+            }
+            // Event streams ack the batch in hand and end; unary calls finish.
+            let _ = draining_streams.send(true);
+            let _ = draining_tx.send(());
+        }
+    };
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let grace_elapsed = async move {
+        if draining_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let layers = tower::ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
+        .layer(DeadlineLayer {
+            max: Duration::from_millis(config.limits.max_call_ms),
+        })
+        .layer(AdmissionLayer::new(
+            config.limits.max_concurrent_calls.max(1),
+            config.limits.max_streams.max(1),
+            config.limits.retry_pushback_ms,
+            metrics.clone(),
+        ))
+        .option_layer(keys.as_ref().map(|keys| AuthLayer::new(keys.clone())))
+        .layer(OversizeAsResourceExhausted)
+        .into_inner();
+    // HTTP/2 pings find connections whose client vanished without closing them (a host
+    // that died, a dropped NAT entry), so their event streams end and free their
+    // `limits.max_streams` permits instead of holding them forever.
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("configuring TLS")?;
+    }
+    let serving = server
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(events.clone())
+        .add_service(recommend.clone())
+        .add_service(catalog.clone())
+        .add_service(profiles.clone())
+        .add_service(models.clone())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_shutdown);
+    let serving = async move {
+        tokio::select! {
+            served = serving => served.context("serving gRPC"),
+            () = grace_elapsed => {
+                warn!(grace_ms = grace.as_millis() as u64, "grace period over, closing open calls");
+                Ok(())
+            }
+        }
+    };
+    tokio::pin!(serving);
+
+    // Recover while the listener answers probes; give up only on what retrying cannot fix.
+    let started = tokio::select! {
+        result = &mut serving => Err(result),
+        started = start_engine(&config, &metrics, &startup, stop.clone(), || {
+            on_progress(Progress::WaitingForStore, addr, metrics_addr);
+        }) => Ok(started),
+    };
+    let engine = match started {
+        Ok(Ok(Some(engine))) => engine,
+        // Stopped before the engine was ready: nothing to checkpoint.
+        Ok(Ok(None)) => {
+            info!("shutdown requested while starting");
+            let result = serving.await;
+            stop_side_tasks(otlp_metrics, metrics_stop);
+            return result;
+        }
+        Ok(Err(err)) => {
+            stop_side_tasks(otlp_metrics, metrics_stop);
+            return Err(err);
+        }
+        Err(result) => {
+            stop_side_tasks(otlp_metrics, metrics_stop);
+            return result;
+        }
+    };
 
     let maintenance = {
         let engine = engine.clone();
@@ -223,141 +504,23 @@ pub async fn serve(
         tokio::spawn(async move { run_learner(engine, metrics, versions, shared, replica).await })
     };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // Reflection v1 and, for older clients such as grpcurl before 1.9, v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder()
-        .build_v1()
-        .context("building the reflection service")?;
-    let reflection_alpha = reflection_builder()
-        .build_v1alpha()
-        .context("building the v1alpha reflection service")?;
-
-    let (draining_streams, draining) = tokio::sync::watch::channel(false);
     let reflex = Reflex::new(engine.clone(), metrics.clone(), draining, replica.clone());
     let limit = config.max_message_bytes;
-    use proto::catalog_service_server::CatalogServiceServer;
-    use proto::event_service_server::EventServiceServer;
-    use proto::model_service_server::ModelServiceServer;
-    use proto::profile_service_server::ProfileServiceServer;
-    use proto::recommend_service_server::RecommendServiceServer;
-    let events = EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
-    let recommend = RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
-    let catalog = CatalogServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
-    let profiles = ProfileServiceServer::new(reflex.clone()).max_decoding_message_size(limit);
-    let models = ModelServiceServer::new(reflex).max_decoding_message_size(limit);
-    let set_health = |status: tonic_health::ServingStatus| {
-        let health = health.clone();
-        async move {
-            for name in [
-                "",
-                <EventServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <RecommendServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <CatalogServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <ProfileServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <ModelServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-            ] {
-                health.set_service_status(name, status).await;
-            }
-        }
-    };
-    set_health(tonic_health::ServingStatus::Serving).await;
-
-    let otlp_metrics = config.telemetry.otlp_endpoint.clone().map(|endpoint| {
-        tokio::spawn(crate::otlp_metrics::run(
-            metrics.clone(),
-            endpoint,
-            config.telemetry.service_name.clone(),
-            Duration::from_millis(config.telemetry.otlp_metrics_interval_ms.max(100)),
-        ))
-    });
-    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_addr = if config.metrics.enabled {
-        let metrics_listener = TcpListener::bind(config.metrics.listen)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {}", config.metrics.listen))?;
-        let metrics_addr = metrics_listener.local_addr().ok();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let stop = async {
-                let _ = metrics_stopped.await;
-            };
-            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, stop).await {
-                warn!(error = %err, "metrics endpoint failed");
-            }
-        });
-        metrics_addr
-    } else {
-        None
-    };
-
-    on_ready(addr, metrics_addr);
-    info!(%addr, ?metrics_addr, auth = keys.is_some(), "reflex serving");
-    // Shutdown: health turns NOT_SERVING, then after the drain delay the server stops
-    // accepting and lets open calls finish; after the grace period whatever is still
-    // open is closed so the process always exits.
-    let drain_delay = Duration::from_millis(config.drain_delay_ms);
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown.await;
-        set_health(tonic_health::ServingStatus::NotServing).await;
-        info!(drain_delay_ms = drain_delay.as_millis() as u64, "draining");
-        tokio::time::sleep(drain_delay).await;
-        // Event streams ack the batch in hand and end; unary calls finish.
-        let _ = draining_streams.send(true);
-        let _ = draining_tx.send(());
-    };
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    let grace_elapsed = async move {
-        if draining_rx.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(grace).await;
-    };
-    let layers = tower::ServiceBuilder::new()
-        .layer(GrpcMetricsLayer::new(metrics.clone()))
-        .layer(DeadlineLayer {
-            max: Duration::from_millis(config.limits.max_call_ms),
-        })
-        .layer(AdmissionLayer::new(
-            config.limits.max_concurrent_calls.max(1),
-            config.limits.retry_pushback_ms,
-            metrics.clone(),
-        ))
-        .option_layer(keys.map(AuthLayer::new))
-        .layer(OversizeAsResourceExhausted)
-        .into_inner();
-    let mut server = Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("configuring TLS")?;
+    events.set(EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
+    recommend.set(RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
+    catalog.set(CatalogServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
+    profiles.set(ProfileServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
+    models.set(ModelServiceServer::new(reflex).max_decoding_message_size(limit));
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    if !*stop.borrow() {
+        set_health(tonic_health::ServingStatus::Serving).await;
     }
-    let serving = server
-        .layer(layers)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(events)
-        .add_service(recommend)
-        .add_service(catalog)
-        .add_service(profiles)
-        .add_service(models)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
-    let result = tokio::select! {
-        served = serving => served.context("serving gRPC"),
-        () = grace_elapsed => {
-            warn!(grace_ms = grace.as_millis() as u64, "grace period over, closing open calls");
-            Ok(())
-        }
-    };
+    on_progress(Progress::Ready, addr, metrics_addr);
+    info!(%addr, ?metrics_addr, auth = keys.is_some(), "reflex serving");
+
+    let result = serving.await;
     maintenance.abort();
     learner.abort();
-    if let Some(export) = otlp_metrics {
-        export.abort();
-    }
     if let Some(follower) = follower {
         follower.abort();
         // Learn what other replicas (or this one's last batches) appended, so a
@@ -381,12 +544,20 @@ pub async fn serve(
             warn!(error = %err, "releasing the learner lease failed; it expires by itself");
         }
     }
-    let _ = metrics_stop.send(());
+    stop_side_tasks(otlp_metrics, metrics_stop);
     match engine.checkpoint().await {
         Ok(seq) => info!(?seq, "final checkpoint written"),
         Err(err) => warn!(error = %err, "final checkpoint failed; the log replays on start"),
     }
     result
+}
+
+/// Stops the OTLP metrics export and the `/metrics` endpoint.
+fn stop_side_tasks(otlp_metrics: Option<JoinHandle<()>>, metrics_stop: oneshot::Sender<()>) {
+    if let Some(export) = otlp_metrics {
+        export.abort();
+    }
+    let _ = metrics_stop.send(());
 }
 
 /// A server running as a task on this runtime: what `reflex demo` and `reflex bench`
@@ -406,14 +577,19 @@ impl InProcess {
             .with_context(|| format!("binding {}", config.listen))?;
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
+        let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(crate::app::serve(
             config,
             listener,
             async {
                 let _ = stop_rx.await;
             },
-            move |addr, _metrics| {
-                let _ = ready_tx.send(addr);
+            move |progress, addr, _metrics| {
+                if progress == Progress::Ready
+                    && let Some(ready_tx) = ready_tx.take()
+                {
+                    let _ = ready_tx.send(addr);
+                }
             },
         ));
         match ready_rx.await {

@@ -135,10 +135,14 @@ impl VersionsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Calls running at once across all connections; more are refused, not queued.
+    /// An event stream counts only until its response starts: `max_streams` bounds it.
     pub max_concurrent_calls: usize,
+    /// `EventService.Stream` calls open at once, each counted for its whole life; one
+    /// more is refused at once, not queued.
+    pub max_streams: usize,
     /// Longest a unary call may run, whatever deadline the client sets, in ms.
     pub max_call_ms: u64,
-    /// Retry advice sent with a refusal at the concurrency limit, in ms.
+    /// Retry advice sent with a refusal at the call or stream limit, in ms.
     pub retry_pushback_ms: u64,
 }
 
@@ -146,6 +150,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_concurrent_calls: 1024,
+            max_streams: 256,
             max_call_ms: 10_000,
             retry_pushback_ms: 100,
         }
@@ -231,6 +236,9 @@ pub struct StoreConfig {
     /// With a shared backend, how often the model reads the shared event log for the
     /// events of every replica, in ms.
     pub follow_interval_ms: u64,
+    /// With a shared backend that cannot be reached at start-up, the longest wait
+    /// between attempts to open it, in ms (the first wait is 100 ms, then doubling).
+    pub connect_retry_max_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -241,6 +249,7 @@ impl Default for StoreConfig {
             redis: RedisConfig::default(),
             scylla: ScyllaConfig::default(),
             follow_interval_ms: 10,
+            connect_retry_max_ms: 5_000,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use reflex_server::app::Progress;
 use reflex_server::config::{Config, FlagOverrides};
 
 /// mimalloc instead of glibc malloc: profiling showed about a quarter of ingest CPU in
@@ -67,8 +68,14 @@ async fn main() -> anyhow::Result<()> {
                 config,
                 listener,
                 reflex_server::app::shutdown_signal(),
-                |addr, metrics| {
-                    println!("reflex listening on {addr}");
+                |progress, addr, metrics| {
+                    match progress {
+                        Progress::WaitingForStore => println!(
+                            "reflex starting on {addr} (health NOT_SERVING until the store is \
+                             reachable)"
+                        ),
+                        Progress::Ready => println!("reflex listening on {addr}"),
+                    }
                     if let Some(metrics) = metrics {
                         println!("reflex metrics on http://{metrics}/metrics");
                     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -72,8 +72,11 @@ pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     /// gRPC calls in progress.
     pub grpc_inflight: IntGauge,
-    /// Calls refused because the server was at its concurrency limit.
-    pub load_shed: IntCounter,
+    /// Calls refused at a limit, by `reason`: `calls` (`limits.max_concurrent_calls`) or
+    /// `streams` (`limits.max_streams`).
+    pub load_shed: IntCounterVec,
+    /// Event streams open now (each holds a `limits.max_streams` permit).
+    pub open_streams: IntGauge,
     /// 1 while this replica holds the learner lease.
     pub learner: IntGauge,
     /// Model snapshots taken by this replica, by reason.
@@ -147,10 +150,19 @@ impl Metrics {
             &["method", "code"],
         )?;
         let grpc_inflight = IntGauge::new("reflex_grpc_inflight", "gRPC calls in progress")?;
-        let load_shed = IntCounter::new(
-            "reflex_load_shed_total",
-            "Calls refused at the concurrency limit",
+        let load_shed = IntCounterVec::new(
+            Opts::new(
+                "reflex_load_shed_total",
+                "Calls refused at a limit, by reason (calls: concurrent calls, streams: open event streams)",
+            ),
+            &["reason"],
         )?;
+        // Both series exist from the start, so a rate over them is defined before any refusal.
+        for reason in ["calls", "streams"] {
+            load_shed.with_label_values(&[reason]);
+        }
+        let open_streams = IntGauge::new("reflex_open_streams", "Event streams open now")?;
+        registry.register(Box::new(open_streams.clone()))?;
         registry.register(Box::new(ingest_events.clone()))?;
         registry.register(Box::new(ingest_batch_seconds.clone()))?;
         registry.register(Box::new(recommend_seconds.clone()))?;
@@ -206,6 +218,7 @@ impl Metrics {
             grpc_requests,
             grpc_inflight,
             load_shed,
+            open_streams,
             learner,
             snapshots,
             model_quality,
@@ -304,7 +317,9 @@ mod tests {
             "reflex_freshness_seconds_bucket",
             "reflex_grpc_requests_total",
             "reflex_grpc_inflight 0",
-            "reflex_load_shed_total 0",
+            "reflex_load_shed_total{reason=\"calls\"} 0",
+            "reflex_load_shed_total{reason=\"streams\"} 0",
+            "reflex_open_streams 0",
             "reflex_index_items 0",
             "reflex_profiles 0",
             "reflex_recommend_cache_requests_total",

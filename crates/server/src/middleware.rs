@@ -6,14 +6,15 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -172,26 +173,52 @@ where
     }
 }
 
-/// Load shedding: at most `max_concurrent` calls run at once across all connections; one
-/// more is refused at once with `RESOURCE_EXHAUSTED` and retry advice
-/// (`grpc-retry-pushback-ms`) instead of queueing without bound. Health checks are exempt.
+/// Load shedding: at most `max_concurrent` calls run at once across all connections, and
+/// at most `max_streams` event streams are open at once; one more of either is refused at
+/// once with `RESOURCE_EXHAUSTED` and retry advice (`grpc-retry-pushback-ms`) instead of
+/// queueing without bound. Health checks are exempt.
+///
+/// A call holds its concurrency permit until its response starts, which for an event
+/// stream is almost at once; so a stream also takes a stream permit, which travels with
+/// its response body and is released when the body is dropped: when the stream ends, the
+/// client cancels it or its connection goes away.
 #[derive(Clone)]
 pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
     max: usize,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
     pushback_ms: u64,
     metrics: Arc<Metrics>,
 }
 
 impl AdmissionLayer {
-    /// Admits `max_concurrent` calls at once, advising a retry after `pushback_ms`.
-    pub fn new(max_concurrent: usize, pushback_ms: u64, metrics: Arc<Metrics>) -> Self {
+    /// Admits `max_concurrent` calls and `max_streams` open event streams at once,
+    /// advising a retry after `pushback_ms`.
+    pub fn new(
+        max_concurrent: usize,
+        max_streams: usize,
+        pushback_ms: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_concurrent)),
             max: max_concurrent,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
             pushback_ms,
             metrics,
         }
+    }
+
+    /// The refusal at a limit, counted under `reason`.
+    fn refuse(&self, reason: &str, message: String) -> Status {
+        self.metrics.load_shed.with_label_values(&[reason]).inc();
+        let mut status = Status::resource_exhausted(message);
+        if let Ok(v) = self.pushback_ms.to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        }
+        status
     }
 }
 
@@ -213,41 +240,223 @@ pub struct Admission<S> {
     layer: AdmissionLayer,
 }
 
-impl<S, B, RB> Service<Request<B>> for Admission<S>
+/// One open event stream's place under `limits.max_streams`, counted in
+/// `reflex_open_streams` while it lives.
+struct StreamPermit {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl StreamPermit {
+    fn new(permit: OwnedSemaphorePermit, open: prometheus::IntGauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A response body that holds a [`StreamPermit`] until hyper drops it, which it does
+/// when the stream has sent its trailers, was reset by the client, or lost its connection.
+struct WithPermit<B> {
+    inner: B,
+    _permit: StreamPermit,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for WithPermit<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, B> Service<Request<B>> for Admission<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<tonic::body::Body>>,
     S::Future: Send + 'static,
-    RB: Default + Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+    type Future = BoxFuture<Result<Response<tonic::body::Body>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if request.uri().path().starts_with(HEALTH_PREFIX) {
+        let path = request.uri().path();
+        if path.starts_with(HEALTH_PREFIX) {
             return Box::pin(self.inner.call(request));
         }
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            self.layer.metrics.load_shed.inc();
-            let mut status = Status::resource_exhausted(format!(
-                "server is at its limit of {} concurrent calls; retry after {} ms with backoff",
-                self.layer.max, self.layer.pushback_ms
-            ));
-            if let Ok(v) = self.layer.pushback_ms.to_string().parse() {
-                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
-            }
+        let layer = &self.layer;
+        let stream_permit = if path == STREAM_PATH {
+            let Ok(permit) = layer.streams.clone().try_acquire_owned() else {
+                let status = layer.refuse(
+                    "streams",
+                    format!(
+                        "server is at its limit of {} open event streams; retry after {} ms \
+                         with backoff",
+                        layer.max_streams, layer.pushback_ms
+                    ),
+                );
+                return Box::pin(async move { Ok(status_response(status)) });
+            };
+            Some(StreamPermit::new(
+                permit,
+                layer.metrics.open_streams.clone(),
+            ))
+        } else {
+            None
+        };
+        let Ok(permit) = layer.permits.clone().try_acquire_owned() else {
+            let status = layer.refuse(
+                "calls",
+                format!(
+                    "server is at its limit of {} concurrent calls; retry after {} ms with \
+                     backoff",
+                    layer.max, layer.pushback_ms
+                ),
+            );
             return Box::pin(async move { Ok(status_response(status)) });
         };
         let call = self.inner.call(request);
         Box::pin(async move {
             let result = call.await;
             drop(permit);
-            result
+            match (result, stream_permit) {
+                (Ok(response), Some(stream)) => Ok(response.map(|inner| {
+                    tonic::body::Body::new(WithPermit {
+                        inner,
+                        _permit: stream,
+                    })
+                })),
+                (result, _) => result,
+            }
         })
+    }
+}
+
+/// What a starting server is waiting for, shared by its [`WhenReady`] services.
+#[derive(Debug)]
+pub struct Startup {
+    /// The last attempt to open the store failed; it is being retried.
+    store_unreachable: AtomicBool,
+    /// Retry advice sent with the refusal, in ms.
+    pushback_ms: u64,
+}
+
+impl Startup {
+    /// A start that has not failed yet, advising retries after `pushback_ms`.
+    pub fn new(pushback_ms: u64) -> Arc<Self> {
+        Arc::new(Self {
+            store_unreachable: AtomicBool::new(false),
+            pushback_ms,
+        })
+    }
+
+    /// Records whether the store was unreachable at the last attempt.
+    pub fn set_store_unreachable(&self, unreachable: bool) {
+        self.store_unreachable.store(unreachable, Ordering::Relaxed);
+    }
+
+    /// The answer to a call that comes before the engine is ready.
+    fn refusal(&self) -> Status {
+        let what = if self.store_unreachable.load(Ordering::Relaxed) {
+            "store not reachable yet"
+        } else {
+            "recovering state"
+        };
+        let mut status = Status::unavailable(format!(
+            "starting: {what}; retry after {} ms with backoff",
+            self.pushback_ms
+        ));
+        if let Ok(v) = self.pushback_ms.to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        }
+        status
+    }
+}
+
+/// A gRPC service added to the server before the engine it needs exists: until
+/// [`set`](Self::set) it answers every call `UNAVAILABLE` with retry advice, afterwards it
+/// forwards to the service set. Once set, a call costs one atomic load (no lock).
+pub struct WhenReady<S> {
+    service: Arc<OnceLock<S>>,
+    startup: Arc<Startup>,
+}
+
+impl<S> Clone for WhenReady<S> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            startup: self.startup.clone(),
+        }
+    }
+}
+
+impl<S> WhenReady<S> {
+    /// A service that refuses calls as `startup` says until it is set.
+    pub fn new(startup: Arc<Startup>) -> Self {
+        Self {
+            service: Arc::new(OnceLock::new()),
+            startup,
+        }
+    }
+
+    /// Starts forwarding calls to `service`; only the first call has an effect.
+    pub fn set(&self, service: S) {
+        let _ = self.service.set(service);
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for WhenReady<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> Service<Request<B>> for WhenReady<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    RB: Default,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        tower::util::Oneshot<S, Request<B>>,
+        futures_util::future::Ready<Result<Response<RB>, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The service's own readiness is awaited per call, by `oneshot`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        use futures_util::future::{Either, ready};
+        use tower::ServiceExt as _;
+        match self.service.get() {
+            Some(service) => Either::Left(service.clone().oneshot(request)),
+            None => Either::Right(ready(Ok(status_response(self.startup.refusal())))),
+        }
     }
 }
 
@@ -579,6 +788,37 @@ mod tests {
             auth.check(&HeaderMap::new(), "/grpc.health.v1.Health/Check")
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn when_ready_refuses_until_set_then_forwards() {
+        use tower::ServiceExt as _;
+        let startup = Startup::new(250);
+        let service = WhenReady::new(startup.clone());
+        let call = |service: WhenReady<_>| async move {
+            let response: Response<String> = service
+                .oneshot(Request::new(()))
+                .await
+                .unwrap_or_else(|never: std::convert::Infallible| match never {});
+            response
+        };
+        let refused = call(service.clone()).await;
+        let status = tonic::Status::from_header_map(refused.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("recovering state"), "{status}");
+        assert_eq!(refused.headers()["grpc-retry-pushback-ms"], "250");
+
+        startup.set_store_unreachable(true);
+        let refused = call(service.clone()).await;
+        let status = tonic::Status::from_header_map(refused.headers()).unwrap();
+        assert!(status.message().contains("store not reachable"), "{status}");
+
+        service.set(tower::service_fn(|_: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new("served".to_string()))
+        }));
+        let served = call(service).await;
+        assert!(tonic::Status::from_header_map(served.headers()).is_none());
+        assert_eq!(served.body(), "served");
     }
 
     #[test]

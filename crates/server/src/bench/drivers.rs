@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -54,7 +57,7 @@ pub struct Pipe {
 
 impl Pipe {
     /// Opens a stream on `channel`.
-    pub async fn open(channel: Channel, depth: usize) -> Result<Self, tonic::Status> {
+    pub async fn open(channel: Conn, depth: usize) -> Result<Self, tonic::Status> {
         let depth = depth.max(1);
         let (tx, rx) = mpsc::channel(depth + 1);
         let acks = EventServiceClient::new(channel)
@@ -141,7 +144,7 @@ impl Pipe {
 /// Settings of one ingest stream.
 pub struct IngestDriver {
     /// Its own connection.
-    pub channel: Channel,
+    pub channel: Conn,
     /// Where the events come from.
     pub generator: SessionGen,
     /// Events a batch.
@@ -240,7 +243,7 @@ impl IngestDriver {
 /// in the no-op phase, one call at a time (so workers = concurrency).
 pub struct RpcWorker {
     /// Its own connection.
-    pub channel: Channel,
+    pub channel: Conn,
     /// Who to ask for.
     pub workload: Arc<Workload>,
     /// Items per answer.
@@ -304,7 +307,7 @@ impl RpcWorker {
 /// event; the time from ack to that answer is one freshness sample.
 pub struct Probe {
     /// Its own connection.
-    pub channel: Channel,
+    pub channel: Conn,
     /// Items drawn by popularity.
     pub workload: Arc<Workload>,
     /// Time between probes.
@@ -399,7 +402,7 @@ impl Probe {
 
     async fn until_visible(
         &self,
-        recommend: &mut RecommendServiceClient<Channel>,
+        recommend: &mut RecommendServiceClient<Conn>,
         user: &str,
         version: u64,
         stats: &super::stats::PhaseStats,
@@ -433,7 +436,7 @@ impl Probe {
 /// Sends every batch of `batches` over one pipelined stream and returns the summed counts
 /// (accepted, duplicate, rejected, filtered); `on_ack` sees each ack's event count.
 pub async fn send_all(
-    channel: Channel,
+    channel: Conn,
     depth: usize,
     batches: impl Iterator<Item = Vec<proto::Event>>,
     on_ack: impl Fn(u64),
@@ -466,12 +469,91 @@ pub async fn send_all(
     Ok(totals)
 }
 
-/// A connected channel to `endpoint`.
-pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(endpoint.to_string())
-        .with_context(|| format!("bad address {endpoint}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))
+/// An API key for `reflex bench` to send as `x-api-key` on every call; its `Debug` never
+/// shows it, so it stays out of logs and reports.
+#[derive(Clone)]
+pub struct BenchKey(MetadataValue<Ascii>);
+
+impl std::str::FromStr for BenchKey {
+    type Err = anyhow::Error;
+
+    fn from_str(key: &str) -> anyhow::Result<Self> {
+        if key.is_empty() {
+            bail!("the API key is empty");
+        }
+        // The error would quote the key, so it is replaced.
+        let value = key
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the API key must be printable ASCII"))?;
+        Ok(Self(value))
+    }
+}
+
+impl std::fmt::Debug for BenchKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BenchKey(***)")
+    }
+}
+
+/// Adds the API key, when there is one, to every call.
+#[derive(Clone, Debug)]
+pub struct WithKey(Option<BenchKey>);
+
+impl Interceptor for WithKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(BenchKey(key)) = &self.0 {
+            request.metadata_mut().insert("x-api-key", key.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to the server under test, authenticated when a key was given.
+pub type Conn = InterceptedService<Channel, WithKey>;
+
+/// The server under test: where it is and the key to call it with.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `http://HOST:PORT`.
+    pub endpoint: String,
+    /// Sent as `x-api-key` on every call.
+    pub key: Option<BenchKey>,
+}
+
+impl Target {
+    /// A new connection to the server.
+    pub async fn connect(&self) -> anyhow::Result<Conn> {
+        let channel = Channel::from_shared(self.endpoint.clone())
+            .with_context(|| format!("bad address {}", self.endpoint))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.endpoint))?;
+        Ok(InterceptedService::new(channel, WithKey(self.key.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_sent_and_never_shown() {
+        let key: BenchKey = "bench-key-0123456789".parse().unwrap();
+        assert!(!format!("{key:?}").contains("0123456789"));
+        let mut with = WithKey(Some(key));
+        let request = with.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("x-api-key").unwrap(),
+            "bench-key-0123456789"
+        );
+        let request = WithKey(None).call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("x-api-key").is_none());
+        let err = "bad\nkey".parse::<BenchKey>().unwrap_err();
+        assert!(!err.to_string().contains("bad"), "{err}");
+        assert!("".parse::<BenchKey>().is_err());
+    }
 }

@@ -33,9 +33,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use self::drivers::{IngestDriver, Probe, RpcWorker, connect, send_all};
+use self::drivers::{BenchKey, Conn, IngestDriver, Probe, RpcWorker, Target, send_all};
 use self::stats::{Phase, PhaseSummary, Recorder};
 use self::workload::{SessionGen, Workload, now};
 use crate::config::{Config, FlagOverrides};
@@ -58,6 +59,12 @@ pub struct BenchArgs {
     /// scratch embedded store (with the per-user bot rate limit off).
     #[arg(long)]
     pub addr: Option<String>,
+    /// API key sent as `x-api-key` on every call, for a server with `auth.enabled`; it
+    /// needs the `ingest`, `recommend` and `admin` scopes (the run loads the catalog and
+    /// erases its seeding users). Never printed.
+    #[arg(long, env = "REFLEX_BENCH_API_KEY", hide_env_values = true)]
+    #[serde(skip)]
+    pub api_key: Option<BenchKey>,
     /// Items in the catalog.
     #[arg(long, default_value_t = 10_000)]
     pub items: usize,
@@ -226,27 +233,48 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the server answers its health check.
-async fn wait_healthy(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// Waits until the server's health check says SERVING.
+async fn wait_healthy(target: &Target) -> anyhow::Result<Conn> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let attempt = async {
-            let channel = connect(endpoint).await?;
-            HealthClient::new(channel.clone())
+            let channel = target.connect().await?;
+            let status = HealthClient::new(channel.clone())
                 .check(HealthCheckRequest {
                     service: String::new(),
                 })
                 .await
-                .context("health check")?;
+                .context("health check")?
+                .into_inner()
+                .status;
+            // A server still recovering (or waiting for its store) says NOT_SERVING.
+            if status != ServingStatus::Serving as i32 {
+                bail!("health check: not serving yet (status {status})");
+            }
             anyhow::Ok(channel)
         };
         match attempt.await {
             Ok(channel) => return Ok(channel),
             Err(err) if Instant::now() > deadline => {
-                return Err(err.context(format!("{endpoint} is not serving")));
+                return Err(err.context(format!("{} is not serving", target.endpoint)));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
+    }
+}
+
+/// What to do about a refusal by the server's API key check, the first call that needs a
+/// key being the catalog upsert.
+fn auth_hint(status: &tonic::Status, has_key: bool) -> &'static str {
+    match status.code() {
+        tonic::Code::Unauthenticated if has_key => " (the server does not know this API key)",
+        tonic::Code::Unauthenticated => {
+            " (the server requires an API key: pass --api-key or set REFLEX_BENCH_API_KEY)"
+        }
+        tonic::Code::PermissionDenied => {
+            " (the API key needs the admin scope: the run loads the catalog and erases users)"
+        }
+        _ => "",
     }
 }
 
@@ -356,7 +384,11 @@ async fn drive(
     target: String,
     pid: Option<(u32, bool)>,
 ) -> anyhow::Result<Report> {
-    let control = wait_healthy(endpoint).await?;
+    let server = Target {
+        endpoint: endpoint.to_string(),
+        key: args.api_key.clone(),
+    };
+    let control = wait_healthy(&server).await?;
     let workload = Arc::new(Workload::new(
         args.items,
         args.users,
@@ -394,7 +426,11 @@ async fn drive(
                 items: workload.catalog(start..end),
             })
             .await
-            .with_context(|| format!("upserting catalog items {start}..{end}"))?;
+            .map_err(|status| {
+                let hint = auth_hint(&status, args.api_key.is_some());
+                anyhow::Error::new(status)
+                    .context(format!("upserting catalog items {start}..{end}{hint}"))
+            })?;
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();
@@ -409,7 +445,7 @@ async fn drive(
     let started = Instant::now();
     let mut accepted = 0;
     if !args.no_seed_items {
-        let totals = seed_items(args, endpoint, &workload).await?;
+        let totals = seed_items(args, &server, &workload).await?;
         setup.seed_item_events = totals.iter().sum();
         setup.seed_filtered += totals[3];
         accepted += totals[0];
@@ -419,7 +455,7 @@ async fn drive(
         m.rss_after_items = rss();
     }
     if args.seed_events > 0 && args.users > 0 {
-        let totals = seed_users(args, endpoint, &workload).await?;
+        let totals = seed_users(args, &server, &workload).await?;
         setup.seed_user_events = totals.iter().sum();
         setup.seed_filtered += totals[3];
         accepted += totals[0];
@@ -444,7 +480,7 @@ async fn drive(
     let per_stream_rate = args.rate.map(|r| r / args.streams.max(1) as f64);
     for s in 0..args.streams {
         let driver = IngestDriver {
-            channel: connect(endpoint).await?,
+            channel: server.connect().await?,
             generator: SessionGen::new(
                 workload.clone(),
                 args.sessions / args.streams.max(1),
@@ -463,7 +499,7 @@ async fn drive(
         .map(|r| r / args.recommenders.max(1) as f64);
     for w in 0..args.recommenders {
         let worker = RpcWorker {
-            channel: connect(endpoint).await?,
+            channel: server.connect().await?,
             workload: workload.clone(),
             count: args.count,
             rate: per_worker_rate,
@@ -474,7 +510,7 @@ async fn drive(
     }
     if args.probe_ms > 0 {
         let probe = Probe {
-            channel: connect(endpoint).await?,
+            channel: server.connect().await?,
             workload: workload.clone(),
             every: Duration::from_millis(args.probe_ms),
             recorder: recorder.clone(),
@@ -643,7 +679,7 @@ fn live_line(phase: Phase, stats: &stats::PhaseStats) -> String {
 /// each; those users are erased afterwards so they do not count as users.
 async fn seed_items(
     args: &BenchArgs,
-    endpoint: &str,
+    target: &Target,
     workload: &Arc<Workload>,
 ) -> anyhow::Result<[u64; 4]> {
     let bar = progress(
@@ -656,7 +692,7 @@ async fn seed_items(
     for s in 0..streams {
         let (start, end) = (s * per_stream, ((s + 1) * per_stream).min(args.items));
         let (workload, bar, batch) = (workload.clone(), bar.clone(), args.batch);
-        let channel = connect(endpoint).await?;
+        let channel = target.connect().await?;
         let depth = args.depth;
         tasks.push(tokio::spawn(async move {
             let ts = now();
@@ -678,7 +714,7 @@ async fn seed_items(
     let totals = join_totals(tasks).await?;
     bar.finish_and_clear();
     let seed_users = args.items.div_ceil(ITEMS_PER_SEED_USER);
-    let profiles = ProfileServiceClient::new(connect(endpoint).await?);
+    let profiles = ProfileServiceClient::new(target.connect().await?);
     let run = workload.run.clone();
     let erased: Vec<anyhow::Result<()>> = futures_util::stream::iter(0..seed_users)
         .map(|u| {
@@ -702,7 +738,7 @@ async fn seed_items(
 /// `seed_events` events for every returning user.
 async fn seed_users(
     args: &BenchArgs,
-    endpoint: &str,
+    target: &Target,
     workload: &Arc<Workload>,
 ) -> anyhow::Result<[u64; 4]> {
     let total = (args.users * args.seed_events) as u64;
@@ -720,7 +756,7 @@ async fn seed_users(
             format!("seed{s}"),
         );
         let (bar, n) = (bar.clone(), args.seed_events);
-        let channel = connect(endpoint).await?;
+        let channel = target.connect().await?;
         let depth = args.depth;
         tasks.push(tokio::spawn(async move {
             let batches = (start..end).step_by(users_per_batch).map(move |b| {
