@@ -10,7 +10,7 @@
 //! acked `accepted` is never lost and never applied twice.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,8 @@ pub struct Engine {
     /// Sampled events on their way to the evaluation task ([`Engine::start_quality`]);
     /// unset until it runs, and then samples are simply not taken.
     samples: OnceLock<tokio::sync::mpsc::Sender<Sample>>,
+    /// Whether this engine held the learner lease at the last acquisition.
+    learner: AtomicBool,
     /// The content model and its blend weight, when configured ([`Engine::with_content`]).
     content: Option<(Arc<dyn ContentModel>, f32)>,
 }
@@ -246,6 +248,7 @@ impl Engine {
             sampler: Sampler::new(&QualityConfig::disabled()),
             quality: QualityTracker::new(QualityConfig::disabled()),
             samples: OnceLock::new(),
+            learner: AtomicBool::new(false),
             content: None,
         }
     }
@@ -386,10 +389,14 @@ impl Engine {
         }
         let reason = decision.reason();
         warn!(%reason, "automatic rollback");
-        let saved = self
-            .rollback_as(decision.to, &reason, taken_by, true)
-            .await?;
-        Ok(Some((decision, saved)))
+        match self.rollback_as(decision.to, &reason, taken_by, true).await {
+            Ok(saved) => Ok(Some((decision, saved))),
+            Err(err) => {
+                // The store failed, not the decision: try again on the next check.
+                self.quality.retry_later(decision);
+                Err(err)
+            }
+        }
     }
 
     /// Makes the newest stored version that recorded good quality the baseline.
@@ -689,15 +696,25 @@ impl Engine {
     }
 
     /// Takes or renews the learner lease for `holder`; `false` when another replica has it.
+    /// On taking it over, the quality baseline becomes the newest good version (which the
+    /// previous learner may have saved since this replica last looked), so the automatic
+    /// rollback compares against it rather than against what was current at start-up.
     pub async fn acquire_learner_lease(&self, holder: &str, ttl_ms: u64) -> Result<bool> {
-        self.backends
+        let held = self
+            .backends
             .models
             .acquire_lease(LEARNER_LEASE, holder, ttl_ms)
-            .await
+            .await?;
+        let was_learner = self.learner.swap(held, Ordering::Relaxed);
+        if held && !was_learner {
+            self.refresh_baseline().await?;
+        }
+        Ok(held)
     }
 
     /// Gives the learner lease up (at shutdown), so another replica takes over at once.
     pub async fn release_learner_lease(&self, holder: &str) -> Result<()> {
+        self.learner.store(false, Ordering::Relaxed);
         self.backends
             .models
             .release_lease(LEARNER_LEASE, holder)

@@ -363,6 +363,15 @@ impl QualityTracker {
         self.state.lock().pending.take()
     }
 
+    /// Puts back a decision that could not be carried out (the store failed), so the next
+    /// [`take_pending`](Self::take_pending) returns it again; a newer decision wins.
+    pub fn retry_later(&self, decision: RollbackDecision) {
+        let mut s = self.state.lock();
+        if s.pending.is_none() {
+            s.pending = Some(decision);
+        }
+    }
+
     /// Quality to record with a snapshot taken now; `None` before anything was scored
     /// since start-up or the last rollback.
     pub fn snapshot_quality(&self) -> Option<VersionQuality> {
@@ -547,6 +556,10 @@ mod tests {
             "{}",
             d.reason()
         );
+        assert_eq!(t.take_pending(), Some(d.clone()));
+        assert_eq!(t.take_pending(), None);
+        // A rollback the store could not carry out is tried again.
+        t.retry_later(d.clone());
         assert_eq!(t.take_pending(), Some(d));
         assert_eq!(t.take_pending(), None);
         // Once per baseline: staying bad does not fire again.
