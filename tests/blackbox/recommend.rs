@@ -235,3 +235,66 @@ async fn unknown_users_get_popular_items_and_filters_apply() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("user_id"));
 }
+
+/// The value of one sample of `/metrics`, 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_recommend_cache_serves_repeats_but_never_across_an_event_or_catalog_change() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long TTL, so only the key can make an answer fresh.
+    let server = Reflex::start_with(dir.path(), &[("REFLEX_ENGINE__CACHE_TTL_MS", "600000")]);
+    let channel = server.channel().await;
+    upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
+    train(&channel).await;
+    let mut stream = EventStream::open(channel.clone()).await;
+    stream
+        .round_trip(vec![event("r1", "reader", "books-1", View)])
+        .await;
+
+    let hits = r#"reflex_recommend_cache_requests_total{result="hit"}"#;
+    let misses = r#"reflex_recommend_cache_requests_total{result="miss"}"#;
+    let first = recommend(&channel, "reader", 6).await;
+    let again = recommend(&channel, "reader", 6).await;
+    assert_eq!(ids(&first), ids(&again));
+    let text = scrape(&server).await;
+    assert_eq!((sample(&text, hits), sample(&text, misses)), (1.0, 1.0));
+
+    // The user's own event changes the profile version: computed afresh at once.
+    stream
+        .round_trip(vec![event("r2", "reader", "books-2", Purchase)])
+        .await;
+    let after_event = recommend(&channel, "reader", 6).await;
+    assert!(after_event.profile_version > first.profile_version);
+    assert!(
+        !ids(&after_event).contains(&"books-2".to_string()),
+        "purchased"
+    );
+    let text = scrape(&server).await;
+    assert_eq!((sample(&text, hits), sample(&text, misses)), (1.0, 2.0));
+
+    // A catalog change is never hidden by the cache: the top item turned unavailable
+    // disappears from the very next answer.
+    let top = ids(&after_event)[0].clone();
+    let category = top.split('-').next().unwrap().to_string();
+    CatalogServiceClient::new(channel.clone())
+        .upsert_items(proto::UpsertItemsRequest {
+            items: vec![proto::Item {
+                item_id: top.clone(),
+                title: String::new(),
+                categories: vec![category],
+                available: Some(false),
+                embedding: vec![],
+            }],
+        })
+        .await
+        .unwrap();
+    let after_catalog = recommend(&channel, "reader", 6).await;
+    assert!(!ids(&after_catalog).contains(&top), "{top} is unavailable");
+    let text = scrape(&server).await;
+    assert_eq!(sample(&text, misses), 3.0);
+}

@@ -51,6 +51,13 @@ pub struct EngineConfig {
     pub exclude_seen: bool,
     /// Most items one request may ask for.
     pub max_count: usize,
+    /// Recommend answers kept in the cache (entries); 0 turns it off.
+    pub cache_entries: u64,
+    /// Longest a cached answer is served, in ms. The user's own events never wait for it
+    /// (they change the profile version in the key), nor do catalog changes and model
+    /// version swaps; it bounds how long other users' events may move the shared model
+    /// and popularity without the answer following.
+    pub cache_ttl_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +70,8 @@ impl Default for EngineConfig {
             exclude_purchased: true,
             exclude_seen: false,
             max_count: 500,
+            cache_entries: 100_000,
+            cache_ttl_ms: 1_000,
         }
     }
 }
@@ -84,7 +93,7 @@ pub enum EventOutcome {
 }
 
 /// Narrowing of candidates for one request.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RequestFilter {
     /// Only items in one of these categories, when non-empty.
     pub include_categories: Vec<String>,
@@ -145,6 +154,22 @@ pub struct Recommendation {
     pub profile_version: u64,
     /// Fell back because some state was unavailable.
     pub degraded: bool,
+    /// Served from the recommend cache.
+    pub cached: bool,
+}
+
+/// What a cached recommend answer depends on: an answer is reused only for the same
+/// user at the same profile version (so never across one of their events), model
+/// version, catalog generation and request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CacheKey {
+    user: UserId,
+    profile_version: u64,
+    model_version: u64,
+    rollbacks: u64,
+    catalog: u64,
+    count: usize,
+    filter: RequestFilter,
 }
 
 /// The backends an engine composes.
@@ -194,6 +219,10 @@ pub struct Engine {
     /// Sampled events on their way to the evaluation task ([`Engine::start_quality`]);
     /// unset until it runs, and then samples are simply not taken.
     samples: OnceLock<tokio::sync::mpsc::Sender<Sample>>,
+    /// Recent recommend answers ([`EngineConfig::cache_entries`]).
+    cache: Option<moka::sync::Cache<CacheKey, Arc<[ScoredItem]>>>,
+    /// Bumped on every catalog change, so cached answers never outlive one.
+    catalog_generation: AtomicU64,
     /// Whether this engine held the learner lease at the last acquisition.
     learner: AtomicBool,
     /// The content model and its blend weight, when configured ([`Engine::with_content`]).
@@ -230,6 +259,12 @@ pub struct EngineStats {
 impl Engine {
     /// An engine over `backends`; call [`Engine::recover`] before serving.
     pub fn new(backends: Backends, config: EngineConfig) -> Self {
+        let cache = (config.cache_entries > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.cache_entries)
+                .time_to_live(Duration::from_millis(config.cache_ttl_ms.max(1)))
+                .build()
+        });
         let limits = EventLimits {
             max_future_ms: config.max_future_ms,
         };
@@ -250,6 +285,8 @@ impl Engine {
             samples: OnceLock::new(),
             learner: AtomicBool::new(false),
             content: None,
+            cache,
+            catalog_generation: AtomicU64::new(0),
         }
     }
 
@@ -265,6 +302,7 @@ impl Engine {
     /// Records a stored catalog item in the item index and, when it has an embedding, in
     /// the content model.
     fn index_item(&self, item: &Item) {
+        self.catalog_generation.fetch_add(1, Ordering::Relaxed);
         let idx = self.backends.items.set_catalog(item);
         if let Some((content, _)) = &self.content
             && item.embedding.len() == content.dim()
@@ -472,6 +510,7 @@ impl Engine {
 
     /// Makes the item index match the stored catalog, upserts and deletes alike.
     async fn reload_catalog(&self) -> Result<()> {
+        self.catalog_generation.fetch_add(1, Ordering::Relaxed);
         let items = &self.backends.items;
         let stored = self.backends.catalog.load_all().await?;
         let present: HashSet<&str> = stored.iter().map(|i| i.item_id.as_str()).collect();
@@ -949,6 +988,26 @@ impl Engine {
                 (None, true)
             }
         };
+        let key = self.cache.as_ref().filter(|_| !degraded).map(|_| CacheKey {
+            user: user.clone(),
+            profile_version: profile.as_ref().map_or(0, |p| p.version),
+            model_version: self.base_version.load(Ordering::Relaxed),
+            rollbacks: self.rollback_generation.load(Ordering::Relaxed),
+            catalog: self.catalog_generation.load(Ordering::Relaxed),
+            count,
+            filter: filter.clone(),
+        });
+        if let (Some(cache), Some(key)) = (&self.cache, &key)
+            && let Some(items) = cache.get(key)
+        {
+            return Ok(Recommendation {
+                items: items.to_vec(),
+                model_version: self.model_version(),
+                profile_version: key.profile_version,
+                degraded: false,
+                cached: true,
+            });
+        }
         let excluded = self.excluded(profile.as_ref(), filter);
         let pass = |idx: ItemIdx| self.passes(idx, &excluded, filter);
         let model = &self.backends.model;
@@ -1002,11 +1061,15 @@ impl Engine {
             });
             self.push_scored(&mut items, &fill, Source::Popular);
         }
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            cache.insert(key, items.as_slice().into());
+        }
         Ok(Recommendation {
             items,
             model_version: self.model_version(),
             profile_version: profile.map_or(0, |p| p.version),
             degraded,
+            cached: false,
         })
     }
 
@@ -1131,6 +1194,7 @@ impl Engine {
             model_version: self.model_version(),
             profile_version: 0,
             degraded: false,
+            cached: false,
         })
     }
 
@@ -1262,6 +1326,7 @@ impl Engine {
     pub async fn delete_item(&self, item: &ItemId) -> Result<bool> {
         let deleted = self.backends.catalog.delete(item).await?;
         self.backends.items.set_deleted(item);
+        self.catalog_generation.fetch_add(1, Ordering::Relaxed);
         Ok(deleted)
     }
 

@@ -187,6 +187,7 @@ pub fn recommend_response(rec: Recommendation) -> proto::RecommendResponse {
         model_version,
         profile_version,
         degraded,
+        cached: _,
     } = rec;
     proto::RecommendResponse {
         items: scored_items(items),

@@ -57,8 +57,7 @@ pub struct Metrics {
     pub recommend_seconds: HistogramVec,
     /// Event time to applied, for accepted events.
     pub freshness_seconds: Histogram,
-    /// Recommend cache lookups by `result` (`hit`, `miss`); no cache exists yet, so only
-    /// misses are counted.
+    /// Recommend cache lookups by `result` (`hit`, `miss`).
     pub cache_requests: IntCounterVec,
     /// Items the retriever can search.
     pub index_items: IntGauge,

@@ -197,6 +197,10 @@ impl RecommendService for Reflex {
             .await
             .map_err(convert::status)?;
         self.metrics
+            .cache_requests
+            .with_label_values(&[if rec.cached { "hit" } else { "miss" }])
+            .inc();
+        self.metrics
             .recommend_seconds
             .with_label_values(&["recommend"])
             .observe(started.elapsed().as_secs_f64());
