@@ -652,7 +652,31 @@ impl Engine {
         for item in &state.items {
             self.backends.retriever.upsert(item.item, &[]);
         }
+        self.reindex_in_background();
         Ok(())
+    }
+
+    /// Rebuilds the retriever's index from the current vectors on a blocking thread,
+    /// off to the side (searches go on against the old index): after a model version is
+    /// installed, and on the server's schedule. Does nothing outside a tokio runtime.
+    pub fn reindex_in_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let retriever = self.backends.retriever.clone();
+        runtime.spawn_blocking(move || {
+            let started = Instant::now();
+            match retriever.rebuild() {
+                Ok(()) => info!(
+                    items = retriever.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "item index rebuilt"
+                ),
+                Err(err) => {
+                    warn!(error = %err, "rebuilding the item index failed; the old one serves")
+                }
+            }
+        });
     }
 
     /// Label of the model answering: the model's kind, and the version it started from.

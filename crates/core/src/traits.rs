@@ -272,4 +272,13 @@ pub trait Retriever: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Re-indexes every item from its current vector off to the side and swaps the new
+    /// index in, while searches go on against the old one: after a new model version is
+    /// installed, and periodically so an index updated in place stays compact. Blocks
+    /// the caller for the build (call it on a blocking thread). Retrievers without an
+    /// index do nothing.
+    fn rebuild(&self) -> Result<()> {
+        Ok(())
+    }
 }

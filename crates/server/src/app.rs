@@ -456,11 +456,17 @@ pub async fn serve(
         let engine = engine.clone();
         let metrics = metrics.clone();
         let every = Duration::from_millis(config.maintenance_interval_ms.max(10));
+        let rebuild_every = Duration::from_millis(config.retrieval.rebuild_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_rebuild = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
+                if !rebuild_every.is_zero() && last_rebuild.elapsed() >= rebuild_every {
+                    last_rebuild = tokio::time::Instant::now();
+                    engine.reindex_in_background();
+                }
                 if let Err(err) = engine.maintain().await {
                     metrics
                         .backend_errors

@@ -70,4 +70,9 @@ impl Retriever for HybridRetriever {
             self.exact.len()
         }
     }
+
+    /// Rebuilds the index (kept below the threshold too, so it is ready when crossed).
+    fn rebuild(&self) -> reflex_core::Result<()> {
+        Retriever::rebuild(&self.ann)
+    }
 }

@@ -78,6 +78,10 @@ pub struct AnnConfig {
     /// operation and fails (rather than waits) when all are taken; such a search falls
     /// back to the exact scan.
     pub max_concurrent_searches: usize,
+    /// The server rebuilds the index off to the side this often, in ms, so a graph
+    /// updated in place for hours stays compact; 0 never (it is also rebuilt whenever a
+    /// model version is installed).
+    pub rebuild_interval_ms: u64,
 }
 
 impl Default for AnnConfig {
@@ -92,6 +96,7 @@ impl Default for AnnConfig {
             threshold_items: 20_000,
             build_threads: 0,
             max_concurrent_searches: 256,
+            rebuild_interval_ms: 60 * 60 * 1000,
         }
     }
 }

@@ -350,6 +350,11 @@ impl Retriever for AnnRetriever {
     fn len(&self) -> usize {
         self.shared.index.load().size()
     }
+
+    fn rebuild(&self) -> reflex_core::Result<()> {
+        AnnRetriever::rebuild(self)
+            .map_err(|e| reflex_core::Error::Internal(format!("rebuilding the ann index: {e}")))
+    }
 }
 
 impl Shared {
