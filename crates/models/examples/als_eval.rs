@@ -2,7 +2,7 @@
 //! of online MF continuing from it.
 //!
 //! `cargo run --release -p reflex-models --example als_eval -- [100k|1m|FILE] [ALS_JSON]
-//! [MF_JSON]`, with the data folder from `REFLEX_DATA_DIR` (default `../shared/data`
+//! [MF_JSON]`, with the data folder from `eval::data_dir` (`REFLEX_DATA_DIR`, else `../shared/data`
 //! beside the workspace, else `/work/shared/data`). `ALS_JSON` overrides [`AlsConfig`]
 //! fields, e.g. `'{"alpha": 2.0, "iterations": 20}'`; `MF_JSON` replaces the online
 //! model's [`MfConfig`] (default: `MfConfig::default()` with
@@ -14,24 +14,12 @@ use std::path::PathBuf;
 use reflex_models::eval::{BaselineOptions, baseline_eval, read_ratings_file};
 use reflex_models::{AlsConfig, MfConfig};
 
-fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("REFLEX_DATA_DIR") {
-        return PathBuf::from(dir);
-    }
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    if beside.exists() {
-        beside
-    } else {
-        PathBuf::from("/work/shared/data")
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = args.first().map_or("1m", String::as_str);
     let path = match which {
-        "1m" => data_dir().join("movielens-1m/ratings_numeric.tsv.gz"),
-        "100k" => data_dir().join("movielens-100k/ml-100k.inter"),
+        "1m" => reflex_models::eval::data_dir().join("movielens-1m/ratings_numeric.tsv.gz"),
+        "100k" => reflex_models::eval::data_dir().join("movielens-100k/ml-100k.inter"),
         other => PathBuf::from(other),
     };
     let data = read_ratings_file(&path)?;

@@ -5,18 +5,13 @@
 //! with the data folder from `REFLEX_DATA_DIR` (default `../shared/data` relative to the
 //! workspace).
 
-use std::path::PathBuf;
-
 use reflex_models::content_eval::{ItemKey, content_streaming_eval, movielens_genre_embeddings};
 use reflex_models::eval::{EvalOptions, read_movielens_1m, read_movielens_100k};
 use reflex_models::{ContentConfig, MfConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = std::env::var_os("REFLEX_DATA_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    );
+    let dir = reflex_models::eval::data_dir();
     let which = args.first().map_or("100k", String::as_str);
     let (data, items, key) = match which {
         "1m" => (

@@ -4,8 +4,6 @@
 //! [rating] [max_events]`, with the data folder from `REFLEX_DATA_DIR` (default
 //! `../shared/data` relative to the workspace).
 
-use std::path::PathBuf;
-
 use reflex_models::MfConfig;
 use reflex_models::eval::{
     EvalOptions, Weighting, read_movielens_1m, read_movielens_100k, streaming_eval,
@@ -13,10 +11,7 @@ use reflex_models::eval::{
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = std::env::var_os("REFLEX_DATA_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-        PathBuf::from,
-    );
+    let dir = reflex_models::eval::data_dir();
     let which = args.first().map_or("100k", String::as_str);
     let data = match which {
         "1m" => read_movielens_1m(&dir.join("movielens-1m/ratings_numeric.tsv.gz"))?,

@@ -9,18 +9,18 @@
 //! rank exactly as the engine does ([`reflex_core::blend`]): each model proposes `2k`
 //! candidates, every candidate is scored by both, and the best `k` are kept.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader};
 use std::path::Path;
 use std::time::Instant;
 
+use reflex_core::Scored;
 use reflex_core::blend::{Candidate, blend};
 use reflex_core::{ContentModel, HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever};
-use reflex_core::{Scored, UserId};
 
 use crate::ann::AnnConfig;
 use crate::content::{ContentConfig, ContentEmbeddings};
-use crate::eval::{Dataset, EvalOptions};
+use crate::eval::{Dataset, EvalOptions, UserState};
 use crate::{ExactRetriever, MfConfig, OnlineMf};
 
 /// How the ratings file names a movie of the item file.
@@ -143,12 +143,6 @@ impl std::fmt::Display for ContentEvalReport {
     }
 }
 
-struct UserState {
-    id: UserId,
-    history: VecDeque<HistoryEntry>,
-    seen: HashSet<ItemIdx>,
-}
-
 /// Appends popular items passing `filter` and not already in `top` until it has `k`.
 fn fill(model: &OnlineMf, top: &mut Vec<ItemIdx>, k: usize, filter: &dyn Fn(ItemIdx) -> bool) {
     if top.len() < k {
@@ -210,20 +204,7 @@ pub fn content_streaming_eval(
     for &i in &order {
         let r = data.ratings[i];
         let item = r.item as ItemIdx;
-        let Some(slot) = users.get_mut(r.user as usize) else {
-            continue;
-        };
-        if slot.is_none() {
-            let Ok(id) = UserId::parse(&format!("u{}", r.user), "user_id") else {
-                continue;
-            };
-            *slot = Some(UserState {
-                id,
-                history: VecDeque::new(),
-                seen: HashSet::new(),
-            });
-        }
-        let Some(user) = slot.as_mut() else {
+        let Some(user) = UserState::get(&mut users, r.user) else {
             continue;
         };
         history.clear();

@@ -225,10 +225,43 @@ impl std::fmt::Display for StreamingReport {
     }
 }
 
-struct UserState {
-    id: UserId,
-    history: VecDeque<HistoryEntry>,
-    seen: HashSet<ItemIdx>,
+/// One user's state in a streaming evaluation: their id, recent history and seen items.
+pub(crate) struct UserState {
+    pub(crate) id: UserId,
+    pub(crate) history: VecDeque<HistoryEntry>,
+    pub(crate) seen: HashSet<ItemIdx>,
+}
+
+impl UserState {
+    /// Dense user `user`'s state in `users`, created on first use; `None` when `user` is
+    /// out of range.
+    pub(crate) fn get(users: &mut [Option<UserState>], user: u32) -> Option<&mut UserState> {
+        let slot = users.get_mut(user as usize)?;
+        if slot.is_none() {
+            let id = UserId::parse(&format!("u{user}"), "user_id").ok()?;
+            *slot = Some(UserState {
+                id,
+                history: VecDeque::new(),
+                seen: HashSet::new(),
+            });
+        }
+        slot.as_mut()
+    }
+}
+
+/// Where the evaluation data is: `REFLEX_DATA_DIR`, else `../shared/data` beside the
+/// checkout, else the workplace's `/work/shared/data` (for checkouts made elsewhere, such
+/// as a CI clone in /tmp). For the examples and tests; the data is never copied here.
+pub fn data_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("REFLEX_DATA_DIR") {
+        return dir.into();
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if beside.exists() {
+        beside
+    } else {
+        "/work/shared/data".into()
+    }
 }
 
 /// Runs the prequential evaluation of a fresh [`OnlineMf`] with `config` over `data`.
@@ -264,20 +297,7 @@ pub fn streaming_eval(data: &Dataset, config: &MfConfig, options: &EvalOptions) 
             }
             None => continue,
         };
-        let Some(slot) = users.get_mut(r.user as usize) else {
-            continue;
-        };
-        if slot.is_none() {
-            let Ok(id) = UserId::parse(&format!("u{}", r.user), "user_id") else {
-                continue;
-            };
-            *slot = Some(UserState {
-                id,
-                history: VecDeque::new(),
-                seen: HashSet::new(),
-            });
-        }
-        let Some(user) = slot.as_mut() else {
+        let Some(user) = UserState::get(&mut users, r.user) else {
             continue;
         };
 
