@@ -674,8 +674,10 @@ fn hybrid_switches_at_the_threshold() {
         assert!(f.set(item, &v));
         hybrid.upsert(item, &v);
     }
-    assert!(hybrid.uses_ann());
-    assert!(wait_until(SETTLE, || hybrid.caught_up(&f)));
+    // Crossing the threshold starts a rebuild; searches move to the index once it is in.
+    check_answer(&f, &q, 10, &|_| true, &hybrid.search(&q, 10, &|_| true));
+    assert!(wait_until(SETTLE, || hybrid.uses_ann() && hybrid.caught_up(&f)));
+    let searches = hybrid.ann().stats().searches;
     check_answer(&f, &q, 10, &|_| true, &hybrid.search(&q, 10, &|_| true));
     assert_eq!(
         hybrid.ann().stats().searches,
@@ -683,6 +685,10 @@ fn hybrid_switches_at_the_threshold() {
         "index above threshold"
     );
     assert_eq!(hybrid.len(), 150);
+    assert!(
+        hybrid.ann().stats().rebuilds >= 1,
+        "rebuilt at the crossing"
+    );
 }
 
 #[test]
@@ -768,4 +774,40 @@ fn drop_stops_the_drainer() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A change smaller than `reindex_min_drift` leaves the graph as it is (scores are still
+/// exact); a larger one is re-indexed.
+#[test]
+fn small_moves_are_not_reindexed() {
+    let dims = 8;
+    let f = store(dims);
+    let start = vec![1.0f32; dims];
+    assert!(f.set(0, &start));
+    let config = AnnConfig {
+        reindex_min_drift: 0.05,
+        ..test_config(Quantization::F32)
+    };
+    let ann = AnnRetriever::new(f.clone(), config).expect("ann retriever");
+    ann.flush().unwrap();
+    assert_eq!(ann.indexed_vector(0), Some(start.clone()));
+
+    let nudged: Vec<f32> = start.iter().map(|x| x * 1.01).collect();
+    assert!(f.set(0, &nudged));
+    ann.upsert(0, &[]);
+    ann.flush().unwrap();
+    assert!(wait_until(SETTLE, || ann.stats().dirty == 0));
+    assert_eq!(ann.indexed_vector(0), Some(start.clone()), "1% is below 5%");
+    assert!(ann.stats().reindex_skipped >= 1);
+    let found = ann.search(&[1.0; 8], 1, &|_| true);
+    assert!(
+        (found[0].score - dot(&nudged, &[1.0; 8])).abs() < 1e-4,
+        "scored from the current vector: {found:?}"
+    );
+
+    let moved: Vec<f32> = start.iter().map(|x| x * 1.5).collect();
+    assert!(f.set(0, &moved));
+    ann.upsert(0, &[]);
+    ann.flush().unwrap();
+    assert!(wait_until(SETTLE, || ann.indexed_vector(0) == Some(moved.clone())));
 }

@@ -78,6 +78,12 @@ pub struct AnnConfig {
     /// operation and fails (rather than waits) when all are taken; such a search falls
     /// back to the exact scan.
     pub max_concurrent_searches: usize,
+    /// A changed item is re-indexed only when its vector moved at least this much
+    /// (`‖new − indexed‖ / ‖indexed‖`) since it was indexed; 0 re-indexes every change.
+    /// Scores are always recomputed from the current vector, so a small drift only
+    /// shifts which candidates the graph walk visits, while re-indexing every item an
+    /// event touched was most of the ingest cost at 100k items.
+    pub reindex_min_drift: f32,
     /// The server rebuilds the index off to the side this often, in ms, so a graph
     /// updated in place for hours stays compact; 0 never (it is also rebuilt whenever a
     /// model version is installed).
@@ -97,6 +103,7 @@ impl Default for AnnConfig {
             build_threads: 0,
             max_concurrent_searches: 256,
             rebuild_interval_ms: 60 * 60 * 1000,
+            reindex_min_drift: 0.05,
         }
     }
 }
@@ -118,6 +125,12 @@ impl AnnConfig {
         }
         if self.upsert_interval_ms == 0 {
             return Err("upsert_interval_ms must be > 0".into());
+        }
+        if !(self.reindex_min_drift.is_finite() && self.reindex_min_drift >= 0.0) {
+            return Err(format!(
+                "reindex_min_drift must be finite and >= 0, got {}",
+                self.reindex_min_drift
+            ));
         }
         if self.max_concurrent_searches == 0 {
             return Err("max_concurrent_searches must be > 0".into());

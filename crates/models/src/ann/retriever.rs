@@ -96,6 +96,7 @@ struct Counters {
     exact_fallbacks: AtomicU64,
     applied: AtomicU64,
     upsert_errors: AtomicU64,
+    reindex_skipped: AtomicU64,
     rebuilds: AtomicU64,
     grows: AtomicU64,
 }
@@ -121,6 +122,9 @@ pub struct AnnStats {
     pub applied: u64,
     /// Items the index refused (retried on the next pass).
     pub upsert_errors: u64,
+    /// Changed items not re-indexed because their vector moved less than
+    /// [`AnnConfig::reindex_min_drift`].
+    pub reindex_skipped: u64,
     /// Rebuilds swapped in.
     pub rebuilds: u64,
     /// Times the index was copied into a larger one.
@@ -259,6 +263,7 @@ impl AnnRetriever {
             exact_fallbacks: c.exact_fallbacks.load(Ordering::Relaxed),
             applied: c.applied.load(Ordering::Relaxed),
             upsert_errors: c.upsert_errors.load(Ordering::Relaxed),
+            reindex_skipped: c.reindex_skipped.load(Ordering::Relaxed),
             rebuilds: c.rebuilds.load(Ordering::Relaxed),
             grows: c.grows.load(Ordering::Relaxed),
         }
@@ -457,8 +462,20 @@ impl Shared {
         let mut vector = vec![0.0f32; self.factors.factors()];
         let mut failed = None;
         let mut applied = 0;
+        let min_drift = self.config.read().reindex_min_drift;
         for &item in &batch {
             if !self.factors.read_into(item, &mut vector) {
+                continue;
+            }
+            if min_drift > 0.0
+                && let Some(held) = index.vector(item)
+                && relative_drift(&held, &vector) < min_drift
+            {
+                // Close enough to where the graph has it: scores are recomputed from the
+                // current vector anyway, so only the candidate walk sees the difference.
+                self.counters
+                    .reindex_skipped
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             // A non-finite vector would poison the graph's distances; such an item is
@@ -503,6 +520,20 @@ impl Shared {
         top.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
         top.truncate(k);
         top
+    }
+}
+
+/// `‖now − held‖ / ‖held‖`; infinite when `held` is zero, so it is always re-indexed.
+fn relative_drift(held: &[f32], now: &[f32]) -> f32 {
+    let (mut diff, mut norm) = (0.0f32, 0.0f32);
+    for (h, n) in held.iter().zip(now) {
+        diff += (n - h) * (n - h);
+        norm += h * h;
+    }
+    if norm > 0.0 {
+        (diff / norm).sqrt()
+    } else {
+        f32::INFINITY
     }
 }
 
