@@ -1053,9 +1053,12 @@ impl Engine {
             .unwrap_or_default();
         let mut items = Vec::with_capacity(count);
         let mf_vector = model.user_vector(&history);
+        // A blend weight of 0 leaves content out of recommendations (it still serves
+        // `SimilarItems`), so its search is not even run.
         let content = self
             .content
             .as_ref()
+            .filter(|(_, w)| *w > 0.0)
             .and_then(|(c, w)| Some((c.as_ref(), *w, c.user_vector(&history)?)));
         match (mf_vector, content) {
             (mf_vector, Some((content, weight, content_vector))) => {
