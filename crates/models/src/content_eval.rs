@@ -20,7 +20,7 @@ use reflex_core::{ContentModel, HistoryEntry, ItemIdx, Observation, OnlineModel,
 
 use crate::ann::AnnConfig;
 use crate::content::{ContentConfig, ContentEmbeddings};
-use crate::eval::{Dataset, EvalOptions, UserState};
+use crate::eval::{Dataset, EvalOptions, UserState, rate};
 use crate::{ExactRetriever, MfConfig, OnlineMf};
 
 /// How the ratings file names a movie of the item file.
@@ -275,16 +275,9 @@ pub fn content_streaming_eval(
             weight,
             timestamp_ms: r.timestamp_ms,
         });
-        user.history.push_front(HistoryEntry {
-            item,
-            weight,
-            timestamp_ms: r.timestamp_ms,
-        });
-        user.history.truncate(options.history_window);
-        user.seen.insert(item);
+        user.record(item, weight, r.timestamp_ms, options.history_window);
     }
     let events = order.len() as u64;
-    let rate = |h: u64, n: u64| if n == 0 { 0.0 } else { h as f64 / n as f64 };
     ContentEvalReport {
         events,
         cold_events,

@@ -247,6 +247,23 @@ impl UserState {
         }
         slot.as_mut()
     }
+
+    /// Records an interaction after it was scored: newest first in the history (kept to
+    /// `window` entries) and among the seen items.
+    pub(crate) fn record(&mut self, item: ItemIdx, weight: f32, timestamp_ms: i64, window: usize) {
+        self.history.push_front(HistoryEntry {
+            item,
+            weight,
+            timestamp_ms,
+        });
+        self.history.truncate(window);
+        self.seen.insert(item);
+    }
+}
+
+/// `hits / n`, 0 when `n` is 0.
+pub(crate) fn rate(hits: u64, n: u64) -> f64 {
+    if n == 0 { 0.0 } else { hits as f64 / n as f64 }
 }
 
 /// Where the evaluation data is: `REFLEX_DATA_DIR`, else `../shared/data` beside the
@@ -335,17 +352,10 @@ pub fn streaming_eval(data: &Dataset, config: &MfConfig, options: &EvalOptions) 
         });
         observe_time += t.elapsed();
 
-        user.history.push_front(HistoryEntry {
-            item,
-            weight,
-            timestamp_ms: r.timestamp_ms,
-        });
-        user.history.truncate(options.history_window);
-        user.seen.insert(item);
+        user.record(item, weight, r.timestamp_ms, options.history_window);
     }
 
     let events = order.len() as u64;
-    let rate = |h: u64, n: u64| if n == 0 { 0.0 } else { h as f64 / n as f64 };
     let observe_secs = observe_time.as_secs_f64();
     StreamingReport {
         events,
