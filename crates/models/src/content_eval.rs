@@ -166,11 +166,7 @@ pub fn content_streaming_eval(
 ) -> ContentEvalReport {
     let start = Instant::now();
     let k = options.k.max(1);
-    let mut order: Vec<usize> = (0..data.ratings.len()).collect();
-    order.sort_by_key(|&i| data.ratings[i].timestamp_ms);
-    if let Some(max) = options.max_events {
-        order.truncate(max);
-    }
+    let order = options.replay_order(data);
     let model = OnlineMf::new(mf_config.clone());
     let retriever = ExactRetriever::for_model(&model);
     let content = match ContentEmbeddings::new(

@@ -183,6 +183,19 @@ impl Default for EvalOptions {
     }
 }
 
+impl EvalOptions {
+    /// Positions in `data.ratings` in the order a streaming evaluation replays them: by
+    /// time, ties in file order, cut at `max_events`.
+    pub(crate) fn replay_order(&self, data: &Dataset) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..data.ratings.len()).collect();
+        order.sort_by_key(|&i| data.ratings[i].timestamp_ms);
+        if let Some(max) = self.max_events {
+            order.truncate(max);
+        }
+        order
+    }
+}
+
 /// Figures of one streaming evaluation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StreamingReport {
@@ -285,11 +298,7 @@ pub fn data_dir() -> std::path::PathBuf {
 pub fn streaming_eval(data: &Dataset, config: &MfConfig, options: &EvalOptions) -> StreamingReport {
     let start = Instant::now();
     let k = options.k.max(1);
-    let mut order: Vec<usize> = (0..data.ratings.len()).collect();
-    order.sort_by_key(|&i| data.ratings[i].timestamp_ms);
-    if let Some(max) = options.max_events {
-        order.truncate(max);
-    }
+    let order = options.replay_order(data);
 
     let model = OnlineMf::new(config.clone());
     let retriever = ExactRetriever::for_model(&model);
