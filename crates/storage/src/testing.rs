@@ -1,9 +1,12 @@
 //! Test support shared by this crate's tests and other crates' (feature `conformance`):
 //! a real `redis-server` on a free port, started for a test and stopped with it.
 
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A `redis-server` child process listening on 127.0.0.1 at a port of its own, killed on
@@ -47,12 +50,19 @@ impl RedisServer {
             dir,
             persistent,
         };
-        server.port = free_port();
-        server.spawn(&binary);
-        Some(server)
+        // Another process may take the port between choosing it and redis binding it;
+        // then this redis exits (or someone else answers), and a new port is tried.
+        for _ in 0..20 {
+            server.port = reserve_free_port();
+            if server.spawn(&binary).is_ok() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server could not listen on any of 20 free ports");
     }
 
-    fn spawn(&mut self, binary: &str) {
+    /// Starts redis on `self.port` and waits until this very process answers there.
+    fn spawn(&mut self, binary: &str) -> Result<(), String> {
         let child = Command::new(binary)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", ""])
@@ -70,8 +80,41 @@ impl RedisServer {
             Ok(child) => child,
             Err(e) => panic!("starting redis-server: {e}"),
         };
+        let pid = child.id();
         self.child = Some(child);
-        wait_listening(self.port, Duration::from_secs(10));
+        let answered = self.wait_listening(pid, Duration::from_secs(10));
+        if answered.is_err() {
+            self.stop();
+        }
+        answered
+    }
+
+    /// Waits until the redis answering on the port is the child with `pid`: a server of
+    /// another test that got the same port would otherwise be mistaken for this one.
+    fn wait_listening(&mut self, pid: u32, timeout: Duration) -> Result<(), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("redis-server exited with {status}"));
+            }
+            match server_pid(addr) {
+                Some(answered) if answered == pid => return Ok(()),
+                Some(other) => {
+                    return Err(format!(
+                        "port {} is taken by another redis (pid {other})",
+                        self.port
+                    ));
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        Err(format!(
+            "redis-server did not listen on {} within {timeout:?}",
+            self.port
+        ))
     }
 
     /// The `redis://` URL of this server.
@@ -101,7 +144,9 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         let binary = std::env::var("REFLEX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        self.spawn(&binary);
+        if let Err(e) = self.spawn(&binary) {
+            panic!("restarting redis-server on port {}: {e}", self.port);
+        }
     }
 }
 
@@ -111,22 +156,44 @@ impl Drop for RedisServer {
     }
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-        Ok(addr) => addr.port(),
-        Err(e) => panic!("finding a free port: {e}"),
+/// Ports handed to servers of this process. A stopped server keeps its port for
+/// [`RedisServer::restart`], so no other test of the process may be given it meanwhile.
+static RESERVED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A port nothing listens on right now and that no other server of this process holds.
+fn reserve_free_port() -> u16 {
+    loop {
+        let port = match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(addr) => addr.port(),
+            Err(e) => panic!("finding a free port: {e}"),
+        };
+        let mut reserved = RESERVED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if reserved.insert(port) {
+            return port;
+        }
     }
 }
 
-fn wait_listening(port: u16, timeout: Duration) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let start = Instant::now();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        assert!(
-            start.elapsed() < timeout,
-            "redis-server did not listen on {port} within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// The `process_id` the redis listening at `addr` reports, or `None` when nothing answers.
+fn server_pid(addr: SocketAddr) -> Option<u32> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(rest) = text.split("process_id:").nth(1)
+            && let Some((line, _)) = rest.split_once("\r\n")
+        {
+            return line.trim().parse().ok();
+        }
     }
 }
