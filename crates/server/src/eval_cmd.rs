@@ -30,7 +30,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0.05)]
     pub regularization: f32,
     /// ALS confidence scale.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub alpha: f32,
     /// Seed of the initial factors (default: the library's).
     #[arg(long)]

@@ -59,7 +59,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.05)]
     pub regularization: f32,
     /// ALS confidence scale (confidence = alpha × summed weight).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub alpha: f32,
     /// Conjugate-gradient steps per row and half-iteration.
     #[arg(long, default_value_t = 3)]
