@@ -33,6 +33,8 @@ thread_local! {
     /// Per-thread scratch of one SGD update (the user's old vector, its gradient and one
     /// item vector), so learning allocates nothing per event.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread list of one event's sampled negatives.
+    static NEGATIVES: std::cell::RefCell<Vec<ItemIdx>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Version label of this model.
@@ -281,9 +283,9 @@ impl OnlineMf {
         }
         let err = c * (target - dot(p, q));
         let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
-        for d in 0..q.len() {
-            grad_p[d] += err * q[d];
-            q[d] += lr * (err * p[d] - reg * q[d]);
+        for ((g, x), pd) in grad_p.iter_mut().zip(q.iter_mut()).zip(p) {
+            *g += err * *x;
+            *x += lr * (err * pd - reg * *x);
         }
         store_vec(slot, q);
     }
@@ -300,17 +302,24 @@ impl OnlineMf {
         };
         let p: &mut [f32] = entry.value_mut();
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.resize(3 * k, 0.0);
-            let (p_old, rest) = scratch.split_at_mut(k);
-            let (grad, q) = rest.split_at_mut(k);
-            p_old.copy_from_slice(p);
-            self.sgd(obs, &mut rng, p, p_old, grad, q);
+            NEGATIVES.with_borrow_mut(|negatives| {
+                scratch.clear();
+                scratch.resize(3 * k, 0.0);
+                let (p_old, rest) = scratch.split_at_mut(k);
+                let (grad, q) = rest.split_at_mut(k);
+                p_old.copy_from_slice(p);
+                self.sgd(obs, &mut rng, p, p_old, grad, q, negatives);
+            })
         });
     }
 
     /// The SGD steps of one event: the item (and sampled negatives) against `p_old`, the
     /// user's vector before the event, then the user's own step into `p`.
+    ///
+    /// The negatives are drawn first and every item's vector is prefetched before the
+    /// first step: the items are scattered over memory far larger than the cache, and
+    /// waiting for them one step at a time cost more than all the arithmetic.
+    #[allow(clippy::too_many_arguments)]
     fn sgd(
         &self,
         obs: &Observation<'_>,
@@ -319,26 +328,35 @@ impl OnlineMf {
         p_old: &[f32],
         grad: &mut [f32],
         q: &mut [f32],
+        negatives: &mut Vec<ItemIdx>,
     ) {
-        let k = p.len();
         let c = obs.weight.abs().min(self.config.max_confidence);
+        negatives.clear();
+        if obs.weight > 0.0 {
+            for _ in 0..self.config.negatives {
+                if let Some(j) = self.sample_negative(rng)
+                    && j != obs.item
+                {
+                    negatives.push(j);
+                }
+            }
+        }
+        self.items.prefetch(obs.item);
+        for &j in negatives.iter() {
+            self.items.prefetch(j);
+        }
         if obs.weight > 0.0 {
             self.step(obs.item, p_old, 1.0, c, grad, q);
             let neg_c = self.config.negative_weight;
-            for _ in 0..self.config.negatives {
-                match self.sample_negative(rng) {
-                    Some(j) if j != obs.item => {
-                        self.step(j, p_old, 0.0, neg_c, grad, q);
-                    }
-                    _ => {}
-                }
+            for &j in negatives.iter() {
+                self.step(j, p_old, 0.0, neg_c, grad, q);
             }
         } else {
             self.step(obs.item, p_old, 0.0, c, grad, q);
         }
         let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
-        for d in 0..k {
-            p[d] += lr * (grad[d] - reg * p_old[d]);
+        for ((pd, g), old) in p.iter_mut().zip(grad.iter()).zip(p_old) {
+            *pd += lr * (g - reg * old);
         }
     }
 
