@@ -1,8 +1,9 @@
 //! The item factor store: a growable array of item vectors that many threads read and
 //! write at once without a lock on the hot path.
 //!
-//! Items live in fixed-size chunks of [`CHUNK_ITEMS`] slots; each value is an `f32` kept
-//! as its bits in an `AtomicU32` and accessed with relaxed loads and stores. Concurrent
+//! Items live in fixed-size chunks of [`CHUNK_ITEMS`] slots; each pair of values is two
+//! `f32` kept as bits in one `AtomicU64` ([`StoredVector`]) and accessed with relaxed
+//! loads and stores, so a 64-factor vector is 32 memory operations, not 64. Concurrent
 //! SGD steps on the same item may lose each other's updates (Hogwild-style), which
 //! stochastic gradient descent tolerates. The chunk list is a `boxcar::Vec`, lock-free to
 //! read; growing it takes a mutex, once per [`CHUNK_ITEMS`] new items.
@@ -12,12 +13,11 @@
 //! rebuilds the same model. An item becomes *known* the first time the model learns from
 //! it; only known items are searched, sampled as negatives and folded in.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use reflex_core::ItemIdx;
 
-use crate::linalg::dot_atomic;
 use crate::rng::{mix, unit_f32};
 
 /// Items per chunk of the store.
@@ -25,8 +25,8 @@ pub const CHUNK_ITEMS: usize = 1024;
 
 /// One chunk of item slots.
 pub(crate) struct Chunk {
-    /// `CHUNK_ITEMS × factors` values, item-major.
-    values: Box<[AtomicU32]>,
+    /// `CHUNK_ITEMS × words` pairs of values, item-major.
+    values: Box<[AtomicU64]>,
     /// Whether each slot's item was ever learnt from.
     known: Box<[AtomicBool]>,
     /// Time-decayed popularity of each slot as `log2` of its anchored score, `f64` bits
@@ -37,6 +37,8 @@ pub(crate) struct Chunk {
 /// Item vectors of one model, shared by the learner and the retrievers.
 pub struct ItemFactors {
     factors: usize,
+    /// Stored words per vector: `factors` values in pairs.
+    words: usize,
     seed: u64,
     init_scale: f32,
     chunks: boxcar::Vec<Chunk>,
@@ -51,6 +53,7 @@ impl ItemFactors {
     pub fn new(factors: usize, init_scale: f32, seed: u64) -> Self {
         Self {
             factors: factors.max(1),
+            words: factors.max(1).div_ceil(2),
             seed,
             init_scale: init_scale / (factors.max(1) as f32).sqrt(),
             chunks: boxcar::Vec::new(),
@@ -86,10 +89,16 @@ impl ItemFactors {
     }
 
     fn new_chunk(&self, chunk_no: usize) -> Chunk {
-        let k = self.factors;
+        let (k, words) = (self.factors, self.words);
         let base = chunk_no * CHUNK_ITEMS;
-        let values = (0..CHUNK_ITEMS * k)
-            .map(|i| AtomicU32::new(self.initial(base + i / k, i % k).to_bits()))
+        let value = |item: usize, d: usize| {
+            if d < k { self.initial(item, d) } else { 0.0 }
+        };
+        let values = (0..CHUNK_ITEMS * words)
+            .map(|i| {
+                let (item, w) = (base + i / words, i % words);
+                AtomicU64::new(pack(value(item, 2 * w), value(item, 2 * w + 1)))
+            })
             .collect();
         Chunk {
             values,
@@ -150,10 +159,13 @@ impl ItemFactors {
 
     /// The stored values of `idx` (known or not), if its chunk exists.
     #[inline]
-    pub(crate) fn slot(&self, idx: ItemIdx) -> Option<&[AtomicU32]> {
-        let k = self.factors;
-        let off = (idx as usize % CHUNK_ITEMS) * k;
-        self.chunk(idx).map(|c| &c.values[off..off + k])
+    pub(crate) fn slot(&self, idx: ItemIdx) -> Option<StoredVector<'_>> {
+        let words = self.words;
+        let off = (idx as usize % CHUNK_ITEMS) * words;
+        self.chunk(idx).map(|c| StoredVector {
+            words: &c.values[off..off + words],
+            len: self.factors,
+        })
     }
 
     /// Starts moving `idx`'s vector into the cache ahead of its use (a hint only), so the
@@ -163,8 +175,8 @@ impl ItemFactors {
         #[cfg(target_arch = "x86_64")]
         if let Some(slot) = self.slot(idx) {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let bytes = std::mem::size_of_val(slot);
-            let base = slot.as_ptr().cast::<i8>();
+            let bytes = std::mem::size_of_val(slot.words);
+            let base = slot.words.as_ptr().cast::<i8>();
             for off in (0..bytes).step_by(64) {
                 // SAFETY: a prefetch is a hint that never faults nor reads into Rust values,
                 // and the address lies inside `slot`. (The one `unsafe` of the crate: the
@@ -185,7 +197,7 @@ impl ItemFactors {
         if !self.is_known(idx) {
             return None;
         }
-        self.slot(idx).map(load_vec)
+        self.slot(idx).map(|s| s.to_vec())
     }
 
     /// Copies a known item's vector into `out`; `false` when unknown.
@@ -195,9 +207,7 @@ impl ItemFactors {
         }
         match self.slot(idx) {
             Some(s) => {
-                for (o, v) in out.iter_mut().zip(s) {
-                    *o = f32::from_bits(v.load(Ordering::Relaxed));
-                }
+                s.read_into(out);
                 true
             }
             None => false,
@@ -211,13 +221,17 @@ impl ItemFactors {
     }
 
     /// Calls `f(idx, values)` for every known item, in index order.
-    pub fn for_each_known(&self, mut f: impl FnMut(ItemIdx, &[AtomicU32])) {
-        let k = self.factors;
+    pub fn for_each_known(&self, mut f: impl FnMut(ItemIdx, StoredVector<'_>)) {
+        let words = self.words;
         for (c, chunk) in self.chunks.iter() {
             let base = c * CHUNK_ITEMS;
             for (i, flag) in chunk.known.iter().enumerate() {
                 if flag.load(Ordering::Acquire) {
-                    f((base + i) as ItemIdx, &chunk.values[i * k..(i + 1) * k]);
+                    let stored = StoredVector {
+                        words: &chunk.values[i * words..(i + 1) * words],
+                        len: self.factors,
+                    };
+                    f((base + i) as ItemIdx, stored);
                 }
             }
         }
@@ -248,7 +262,7 @@ impl ItemFactors {
         match self.chunk_or_grow(idx) {
             Some(_) => {
                 if let Some(slot) = self.slot(idx) {
-                    store_vec(slot, values);
+                    slot.write(values);
                 }
                 self.ensure_known(idx);
                 true
@@ -276,30 +290,131 @@ impl ItemFactors {
         if !self.is_known(idx) {
             return None;
         }
-        self.slot(idx).map(|s| dot_atomic(query, s))
+        self.slot(idx).map(|s| s.dot(query))
     }
 }
 
-/// Copies stored values out.
-#[inline]
-pub(crate) fn load_vec(stored: &[AtomicU32]) -> Vec<f32> {
-    stored
-        .iter()
-        .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
-        .collect()
+/// One item's vector where it is stored: value `2i` in the low and `2i + 1` in the high
+/// half of word `i`, read and written with relaxed atomics (a value being written
+/// concurrently reads as either its old or its new value; the two of a pair together).
+/// An odd dimension's last word holds 0 in its high half.
+#[derive(Clone, Copy)]
+pub struct StoredVector<'a> {
+    words: &'a [AtomicU64],
+    len: usize,
 }
 
-/// Stores `values` (relaxed).
-#[inline]
-pub(crate) fn store_vec(stored: &[AtomicU32], values: &[f32]) {
-    for (s, v) in stored.iter().zip(values) {
-        s.store(v.to_bits(), Ordering::Relaxed);
+impl StoredVector<'_> {
+    /// Dimension of the vector.
+    pub fn len(&self) -> usize {
+        self.len
     }
+
+    /// Whether it has no dimension (never, for a store's vectors).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the values into `out` (as many as both have).
+    #[inline]
+    pub fn read_into(&self, out: &mut [f32]) {
+        let n = self.len.min(out.len());
+        let mut pairs = out[..n].chunks_exact_mut(2);
+        for (pair, w) in (&mut pairs).zip(self.words) {
+            let (a, b) = unpack(w.load(Ordering::Relaxed));
+            pair[0] = a;
+            pair[1] = b;
+        }
+        if let [last] = pairs.into_remainder()
+            && let Some(w) = self.words.get(n / 2)
+        {
+            *last = unpack(w.load(Ordering::Relaxed)).0;
+        }
+    }
+
+    /// The values, copied out.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len];
+        self.read_into(&mut out);
+        out
+    }
+
+    /// Stores `values` (as many as both have; an odd dimension's pad stays 0).
+    #[inline]
+    pub(crate) fn write(&self, values: &[f32]) {
+        let values = &values[..self.len.min(values.len())];
+        let mut pairs = values.chunks_exact(2);
+        for (w, pair) in self.words.iter().zip(&mut pairs) {
+            w.store(pack(pair[0], pair[1]), Ordering::Relaxed);
+        }
+        if let [last] = pairs.remainder()
+            && let Some(w) = self.words.get(values.len() / 2)
+        {
+            w.store(pack(*last, 0.0), Ordering::Relaxed);
+        }
+    }
+
+    /// Inner product with `query` (over the dimensions both have), with independent
+    /// accumulators so the loop pipelines.
+    #[inline]
+    pub fn dot(&self, query: &[f32]) -> f32 {
+        let n = self.len.min(query.len());
+        let mut acc = [0.0f32; 8];
+        let mut qs = query[..n].chunks_exact(8);
+        for (x, w) in (&mut qs).zip(self.words.chunks_exact(4)) {
+            for l in 0..4 {
+                let (a, b) = unpack(w[l].load(Ordering::Relaxed));
+                acc[2 * l] += x[2 * l] * a;
+                acc[2 * l + 1] += x[2 * l + 1] * b;
+            }
+        }
+        let done = n - qs.remainder().len();
+        let mut tail = 0.0;
+        for (i, x) in qs.remainder().iter().enumerate() {
+            let d = done + i;
+            if let Some(w) = self.words.get(d / 2) {
+                let (a, b) = unpack(w.load(Ordering::Relaxed));
+                tail += x * if d.is_multiple_of(2) { a } else { b };
+            }
+        }
+        (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+    }
+}
+
+#[inline]
+fn pack(a: f32, b: f32) -> u64 {
+    u64::from(a.to_bits()) | (u64::from(b.to_bits()) << 32)
+}
+
+#[inline]
+fn unpack(w: u64) -> (f32, f32) {
+    (f32::from_bits(w as u32), f32::from_bits((w >> 32) as u32))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_vectors_round_trip_and_dot_at_odd_and_even_dimensions() {
+        for k in [1, 2, 5, 8, 19, 64] {
+            let store = ItemFactors::new(k, 0.1, 3);
+            let v: Vec<f32> = (0..k).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let q: Vec<f32> = (0..k).map(|i| (i as f32).sin()).collect();
+            assert!(store.load(7, &v));
+            assert_eq!(store.get(7), Some(v.clone()), "k = {k}");
+            let naive: f32 = v.iter().zip(&q).map(|(x, y)| x * y).sum();
+            let score = store.score(7, &q).unwrap();
+            assert!((score - naive).abs() < 1e-4, "k = {k}: {score} vs {naive}");
+            // A shorter query uses the dimensions both have.
+            let short: f32 = v.iter().zip(&q[..k / 2]).map(|(x, y)| x * y).sum();
+            assert!((store.score(7, &q[..k / 2]).unwrap() - short).abs() < 1e-4);
+            let mut out = vec![9.0; k + 1];
+            assert!(store.read_into(7, &mut out));
+            assert_eq!(&out[..k], &v[..]);
+            assert_eq!(out[k], 9.0, "k = {k}: read past the vector");
+        }
+    }
 
     #[test]
     fn items_are_initialised_deterministically_and_grow_on_demand() {

@@ -49,6 +49,6 @@ pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quan
 pub use batch::TrainingSet;
 pub use config::{MfConfig, NegativeSampling};
 pub use content::{ContentConfig, ContentEmbeddings};
-pub use factors::ItemFactors;
+pub use factors::{ItemFactors, StoredVector};
 pub use mf::OnlineMf;
 pub use retriever::ExactRetriever;

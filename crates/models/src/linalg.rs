@@ -2,8 +2,6 @@
 //! small symmetric positive-definite system. Written out by hand so no linear algebra
 //! crate is pulled in for a k×k problem with k ≤ a few hundred.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 /// Inner product of two equal-length slices, with independent accumulators so the
 /// loop pipelines (and vectorises in optimised builds).
 #[inline]
@@ -21,27 +19,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0.0;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         tail += x * y;
-    }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
-}
-
-/// Inner product of `query` with a vector stored as `f32` bits in atomics (relaxed
-/// loads: a value being written concurrently reads as either its old or new value).
-#[inline]
-pub fn dot_atomic(query: &[f32], stored: &[AtomicU32]) -> f32 {
-    let n = query.len().min(stored.len());
-    let (q, s) = (&query[..n], &stored[..n]);
-    let mut acc = [0.0f32; 8];
-    let mut cq = q.chunks_exact(8);
-    let mut cs = s.chunks_exact(8);
-    for (x, y) in (&mut cq).zip(&mut cs) {
-        for l in 0..8 {
-            acc[l] += x[l] * f32::from_bits(y[l].load(Ordering::Relaxed));
-        }
-    }
-    let mut tail = 0.0;
-    for (x, y) in cq.remainder().iter().zip(cs.remainder()) {
-        tail += x * f32::from_bits(y.load(Ordering::Relaxed));
     }
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
@@ -167,8 +144,6 @@ mod tests {
         let b: Vec<f32> = (0..19).map(|i| (i as f32).sin()).collect();
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - naive).abs() < 1e-4);
-        let stored: Vec<AtomicU32> = b.iter().map(|v| AtomicU32::new(v.to_bits())).collect();
-        assert!((dot_atomic(&a, &stored) - naive).abs() < 1e-4);
         let mut m = vec![0.0; 4];
         add_outer_lower(&mut m, 2, &[1.0, 2.0], 2.0);
         assert_eq!(m, vec![2.0, 0.0, 4.0, 8.0]);

@@ -24,7 +24,7 @@ use reflex_core::{
 };
 
 use crate::config::{MfConfig, NegativeSampling};
-use crate::factors::{ItemFactors, store_vec};
+use crate::factors::ItemFactors;
 use crate::linalg::{add_outer_lower, cholesky_solve, dot};
 use crate::popularity::Popularity;
 use crate::rng::{SplitMix, fnv1a, mix, unit_f32};
@@ -232,9 +232,7 @@ impl OnlineMf {
         let mut q = vec![0.0f32; k];
         let mut items = 0;
         self.items.for_each_known(|_, stored| {
-            for (x, s) in q.iter_mut().zip(stored) {
-                *x = f32::from_bits(s.load(Ordering::Relaxed));
-            }
+            stored.read_into(&mut q);
             add_outer_lower(&mut g, k, &q, 1.0);
             items += 1;
         });
@@ -278,16 +276,14 @@ impl OnlineMf {
         let Some(slot) = self.items.slot(idx) else {
             return;
         };
-        for (x, s) in q.iter_mut().zip(slot) {
-            *x = f32::from_bits(s.load(Ordering::Relaxed));
-        }
+        slot.read_into(q);
         let err = c * (target - dot(p, q));
         let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
         for ((g, x), pd) in grad_p.iter_mut().zip(q.iter_mut()).zip(p) {
             *g += err * *x;
             *x += lr * (err * pd - reg * *x);
         }
-        store_vec(slot, q);
+        slot.write(q);
     }
 
     fn learn(&self, obs: &Observation<'_>, event_no: u64) {
@@ -447,10 +443,7 @@ impl OnlineModel for OnlineMf {
         self.items.for_each_known(|item, values| {
             items.push(ItemState {
                 item,
-                vector: values
-                    .iter()
-                    .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
-                    .collect(),
+                vector: values.to_vec(),
                 popularity: self.items.popularity_log2(item),
             });
         });

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use reflex_core::{ItemIdx, Retriever, Scored};
 
 use crate::factors::ItemFactors;
-use crate::linalg::dot_atomic;
 use crate::mf::OnlineMf;
 use crate::topk::TopK;
 
@@ -36,7 +35,7 @@ impl Retriever for ExactRetriever {
         }
         let mut top = TopK::new(k);
         self.factors.for_each_known(|item, stored| {
-            let score = dot_atomic(query, stored);
+            let score = stored.dot(query);
             if score.is_finite() {
                 top.offer(item, f64::from(score), filter);
             }

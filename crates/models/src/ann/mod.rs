@@ -28,7 +28,7 @@ mod retriever;
 use reflex_core::ItemIdx;
 use serde::{Deserialize, Serialize};
 
-use crate::factors::{ItemFactors, store_vec};
+use crate::factors::ItemFactors;
 
 pub use hybrid::HybridRetriever;
 pub use index::IndexShape;
@@ -202,7 +202,7 @@ impl ItemFactors {
         }
         match self.slot(idx) {
             Some(slot) => {
-                store_vec(slot, values);
+                slot.write(values);
                 self.ensure_known(idx);
                 true
             }
