@@ -55,7 +55,7 @@ const SETTLE: Duration = Duration::from_millis(1500);
 /// Flags of `reflex bench`.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct BenchArgs {
-    /// Server to drive, as HOST:PORT; without it a server is started in this process on a
+    /// Server to drive, as HOST:PORT (or `http://HOST:PORT`); without it a server is started in this process on a
     /// scratch embedded store (with the per-user bot rate limit off).
     #[arg(long)]
     pub addr: Option<String>,
@@ -136,6 +136,22 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// The gRPC endpoint for `--addr`: `HOST:PORT`, or the same with an `http://` prefix.
+fn endpoint_of(addr: &str) -> anyhow::Result<String> {
+    if addr.starts_with("https://") {
+        anyhow::bail!("--addr {addr}: reflex bench speaks plaintext gRPC only (no TLS)");
+    }
+    let bare = addr
+        .strip_prefix("http://")
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    anyhow::ensure!(
+        !bare.is_empty() && !bare.contains("://") && !bare.contains('/'),
+        "--addr {addr}: expected HOST:PORT, e.g. 127.0.0.1:50051"
+    );
+    Ok(format!("http://{bare}"))
+}
+
 /// Runs `reflex bench`: against `args.addr`, or against a server started here with the
 /// configuration from `config_file` and `flags` (scratch data directory and a free port
 /// unless the flags say otherwise).
@@ -148,7 +164,7 @@ pub async fn run(
     validate(&args)?;
     let report = match args.addr.clone() {
         Some(addr) => {
-            let endpoint = format!("http://{addr}");
+            let endpoint = endpoint_of(&addr)?;
             let pid = args.server_pid.map(|pid| (pid, false));
             drive(&args, &endpoint, format!("server at {addr}"), pid).await?
         }
@@ -931,5 +947,29 @@ impl Report {
             let _ = writeln!(out);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_of;
+
+    #[test]
+    fn addr_takes_host_port_or_an_http_url() {
+        for addr in [
+            "127.0.0.1:50051",
+            "http://127.0.0.1:50051",
+            "http://127.0.0.1:50051/",
+        ] {
+            assert_eq!(endpoint_of(addr).unwrap(), "http://127.0.0.1:50051");
+        }
+        assert!(
+            endpoint_of("https://x:1")
+                .unwrap_err()
+                .to_string()
+                .contains("TLS")
+        );
+        assert!(endpoint_of("grpc://x:1").is_err());
+        assert!(endpoint_of("").is_err());
     }
 }
