@@ -200,6 +200,9 @@ impl OnlineMf {
     /// pass lasts as many events as it has items, and at least `gram_refresh_events`.
     /// Skipped when another thread holds the build: a concurrent event does the step.
     fn advance_gram(&self, event_no: u64) {
+        if !event_no.is_multiple_of(self.config.gram_stride) {
+            return;
+        }
         let Some(mut guard) = self.gram_build.try_lock() else {
             return;
         };
