@@ -2,9 +2,9 @@
 //! touches only the keys it is given, all in one hash slot, so it works on Cluster too.
 
 /// Appends records to the log. Per event record it sets the dedupe key with `SET NX PX`
-/// and, only if that succeeded, takes the next sequence number and `XADD`s the record
-/// with stream id `<seq>-0`; erase records are always appended. Dedupe key and log entry
-/// are written together or not at all.
+/// and, only if that succeeded, `XADD`s the record with stream id `<seq>-0`, the
+/// sequence numbers taken for the whole call with one `INCRBY`; erase records are always
+/// appended. Dedupe key and log entry are written together or not at all.
 ///
 /// Each new event's position also goes into the pending set (scored by ingest time) until
 /// its profile update is confirmed, so a writer that dies (or times out) between the two
@@ -17,18 +17,25 @@
 pub(super) const APPEND: &str = r#"
 local window = ARGV[1]
 local maxlen = tonumber(ARGV[2])
-local out = {}
-local k = 3
 local n = (#ARGV - 2) / 3
+local fresh, count, k = {}, 0, 3
 for i = 1, n do
   local base = 2 + (i - 1) * 3
-  local fresh = true
   if ARGV[base + 1] == '1' then
     k = k + 1
-    fresh = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window)
+    fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
+  else
+    fresh[i] = true
   end
-  if fresh then
-    local seq = redis.call('INCR', KEYS[2])
+  if fresh[i] then count = count + 1 end
+end
+local out, pending = {}, {}
+local seq = 0
+if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
+for i = 1, n do
+  local base = 2 + (i - 1) * 3
+  if fresh[i] then
+    seq = seq + 1
     local id = string.format('%d-0', seq)
     if maxlen > 0 then
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
@@ -36,13 +43,19 @@ for i = 1, n do
       redis.call('XADD', KEYS[1], id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
     end
     if ARGV[base + 1] == '1' then
-      redis.call('ZADD', KEYS[3], ARGV[base + 2], seq)
+      pending[#pending + 1] = ARGV[base + 2]
+      pending[#pending + 1] = string.format('%d', seq)
+      if #pending >= 1000 then
+        redis.call('ZADD', KEYS[3], unpack(pending))
+        pending = {}
+      end
     end
     out[i] = seq
   else
     out[i] = 0
   end
 end
+if #pending > 0 then redis.call('ZADD', KEYS[3], unpack(pending)) end
 return out
 "#;
 
@@ -57,6 +70,10 @@ return out
 /// empty). An event whose log position is among the profile's last 16 applied (field
 /// `as`) is skipped, so applying again after an unconfirmed apply changes nothing.
 /// Recent entries are `ms \x1f weight \x1f kind \x1f item`.
+///
+/// The hash fields it needs are read with one `HMGET` and written with one `HSET` (plus
+/// one `HINCRBY` for the version and one per kind), and the recent list's head is read
+/// once: every `redis.call` costs Redis CPU, which is what bounds ingest on this backend.
 pub(super) const APPLY: &str = r#"
 local h, r, b = KEYS[1], KEYS[2], KEYS[3]
 local max_recent = tonumber(ARGV[1])
@@ -66,22 +83,40 @@ local ttl = tonumber(ARGV[4])
 local function entry_ms(e)
   return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
 end
-local applied = redis.call('HGET', h, 'as') or ''
-local changed = false
+local f = redis.call('HMGET', h, 'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't')
+local applied = f[1] or ''
+local sid_now, sst_s, slt_s, sn = f[2], f[3], f[4], tonumber(f[5] or '0')
+local ls_s, t_s = f[6], f[7]
+local ls, t = tonumber(ls_s or '0'), tonumber(t_s or '0')
+local session_changed, ls_changed, t_changed = false, false, false
+local counts, kinds = {}, {}
+local applied_now = 0
+-- Event time of the recent list's head, read once (false: not read yet, nil: empty).
+local head_ms = false
 for o = 5, #ARGV, 7 do
   local seq = ARGV[o]
   if not string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true) then
-  changed = true
+  applied_now = applied_now + 1
   applied = seq .. (applied == '' and '' or ',') .. applied
   local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
   local ts, now = tonumber(ts_s), tonumber(now_s)
-  redis.call('HINCRBY', h, 'c:' .. kind, 1)
+  if not counts[kind] then
+    counts[kind] = 0
+    kinds[#kinds + 1] = kind
+  end
+  counts[kind] = counts[kind] + 1
 
   if max_recent > 0 then
     local entry = ts_s .. '\31' .. w .. '\31' .. kind .. '\31' .. item
-    local head = redis.call('LINDEX', r, 0)
-    if (not head) or entry_ms(head) <= ts then
-      redis.call('LPUSH', r, entry)
+    if head_ms == false then
+      local head = redis.call('LINDEX', r, 0)
+      head_ms = head and entry_ms(head) or nil
+    end
+    if (not head_ms) or head_ms <= ts then
+      if redis.call('LPUSH', r, entry) > max_recent then
+        redis.call('LTRIM', r, 0, max_recent - 1)
+      end
+      head_ms = ts
     else
       local entries = redis.call('LRANGE', r, 0, max_recent - 1)
       local pos = #entries + 1
@@ -98,28 +133,28 @@ for o = 5, #ARGV, 7 do
           redis.call('LINSERT', r, 'BEFORE', entries[pos], entry)
         end
       end
+      redis.call('LTRIM', r, 0, max_recent - 1)
     end
-    redis.call('LTRIM', r, 0, max_recent - 1)
   end
 
-  local s = redis.call('HMGET', h, 'sid', 'sst', 'slt')
   local extend
   if sid ~= '' then
-    extend = (s[1] == sid)
+    extend = (sid_now == sid)
     if not extend then
-      redis.call('HSET', h, 'sid', sid, 'sst', ts_s, 'slt', ts_s, 'sn', 1)
+      sid_now, sst_s, slt_s, sn = sid, ts_s, ts_s, 1
     end
   else
-    extend = s[1] and s[3] and (ts - tonumber(s[3]) <= gap)
+    extend = sid_now and slt_s and (ts - tonumber(slt_s) <= gap)
     if not extend then
-      redis.call('HSET', h, 'sid', 'auto-' .. ts_s, 'sst', ts_s, 'slt', ts_s, 'sn', 1)
+      sid_now, sst_s, slt_s, sn = 'auto-' .. ts_s, ts_s, ts_s, 1
     end
   end
   if extend then
-    if ts < tonumber(s[2]) then redis.call('HSET', h, 'sst', ts_s) end
-    if ts > tonumber(s[3]) then redis.call('HSET', h, 'slt', ts_s) end
-    redis.call('HINCRBY', h, 'sn', 1)
+    if ts < tonumber(sst_s) then sst_s = ts_s end
+    if ts > tonumber(slt_s) then slt_s = ts_s end
+    sn = sn + 1
   end
+  session_changed = true
 
   if kind == 'purchase' and not redis.call('LPOS', b, item) then
     redis.call('RPUSH', b, item)
@@ -130,21 +165,32 @@ for o = 5, #ARGV, 7 do
     end
   end
 
-  local t = redis.call('HMGET', h, 'ls', 't')
-  if ts > tonumber(t[1] or '0') then redis.call('HSET', h, 'ls', ts_s) end
-  if now > tonumber(t[2] or '0') then redis.call('HSET', h, 't', now_s) end
-  redis.call('HINCRBY', h, 'v', 1)
+  if ts > ls then ls, ls_s, ls_changed = ts, ts_s, true end
+  if now > t then t, t_s, t_changed = now, now_s, true end
   end
 end
-if not changed then return 0 end
+if applied_now == 0 then return 0 end
 local kept, count = {}, 0
 for p in string.gmatch(applied, '[^,]+') do
   count = count + 1
   if count > 16 then break end
   kept[count] = p
 end
-redis.call('HSET', h, 'as', table.concat(kept, ','))
-local expire_at = string.format('%d', tonumber(redis.call('HGET', h, 't')) + ttl)
+local fields = {'as', table.concat(kept, ',')}
+if session_changed then
+  fields[#fields + 1] = 'sid'; fields[#fields + 1] = sid_now
+  fields[#fields + 1] = 'sst'; fields[#fields + 1] = sst_s
+  fields[#fields + 1] = 'slt'; fields[#fields + 1] = slt_s
+  fields[#fields + 1] = 'sn'; fields[#fields + 1] = string.format('%d', sn)
+end
+if ls_changed then fields[#fields + 1] = 'ls'; fields[#fields + 1] = ls_s end
+if t_changed then fields[#fields + 1] = 't'; fields[#fields + 1] = t_s end
+redis.call('HSET', h, unpack(fields))
+redis.call('HINCRBY', h, 'v', applied_now)
+for _, kind in ipairs(kinds) do
+  redis.call('HINCRBY', h, 'c:' .. kind, counts[kind])
+end
+local expire_at = string.format('%d', t + ttl)
 redis.call('PEXPIREAT', h, expire_at)
 redis.call('PEXPIREAT', r, expire_at)
 redis.call('PEXPIREAT', b, expire_at)
