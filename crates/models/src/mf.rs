@@ -265,28 +265,37 @@ impl OnlineMf {
         self.items.known_at(rng.below(n))
     }
 
-    /// One squared-loss SGD step of item `idx` towards `target` with confidence `c`,
-    /// against the user's vector `p`; adds the user's gradient to `grad_p`.
+    /// One squared-loss SGD step of item `idx` towards `target` with confidence `c` (at
+    /// most `cap`), against the user's vector `p`; adds the user's gradient to `grad_p`
+    /// and returns the step's curvature for the user, `c · |q|²`.
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
         idx: ItemIdx,
         p: &[f32],
         target: f32,
         c: f32,
+        cap: f32,
         grad_p: &mut [f32],
         q: &mut [f32],
-    ) {
+    ) -> f32 {
         let Some(slot) = self.items.slot(idx) else {
-            return;
+            return 0.0;
         };
         slot.read_into(q);
-        let err = c * (target - dot(p, q));
+        let (pq, qq) = (dot(p, q), dot(q, q));
+        let c = c.min(cap);
+        let err = c * (target - pq);
+        if !err.is_finite() {
+            return 0.0;
+        }
         let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
         for ((g, x), pd) in grad_p.iter_mut().zip(q.iter_mut()).zip(p) {
             *g += err * *x;
             *x += lr * (err * pd - reg * *x);
         }
         slot.write(q);
+        c * qq
     }
 
     fn learn(&self, obs: &Observation<'_>, event_no: u64) {
@@ -344,18 +353,35 @@ impl OnlineMf {
         for &j in negatives.iter() {
             self.items.prefetch(j);
         }
+        // Step sizes that never overshoot. An item step of confidence c moves the item's
+        // score by lr·c·|p|² times its error, so above 1 it passes the target, and
+        // repeated overshoots (a heavy buyer, a high learning rate) grow until the
+        // factors are infinite: confidence is capped at 1 / (lr·|p|²). The user's step
+        // sums every item's pull, lr·Σ c|q|², and is scaled down the same way.
+        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        let pp = dot(p_old, p_old);
+        let cap = if lr * pp > f32::MIN_POSITIVE {
+            1.0 / (lr * pp)
+        } else {
+            f32::INFINITY
+        };
+        let mut curvature = 0.0;
         if obs.weight > 0.0 {
-            self.step(obs.item, p_old, 1.0, c, grad, q);
+            curvature += self.step(obs.item, p_old, 1.0, c, cap, grad, q);
             let neg_c = self.config.negative_weight;
             for &j in negatives.iter() {
-                self.step(j, p_old, 0.0, neg_c, grad, q);
+                curvature += self.step(j, p_old, 0.0, neg_c, cap, grad, q);
             }
         } else {
-            self.step(obs.item, p_old, 0.0, c, grad, q);
+            curvature += self.step(obs.item, p_old, 0.0, c, cap, grad, q);
         }
-        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        let scale = if lr * curvature > 1.0 {
+            1.0 / (lr * curvature)
+        } else {
+            1.0
+        };
         for ((pd, g), old) in p.iter_mut().zip(grad.iter()).zip(p_old) {
-            *pd += lr * (g - reg * old);
+            *pd += lr * (scale * g - reg * old);
         }
     }
 
@@ -552,6 +578,43 @@ mod tests {
 
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
         dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
+    }
+
+    /// Heavy, repeated, high-confidence events (buyers hammering a few products, with a
+    /// learning rate a user may well set) must not make the factors overshoot and blow up to
+    /// infinity or NaN: a diverged model ranks nothing and serves popular items only.
+    #[test]
+    fn heavy_repeated_events_never_diverge() {
+        let m = OnlineMf::new(MfConfig {
+            learning_rate: 0.3,
+            ..MfConfig::default()
+        });
+        let users: Vec<UserId> = (0..4).map(|i| user(&format!("buyer-{i}"))).collect();
+        for n in 0..20_000i64 {
+            let u = &users[(n % 4) as usize];
+            let item = (n % 3) as ItemIdx;
+            observe(&m, u, item, 10.0, n);
+            observe(&m, u, 100 + (n % 50) as ItemIdx, 1.0, n);
+        }
+        for item in (0..3).chain(100..150) {
+            let v = m.item_vector(item).unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "item {item}: {v:?}");
+            assert!(
+                dot(&v, &v) < 1e4,
+                "item {item} blew up: |v|² = {}",
+                dot(&v, &v)
+            );
+        }
+        for u in &users {
+            let p = m.learner_vector(u).unwrap();
+            assert!(
+                p.iter().all(|x| x.is_finite()) && dot(&p, &p) < 1e4,
+                "{p:?}"
+            );
+            let heavy = learner_score(&m, u, 0);
+            let light = (100..150).map(|i| learner_score(&m, u, i)).sum::<f32>() / 50.0;
+            assert!(heavy > light, "heavy {heavy} vs light {light}");
+        }
     }
 
     #[test]
