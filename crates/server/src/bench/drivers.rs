@@ -293,7 +293,13 @@ impl RpcWorker {
                     filter: None,
                 });
                 match timeout(ANSWER_TIMEOUT, call).await {
-                    Ok(Ok(answer)) => stats.recommend(started.elapsed(), answer.get_ref().degraded),
+                    Ok(Ok(answer)) => {
+                        let answer = answer.get_ref();
+                        let personalised = answer.items.first().is_some_and(|i| {
+                            i.source() == proto::Source::Mf || i.source() == proto::Source::Content
+                        });
+                        stats.recommend(started.elapsed(), answer.degraded, personalised)
+                    }
                     Ok(Err(status)) => stats.error("recommend", status.code()),
                     Err(_) => stats.error("recommend", tonic::Code::DeadlineExceeded),
                 }

@@ -869,6 +869,11 @@ impl Report {
                     p.recommend_qps,
                     lat(&p.recommend_ms)
                 );
+                let _ = writeln!(
+                    out,
+                    "             personalised (first item from a model): {:.1}%",
+                    100.0 * p.recommend_personalised as f64 / p.recommend_ms.count as f64
+                );
             }
             if p.noop_ms.count > 0 {
                 let _ = writeln!(

@@ -75,6 +75,8 @@ pub struct PhaseStats {
     recommend: Mutex<Histogram<u64>>,
     /// `Recommend` answers that said they fell back.
     pub degraded: AtomicU64,
+    /// `Recommend` answers led by a model's pick (MF or content), not popularity.
+    pub personalised: AtomicU64,
     noop: Mutex<Histogram<u64>>,
     freshness: Mutex<Histogram<u64>>,
     probe_ack: Mutex<Histogram<u64>>,
@@ -96,6 +98,7 @@ impl PhaseStats {
             ack_latency: histogram()?,
             recommend: histogram()?,
             degraded: AtomicU64::new(0),
+            personalised: AtomicU64::new(0),
             noop: histogram()?,
             freshness: histogram()?,
             probe_ack: histogram()?,
@@ -117,10 +120,14 @@ impl PhaseStats {
         lock(&self.ack_latency).saturating_record(micros(latency));
     }
 
-    /// Books one successful `Recommend`.
-    pub fn recommend(&self, latency: Duration, degraded: bool) {
+    /// Books one successful `Recommend`; `personalised` when a model, not popularity,
+    /// chose its first item.
+    pub fn recommend(&self, latency: Duration, degraded: bool, personalised: bool) {
         if degraded {
             self.degraded.fetch_add(1, Ordering::Relaxed);
+        }
+        if personalised {
+            self.personalised.fetch_add(1, Ordering::Relaxed);
         }
         lock(&self.recommend).saturating_record(micros(latency));
     }
@@ -195,6 +202,7 @@ impl PhaseStats {
             recommend_qps: per_sec(recommend.count),
             recommend_ms: recommend,
             recommend_degraded: self.degraded.load(Ordering::Relaxed),
+            recommend_personalised: self.personalised.load(Ordering::Relaxed),
             noop_qps: per_sec(noop.count),
             noop_ms: noop,
             freshness_ms: LatencySummary::of(&lock(&self.freshness)),
@@ -345,6 +353,9 @@ pub struct PhaseSummary {
     pub recommend_ms: LatencySummary,
     /// `Recommend` answers flagged degraded.
     pub recommend_degraded: u64,
+    /// `Recommend` answers whose first item a model chose (MF or content), not
+    /// popularity: a share near 0 for returning users means the model is not working.
+    pub recommend_personalised: u64,
     /// Completed health checks per second.
     pub noop_qps: f64,
     /// Health check latency.
