@@ -134,6 +134,14 @@ impl Profile {
             .position(|i| i.timestamp_ms <= event.timestamp_ms)
             .unwrap_or(self.recent.len());
         if pos < policy.max_recent {
+            // Grow by doubling from one entry, never past the bound (+1 for the insert
+            // before the truncate): the default growth starts at four entries and ends
+            // at 64 for a bound of 50, 0.2–0.8 KiB per profile held for nothing.
+            let len = self.recent.len();
+            if len == self.recent.capacity() {
+                let want = (2 * len).clamp(1, policy.max_recent + 1);
+                self.recent.reserve_exact(want.saturating_sub(len));
+            }
             self.recent.insert(
                 pos,
                 Interaction {
@@ -268,6 +276,19 @@ mod tests {
         }
         let times: Vec<_> = p.recent.iter().map(|i| i.timestamp_ms).collect();
         assert_eq!(times, vec![40, 30, 20]);
+    }
+
+    #[test]
+    fn recent_list_holds_no_room_it_cannot_use() {
+        let policy = ProfilePolicy::default();
+        let mut p = profile();
+        p.apply(&event("a", EventKind::View, 1), 1.0, &policy, 0);
+        assert_eq!(p.recent.capacity(), 1, "one event, room for one");
+        for ts in 2..200 {
+            p.apply(&event("a", EventKind::View, ts), 1.0, &policy, 0);
+            assert!(p.recent.capacity() <= policy.max_recent + 1);
+        }
+        assert_eq!(p.recent.len(), policy.max_recent);
     }
 
     #[test]
