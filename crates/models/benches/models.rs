@@ -93,6 +93,14 @@ fn search(c: &mut Criterion) {
         group.bench_function(format!("{items}_items"), |b| {
             b.iter(|| retriever.search(black_box(&query), 10, &|_| true))
         });
+        // The same scan through the 8-bit copy (what the server uses below the ANN
+        // threshold); the copy is built once up front, as the refresh thread would.
+        let copied =
+            ExactRetriever::with_scan_copy(model.item_factors().clone(), Duration::from_secs(3600));
+        copied.refresh_copy();
+        group.bench_function(format!("{items}_items_scan_copy"), |b| {
+            b.iter(|| copied.search(black_box(&query), 10, &|_| true))
+        });
     }
     group.finish();
 }

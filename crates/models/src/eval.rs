@@ -294,6 +294,72 @@ pub fn data_dir() -> std::path::PathBuf {
     }
 }
 
+/// Throughput of model updates alone: [`learn_throughput`]'s figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LearnReport {
+    /// Events learnt.
+    pub events: u64,
+    /// Seconds the `observe` loop took, on one thread.
+    pub secs: f64,
+    /// `events / secs`.
+    pub events_per_sec: f64,
+}
+
+/// Times a fresh [`OnlineMf`] with `config` learning every event of `data` in time order
+/// on the calling thread and nothing else: ids, item indices and observations are made
+/// before the clock starts, so the figure is the model's update cost (as a stream
+/// learner's `learn_one` loop would measure it), with no scoring in between to cool the
+/// caches.
+pub fn learn_throughput(data: &Dataset, config: &MfConfig, options: &EvalOptions) -> LearnReport {
+    let order = options.replay_order(data);
+    let model = OnlineMf::new(config.clone());
+    let user_ids: Vec<Option<UserId>> = (0..data.users)
+        .map(|u| UserId::parse(&format!("u{u}"), "user_id").ok())
+        .collect();
+    let mut item_idx: Vec<Option<ItemIdx>> = vec![None; data.items];
+    let mut next_idx: ItemIdx = 0;
+    let mut events: Vec<(usize, ItemIdx, f32, i64)> = Vec::with_capacity(order.len());
+    for &i in &order {
+        let r = data.ratings[i];
+        let Some(slot) = item_idx.get_mut(r.item as usize) else {
+            continue;
+        };
+        let item = *slot.get_or_insert_with(|| {
+            next_idx += 1;
+            next_idx - 1
+        });
+        if user_ids.get(r.user as usize).is_some_and(Option::is_some) {
+            events.push((
+                r.user as usize,
+                item,
+                options.weighting.weight(r.rating),
+                r.timestamp_ms,
+            ));
+        }
+    }
+    let start = Instant::now();
+    for &(user, item, weight, timestamp_ms) in &events {
+        if let Some(Some(user)) = user_ids.get(user) {
+            model.observe(&Observation {
+                user,
+                item,
+                weight,
+                timestamp_ms,
+            });
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    LearnReport {
+        events: events.len() as u64,
+        secs,
+        events_per_sec: if secs > 0.0 {
+            events.len() as f64 / secs
+        } else {
+            0.0
+        },
+    }
+}
+
 /// Runs the prequential evaluation of a fresh [`OnlineMf`] with `config` over `data`.
 pub fn streaming_eval(data: &Dataset, config: &MfConfig, options: &EvalOptions) -> StreamingReport {
     let start = Instant::now();

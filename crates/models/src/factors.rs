@@ -45,6 +45,10 @@ pub struct ItemFactors {
     grow: Mutex<()>,
     /// Known items in the order they became known, for uniform sampling and scans.
     known_list: boxcar::Vec<ItemIdx>,
+    /// Bumped by every write from outside learning ([`Self::set`], [`Self::load`]), so
+    /// copies of the vectors ([`crate::ExactRetriever`]'s scan copy) can tell that they
+    /// no longer stand for them. SGD steps do not bump it: a copy may lag those.
+    generation: AtomicU64,
 }
 
 impl ItemFactors {
@@ -59,6 +63,7 @@ impl ItemFactors {
             chunks: boxcar::Vec::new(),
             grow: Mutex::new(()),
             known_list: boxcar::Vec::new(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -256,19 +261,32 @@ impl ItemFactors {
     /// batch model such as [`crate::als`]); `false`, changing nothing, when `values` is not
     /// `factors` long or not finite.
     pub fn load(&self, idx: ItemIdx, values: &[f32]) -> bool {
-        if values.len() != self.factors || !values.iter().all(|v| v.is_finite()) {
+        values.iter().all(|v| v.is_finite()) && self.set(idx, values)
+    }
+
+    /// Writes `values` as item `idx`'s vector and marks it known, allocating its chunk:
+    /// for vectors trained elsewhere (an imported baseline, content embeddings) and for
+    /// tests. `false` when `values` does not have the store's dimension. Concurrent SGD
+    /// steps on the same item may interleave with the write, as they do with each other.
+    pub fn set(&self, idx: ItemIdx, values: &[f32]) -> bool {
+        if values.len() != self.factors || self.chunk_or_grow(idx).is_none() {
             return false;
         }
-        match self.chunk_or_grow(idx) {
-            Some(_) => {
-                if let Some(slot) = self.slot(idx) {
-                    slot.write(values);
-                }
-                self.ensure_known(idx);
-                true
-            }
-            None => false,
-        }
+        // The values are written before the item becomes known, so no reader that sees
+        // it known reads its initial values.
+        let Some(slot) = self.slot(idx) else {
+            return false;
+        };
+        slot.write(values);
+        self.ensure_known(idx);
+        self.generation.fetch_add(1, Ordering::Release);
+        true
+    }
+
+    /// Count of writes from outside learning so far (see the field).
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The stored popularity (`log2` form, see [`crate::popularity`]) of `idx`.

@@ -1,7 +1,8 @@
-//! One conformance suite for every `Retriever` over the item factors (the exact scan, the
-//! usearch HNSW retriever at each quantisation, and the hybrid), plus checks only the
-//! approximate retriever needs: recall against the exact scan, the fallback when a filter
-//! starves the graph walk, rebuilds and growth under load, and its configuration.
+//! One conformance suite for every `Retriever` over the item factors (the exact scan, with
+//! and without its 8-bit copy, the usearch HNSW retriever at each quantisation, and the
+//! hybrid), plus checks only the approximate retriever needs: recall against the exact
+//! scan, the fallback when a filter starves the graph walk, rebuilds and growth under
+//! load, and its configuration.
 
 // The suite's helpers run only inside tests (clippy exempts `#[test]` fns, not helpers).
 #![allow(clippy::expect_used)]
@@ -185,7 +186,10 @@ trait Subject: Retriever {
 }
 
 impl Subject for ExactRetriever {
+    /// Always current; with a scan copy, the copy is rebuilt here (as its refresh thread
+    /// would) so the cases after it search through the copy, not the store.
     fn caught_up(&self, _: &ItemFactors) -> bool {
+        self.refresh_copy();
         true
     }
 }
@@ -441,6 +445,10 @@ macro_rules! conformance {
 }
 
 conformance!(exact, 1.0, |f: Arc<ItemFactors>| ExactRetriever::new(f));
+// The scan through the 8-bit copy rescores its candidates from the store: as exact.
+conformance!(exact_scan_copy, 1.0, |f: Arc<ItemFactors>| {
+    ExactRetriever::with_scan_copy(f, Duration::from_millis(5))
+});
 conformance!(ann_f32, 0.95, |f: Arc<ItemFactors>| {
     AnnRetriever::new(f, test_config(Quantization::F32)).expect("ann retriever")
 });

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use reflex_core::{ItemIdx, Retriever, Scored};
 use tracing::warn;
@@ -38,8 +39,12 @@ impl HybridRetriever {
     pub fn new(factors: Arc<ItemFactors>, config: AnnConfig) -> Result<Self, AnnError> {
         let threshold = config.threshold_items;
         let ready = factors.len() >= threshold;
+        let exact = match config.scan_refresh_ms {
+            0 => ExactRetriever::new(factors.clone()),
+            ms => ExactRetriever::with_scan_copy(factors.clone(), Duration::from_millis(ms)),
+        };
         Ok(Self {
-            exact: ExactRetriever::new(factors.clone()),
+            exact,
             ann: Arc::new(AnnRetriever::new(factors.clone(), config)?),
             factors,
             threshold,

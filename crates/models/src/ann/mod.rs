@@ -25,10 +25,7 @@ mod hybrid;
 mod index;
 mod retriever;
 
-use reflex_core::ItemIdx;
 use serde::{Deserialize, Serialize};
-
-use crate::factors::ItemFactors;
 
 pub use hybrid::HybridRetriever;
 pub use index::IndexShape;
@@ -72,6 +69,11 @@ pub struct AnnConfig {
     /// Below this many items [`HybridRetriever`] scans exactly (cheaper than a graph
     /// walk for small catalogs, and exact).
     pub threshold_items: usize,
+    /// How often, in ms, the exact scan's 8-bit copy of the item vectors is refreshed
+    /// while searches come (see [`crate::ExactRetriever::with_scan_copy`]): how far the
+    /// choice of candidates may lag the learner (their scores never do). 0 scans the
+    /// full-precision vectors instead.
+    pub scan_refresh_ms: u64,
     /// Threads inserting during a build or rebuild; 0 means one per available core.
     pub build_threads: usize,
     /// Searches that may run at once. usearch holds one context per concurrent
@@ -100,6 +102,7 @@ impl Default for AnnConfig {
             upsert_batch: 1024,
             upsert_interval_ms: 50,
             threshold_items: 20_000,
+            scan_refresh_ms: 50,
             build_threads: 0,
             max_concurrent_searches: 256,
             rebuild_interval_ms: 60 * 60 * 1000,
@@ -178,35 +181,6 @@ impl AnnError {
         Self::Usearch {
             op,
             message: e.to_string(),
-        }
-    }
-}
-
-impl ItemFactors {
-    /// Writes `values` as item `idx`'s vector and marks it known, allocating its chunk:
-    /// for vectors trained elsewhere (an imported baseline, content embeddings) and for
-    /// tests. `false` when `values` does not have the store's dimension. Concurrent SGD
-    /// steps on the same item may interleave with the write, as they do with each other.
-    ///
-    /// (Defined with the retriever that first needed it; it belongs with the store.)
-    pub fn set(&self, idx: ItemIdx, values: &[f32]) -> bool {
-        if values.len() != self.factors() {
-            return false;
-        }
-        // Write the values before the item becomes known where its chunk exists, so no
-        // reader that sees it known reads the initial values. A new chunk is allocated by
-        // marking the item known, which leaves a short window: callers that index the
-        // item call `Retriever::upsert` after this, which re-reads it.
-        if self.slot(idx).is_none() {
-            self.ensure_known(idx);
-        }
-        match self.slot(idx) {
-            Some(slot) => {
-                slot.write(values);
-                self.ensure_known(idx);
-                true
-            }
-            None => false,
         }
     }
 }

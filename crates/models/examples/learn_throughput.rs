@@ -1,0 +1,33 @@
+//! Model updates alone: how many events per second a fresh online MF model learns on one
+//! thread, replaying a MovieLens file in time order (the issue's "streaming learning
+//! throughput"; river's `learn_one` loop is the usual comparison).
+//!
+//! `cargo run --release -p reflex-models --example learn_throughput -- [100k|1m]
+//! [CONFIG_JSON] [repeats]`, with the data folder from `REFLEX_DATA_DIR` (default
+//! `../shared/data` relative to the workspace). Each repeat learns a fresh model.
+
+use reflex_models::MfConfig;
+use reflex_models::eval::{EvalOptions, learn_throughput, read_movielens_1m, read_movielens_100k};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = reflex_models::eval::data_dir();
+    let which = args.first().map_or("100k", String::as_str);
+    let data = match which {
+        "1m" => read_movielens_1m(&dir.join("movielens-1m/ratings_numeric.tsv.gz"))?,
+        _ => read_movielens_100k(&dir.join("movielens-100k/ml-100k.inter"))?,
+    };
+    let config: MfConfig = match args.get(1) {
+        Some(json) if !json.is_empty() => serde_json::from_str(json)?,
+        _ => MfConfig::default(),
+    };
+    let repeats: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    for run in 1..=repeats.max(1) {
+        let r = learn_throughput(&data, &config, &EvalOptions::default());
+        println!(
+            "{which} run {run}: {} events in {:.3} s, {:.0} events/s (one thread)",
+            r.events, r.secs, r.events_per_sec
+        );
+    }
+    Ok(())
+}
