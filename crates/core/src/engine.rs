@@ -496,6 +496,12 @@ impl Engine {
         &self.config
     }
 
+    /// The retriever's recall checks against the exact scan, when it makes them (see
+    /// [`crate::RecallChecks`]).
+    pub fn recall_checks(&self) -> Option<crate::RecallChecks> {
+        self.backends.retriever.recall_checks()
+    }
+
     /// The shared item index.
     pub fn items(&self) -> &Arc<ItemIndex> {
         &self.backends.items

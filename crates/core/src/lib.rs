@@ -36,6 +36,6 @@ pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, ContentModel, EventSink, HistoryEntry, LogRecord, Observation,
-    OnlineModel, ProfileStore, ProfileUpdate, Retriever, Scored, Seq,
+    OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored, Seq,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};

@@ -175,6 +175,19 @@ pub struct Scored {
     pub score: f32,
 }
 
+/// How an approximate retriever's answers compare with the exact ones, on the sample of
+/// searches it checked against a full scan (same query, `k` and filter). Counts since
+/// start; recall over a span is `Δfound / Δwanted`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecallChecks {
+    /// Searches checked.
+    pub checks: u64,
+    /// Items the exact answers held, summed over the checks.
+    pub wanted: u64,
+    /// Of those, items the retriever's own answers also held.
+    pub found: u64,
+}
+
 /// A recommendation model that learns online from every accepted event.
 pub trait OnlineModel: Send + Sync + 'static {
     /// Version label reported with each answer.
@@ -271,6 +284,12 @@ pub trait Retriever: Send + Sync + 'static {
     /// Whether nothing is searchable.
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The recall checks of an approximate retriever (see [`RecallChecks`]); `None` for
+    /// one that is exact or does not check.
+    fn recall_checks(&self) -> Option<RecallChecks> {
+        None
     }
 
     /// Re-indexes every item from its current vector off to the side and swaps the new

@@ -483,11 +483,15 @@ fn ann_recall_at_10_on_20k_clustered_vectors() {
     let f = store(dims);
     fill(&f, &data, &mut g, 20_000);
     let started = Instant::now();
-    let ann = AnnRetriever::new(f.clone(), test_config(Quantization::F32)).expect("ann");
+    let config = AnnConfig {
+        recall_check_every: 1,
+        ..test_config(Quantization::F32)
+    };
+    let ann = AnnRetriever::new(f.clone(), config).expect("ann");
     let built = started.elapsed();
     let exact = ExactRetriever::new(f.clone());
     let all = |_: ItemIdx| true;
-    let queries = 300;
+    let queries: u32 = 300;
     let (mut index_recall, mut search_recall) = (0.0, 0.0);
     for _ in 0..queries {
         let q = data.sample(&mut g);
@@ -505,6 +509,16 @@ fn ann_recall_at_10_on_20k_clustered_vectors() {
     );
     assert!(index_recall >= 0.95, "index recall@10 {index_recall:.4}");
     assert!(search_recall >= 0.95, "search recall@10 {search_recall:.4}");
+    // The retriever's own check of every search (`recall_check_every = 1`) measured
+    // what this test measured.
+    let checks = ann.recall_checks().expect("an index checks its recall");
+    assert_eq!(checks.checks, u64::from(queries));
+    assert_eq!(checks.wanted, 10 * u64::from(queries));
+    let checked = checks.found as f64 / checks.wanted as f64;
+    assert!(
+        (checked - search_recall).abs() < 1e-9,
+        "checked {checked} measured {search_recall}"
+    );
     let shape = ann.shape();
     assert!(shape.inner_product);
     assert_eq!(shape.scalar, "F32");
@@ -803,6 +817,33 @@ fn drop_stops_the_drainer() {
 
 /// A change smaller than `reindex_min_drift` leaves the graph as it is (scores are still
 /// exact); a larger one is re-indexed.
+/// One search in `recall_check_every` is checked against the exact scan; 0 checks none;
+/// the exact retriever reports no checks.
+#[test]
+fn recall_is_checked_on_every_nth_search() {
+    let dims = 16;
+    let mut g = Gen(31);
+    let data = Clustered::new(&mut g, dims, 10);
+    let f = store(dims);
+    fill(&f, &data, &mut g, 2000);
+    for (every, want) in [(3, 4), (0, 0)] {
+        let config = AnnConfig {
+            recall_check_every: every,
+            ..test_config(Quantization::F32)
+        };
+        let ann = AnnRetriever::new(f.clone(), config).expect("ann retriever");
+        for _ in 0..12 {
+            ann.search(&data.sample(&mut g), 5, &|i| i % 2 == 0);
+        }
+        let checks = ann.recall_checks().expect("an index checks its recall");
+        assert_eq!(checks.checks, want, "every {every}");
+        assert_eq!(checks.wanted, 5 * want);
+        assert!(checks.found <= checks.wanted);
+        assert!(checks.found * 10 >= checks.wanted * 8, "{checks:?}");
+    }
+    assert_eq!(ExactRetriever::new(f).recall_checks(), None);
+}
+
 #[test]
 fn small_moves_are_not_reindexed() {
     let dims = 8;

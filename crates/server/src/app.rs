@@ -475,6 +475,7 @@ pub async fn serve(
                     warn!(error = %err, "maintenance failed, retrying next tick");
                 }
                 metrics.index_items.set(engine.items().len() as i64);
+                metrics.record_recall(engine.recall_checks());
                 if let Ok(n) = engine.profile_count().await {
                     metrics.profiles.set(n as i64);
                 }

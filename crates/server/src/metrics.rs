@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -85,6 +85,13 @@ pub struct Metrics {
     pub model_quality: GaugeVec,
     /// Model rollbacks this replica recorded, by `trigger` (`manual`, `auto`).
     pub rollbacks: IntCounterVec,
+    /// Searches the approximate retriever checked against the exact scan.
+    pub recall_checks: IntCounter,
+    /// Items in the checked exact answers (`kind="wanted"`) and, of those, in the
+    /// retriever's own answers (`kind="found"`): recall = rate(found) / rate(wanted).
+    pub recall_items: IntCounterVec,
+    /// The retriever's counts at the last [`Self::record_recall`].
+    recall_seen: std::sync::Mutex<reflex_core::RecallChecks>,
 }
 
 impl Metrics {
@@ -203,6 +210,23 @@ impl Metrics {
         )?;
         registry.register(Box::new(model_quality.clone()))?;
         registry.register(Box::new(rollbacks.clone()))?;
+        let recall_checks = IntCounter::new(
+            "reflex_retrieval_recall_checks_total",
+            "Searches of the approximate retriever also answered by the exact scan",
+        )?;
+        let recall_items = IntCounterVec::new(
+            Opts::new(
+                "reflex_retrieval_recall_items_total",
+                "Items of the checked exact answers (wanted) and of those the approximate \
+                 answers held (found)",
+            ),
+            &["kind"],
+        )?;
+        for kind in ["wanted", "found"] {
+            recall_items.with_label_values(&[kind]);
+        }
+        registry.register(Box::new(recall_checks.clone()))?;
+        registry.register(Box::new(recall_items.clone()))?;
         Ok(Arc::new(Self {
             registry,
             ingest_events,
@@ -222,7 +246,37 @@ impl Metrics {
             snapshots,
             model_quality,
             rollbacks,
+            recall_checks,
+            recall_items,
+            recall_seen: std::sync::Mutex::default(),
         }))
+    }
+
+    /// Adds what the retriever checked since the last call (its counts are cumulative;
+    /// counts below the last ones mean a new retriever, counted from zero).
+    pub fn record_recall(&self, now: Option<reflex_core::RecallChecks>) {
+        let Some(now) = now else {
+            return;
+        };
+        // A poisoned lock only means a panic mid-update; the counts stay usable.
+        let mut seen = self
+            .recall_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let base = if now.checks >= seen.checks && now.wanted >= seen.wanted {
+            *seen
+        } else {
+            reflex_core::RecallChecks::default()
+        };
+        self.recall_checks
+            .inc_by(now.checks.saturating_sub(base.checks));
+        self.recall_items
+            .with_label_values(&["wanted"])
+            .inc_by(now.wanted.saturating_sub(base.wanted));
+        self.recall_items
+            .with_label_values(&["found"])
+            .inc_by(now.found.saturating_sub(base.found));
+        *seen = now;
     }
 
     /// Sets the `reflex_model_quality` gauges from `report`.
@@ -308,6 +362,18 @@ mod tests {
         quality.all.decayed.hit_rate_at_10 = 0.5;
         m.record_quality(&quality);
         m.rollbacks.with_label_values(&["auto"]).inc();
+        let checks = |checks, wanted, found| {
+            Some(reflex_core::RecallChecks {
+                checks,
+                wanted,
+                found,
+            })
+        };
+        m.record_recall(checks(2, 20, 19));
+        m.record_recall(checks(3, 30, 28));
+        m.record_recall(None);
+        // A new retriever counts from zero again.
+        m.record_recall(checks(1, 10, 10));
         let text = m.render();
         for name in [
             "reflex_ingest_events_total{status=\"accepted\"} 3",
@@ -326,6 +392,9 @@ mod tests {
             "reflex_model_quality{metric=\"hr@10\",population=\"all\",window=\"decayed\"} 0.5",
             "reflex_model_quality{metric=\"recall@20\",population=\"holdout\",window=\"cumulative\"} 0",
             "reflex_model_rollbacks_total{trigger=\"auto\"} 1",
+            "reflex_retrieval_recall_checks_total 4",
+            "reflex_retrieval_recall_items_total{kind=\"wanted\"} 40",
+            "reflex_retrieval_recall_items_total{kind=\"found\"} 38",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use reflex_core::{ItemIdx, Retriever, Scored};
+use reflex_core::{ItemIdx, RecallChecks, Retriever, Scored};
 use tracing::warn;
 
 use super::{AnnConfig, AnnError, AnnRetriever};
@@ -112,6 +112,11 @@ impl Retriever for HybridRetriever {
         if self.ready.load(Ordering::Acquire) || self.crossing.load(Ordering::Acquire) {
             self.ann.upsert(item, vector);
         }
+    }
+
+    /// The index's checks (none are made while the exact scan answers).
+    fn recall_checks(&self) -> Option<RecallChecks> {
+        self.ann.recall_checks()
     }
 
     fn len(&self) -> usize {

@@ -74,6 +74,11 @@ pub struct AnnConfig {
     /// choice of candidates may lag the learner (their scores never do). 0 scans the
     /// full-precision vectors instead.
     pub scan_refresh_ms: u64,
+    /// One search in this many is also answered by the exact scan and the two answers
+    /// compared ([`reflex_core::RecallChecks`], the `reflex_retrieval_recall_*` metrics),
+    /// so recall under live traffic and a lagging index is measured, not assumed. Costs
+    /// one full scan per that many searches; 0 never checks.
+    pub recall_check_every: u64,
     /// Threads inserting during a build or rebuild; 0 means one per available core.
     pub build_threads: usize,
     /// Searches that may run at once. usearch holds one context per concurrent
@@ -103,6 +108,7 @@ impl Default for AnnConfig {
             upsert_interval_ms: 50,
             threshold_items: 20_000,
             scan_refresh_ms: 50,
+            recall_check_every: 1000,
             build_threads: 0,
             max_concurrent_searches: 256,
             rebuild_interval_ms: 60 * 60 * 1000,

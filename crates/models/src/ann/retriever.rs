@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashSet;
 use parking_lot::{Condvar, Mutex, RwLock};
-use reflex_core::{ItemIdx, Retriever, Scored};
+use reflex_core::{ItemIdx, RecallChecks, Retriever, Scored};
 use tracing::{debug, warn};
 
 use super::index::{HnswIndex, IndexShape};
@@ -79,6 +79,8 @@ struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
     counters: Counters,
+    /// [`AnnConfig::recall_check_every`], where searches read it without the lock.
+    recall_check_every: u64,
 }
 
 struct DrainState {
@@ -99,6 +101,9 @@ struct Counters {
     reindex_skipped: AtomicU64,
     rebuilds: AtomicU64,
     grows: AtomicU64,
+    recall_checks: AtomicU64,
+    recall_wanted: AtomicU64,
+    recall_found: AtomicU64,
 }
 
 /// What the retriever has done, for metrics and tests.
@@ -149,6 +154,7 @@ impl AnnRetriever {
         let shared = Arc::new(Shared {
             exact: ExactRetriever::new(factors.clone()),
             factors,
+            recall_check_every: config.recall_check_every,
             config: RwLock::new(config),
             index: ArcSwap::from_pointee(index),
             dirty: DashSet::new(),
@@ -307,15 +313,15 @@ impl Drop for AnnRetriever {
     }
 }
 
-impl Retriever for AnnRetriever {
-    /// Empty when `query` does not have the model's dimension.
-    fn search(&self, query: &[f32], k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored> {
+impl AnnRetriever {
+    /// [`Retriever::search`] without the recall check.
+    fn search_unchecked(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &dyn Fn(ItemIdx) -> bool,
+    ) -> Vec<Scored> {
         let s = &self.shared;
-        // A non-finite query scores nothing finite (the exact scan answers empty too).
-        if k == 0 || query.len() != s.factors.factors() || !query.iter().all(|v| v.is_finite()) {
-            return Vec::new();
-        }
-        s.counters.searches.fetch_add(1, Ordering::Relaxed);
         let index = s.index.load();
         let size = index.size();
         // usearch's filtered search first, then ever wider ones while they come back
@@ -343,6 +349,44 @@ impl Retriever for AnnRetriever {
         }
         s.counters.exact_fallbacks.fetch_add(1, Ordering::Relaxed);
         s.exact.search(query, k, filter)
+    }
+}
+
+impl Retriever for AnnRetriever {
+    /// Empty when `query` does not have the model's dimension. One search in
+    /// [`AnnConfig::recall_check_every`] is also answered by the exact scan and counted
+    /// in [`Retriever::recall_checks`].
+    fn search(&self, query: &[f32], k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored> {
+        let s = &self.shared;
+        // A non-finite query scores nothing finite (the exact scan answers empty too).
+        if k == 0 || query.len() != s.factors.factors() || !query.iter().all(|v| v.is_finite()) {
+            return Vec::new();
+        }
+        let n = s.counters.searches.fetch_add(1, Ordering::Relaxed);
+        let top = self.search_unchecked(query, k, filter);
+        let every = s.recall_check_every;
+        if every > 0 && n % every == every - 1 {
+            let exact = s.exact.search(query, k, filter);
+            let found = exact
+                .iter()
+                .filter(|e| top.iter().any(|t| t.item == e.item))
+                .count();
+            let c = &s.counters;
+            c.recall_checks.fetch_add(1, Ordering::Relaxed);
+            c.recall_wanted
+                .fetch_add(exact.len() as u64, Ordering::Relaxed);
+            c.recall_found.fetch_add(found as u64, Ordering::Relaxed);
+        }
+        top
+    }
+
+    fn recall_checks(&self) -> Option<RecallChecks> {
+        let c = &self.shared.counters;
+        Some(RecallChecks {
+            checks: c.recall_checks.load(Ordering::Relaxed),
+            wanted: c.recall_wanted.load(Ordering::Relaxed),
+            found: c.recall_found.load(Ordering::Relaxed),
+        })
     }
 
     /// Marks `item` for re-indexing from the model's current vector (`_vector` is not
