@@ -79,6 +79,17 @@ pub struct AnnConfig {
     /// so recall under live traffic and a lagging index is measured, not assumed. Costs
     /// one full scan per that many searches; 0 never checks.
     pub recall_check_every: u64,
+    /// Items with the longest vectors (the most interacted-with, under online MF) that
+    /// every search scores exactly beside the graph's candidates, so the answer does
+    /// not depend on how far re-indexing lags the items that change most; recomputed
+    /// every 500 ms by the drainer. 0 relies on the graph alone.
+    pub head_items: usize,
+    /// The most of one core the background re-indexing may take (0.01 to 1): each pass
+    /// lasts at most `upsert_interval_ms` and then rests in proportion. Under heavier
+    /// change the graph lags (answers stay right through the head and exact rescoring)
+    /// rather than taking the CPU requests and ingest need; measured at 100k items under
+    /// flat-out ingest, unbounded upkeep took a third of the server's CPU.
+    pub upkeep_max_share: f32,
     /// Threads inserting during a build or rebuild; 0 means one per available core.
     pub build_threads: usize,
     /// Searches that may run at once. usearch holds one context per concurrent
@@ -109,6 +120,8 @@ impl Default for AnnConfig {
             threshold_items: 20_000,
             scan_refresh_ms: 50,
             recall_check_every: 1000,
+            head_items: 2048,
+            upkeep_max_share: 0.25,
             build_threads: 0,
             max_concurrent_searches: 256,
             rebuild_interval_ms: 60 * 60 * 1000,
@@ -131,6 +144,12 @@ impl AnnConfig {
         }
         if self.upsert_batch == 0 {
             return Err("upsert_batch must be > 0".into());
+        }
+        if !(self.upkeep_max_share >= 0.01 && self.upkeep_max_share <= 1.0) {
+            return Err(format!(
+                "upkeep_max_share must be 0.01 to 1, got {}",
+                self.upkeep_max_share
+            ));
         }
         if self.upsert_interval_ms == 0 {
             return Err("upsert_interval_ms must be > 0".into());
