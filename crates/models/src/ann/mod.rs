@@ -85,7 +85,8 @@ pub struct AnnConfig {
     /// every 500 ms by the drainer. 0 relies on the graph alone.
     pub head_items: usize,
     /// The most of one core the background re-indexing may take (0.01 to 1): each pass
-    /// lasts at most `upsert_interval_ms` and then rests in proportion. Under heavier
+    /// lasts at most `upsert_interval_ms` and then rests in proportion. Adding new items
+    /// is not limited (until indexed, only the exact fallback finds them). Under heavier
     /// change the graph lags (answers stay right through the head and exact rescoring)
     /// rather than taking the CPU requests and ingest need; measured at 100k items under
     /// flat-out ingest, unbounded upkeep took a third of the server's CPU.

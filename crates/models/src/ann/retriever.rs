@@ -542,8 +542,8 @@ impl Shared {
     }
 
     /// Applies batches until one comes back short (nothing left) or fails, or, with a
-    /// `deadline` (the drainer's passes), the deadline passes or the retriever is being
-    /// dropped.
+    /// `deadline` (the drainer's passes), the deadline passes with no new item left to
+    /// add or the retriever is being dropped.
     fn drain_pending(&self, deadline: Option<Instant>) -> Result<usize, AnnError> {
         let mut total = 0;
         loop {
@@ -552,7 +552,8 @@ impl Shared {
             if deadline.is_some() {
                 self.refresh_head_if_due();
             }
-            let late = deadline.is_some_and(|d| Instant::now() >= d);
+            let late = deadline.is_some_and(|d| Instant::now() >= d)
+                && self.drain.lock().cursor >= self.factors.len();
             if !full || late || (deadline.is_some() && self.stopping()) {
                 return Ok(total);
             }
@@ -636,8 +637,12 @@ impl Shared {
         let mut applied = 0;
         let min_drift = self.config.read().reindex_min_drift;
         for (n, &item) in batch.iter().enumerate() {
-            // Past the pass's deadline the rest wait for the next pass.
-            if n % 64 == 63 && deadline.is_some_and(|d| Instant::now() >= d) {
+            // Past the pass's deadline, re-indexing waits for the next pass; new items
+            // are still added (until indexed, only the exact fallback finds them).
+            if n % 64 == 63
+                && deadline.is_some_and(|d| Instant::now() >= d)
+                && batch[n..].iter().all(|&rest| index.contains(rest))
+            {
                 for &rest in &batch[n..] {
                     self.mark(rest);
                 }
