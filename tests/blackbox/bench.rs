@@ -109,3 +109,40 @@ async fn bench_drives_a_server_that_requires_api_keys() {
     assert!(stderr.contains("does not know this API key"), "{stderr}");
     assert!(!stderr.contains("not-the-key-0123456789"), "{stderr}");
 }
+
+/// With the server's metrics endpoint, the report carries the recall of its approximate
+/// retrieval over the main phase (the server's own check against the exact scan), so a
+/// fast server answering wrongly shows as such.
+#[tokio::test]
+async fn bench_reports_the_servers_retrieval_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Reflex::start_with(
+        dir.path(),
+        &[
+            (
+                "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+                "0",
+            ),
+            // The index answers from the first item, and every search is checked.
+            ("REFLEX_RETRIEVAL__THRESHOLD_ITEMS", "0"),
+            ("REFLEX_RETRIEVAL__RECALL_CHECK_EVERY", "1"),
+        ],
+    );
+    let metrics = server.metrics_addr.expect("metrics endpoint announced");
+    let out = bench(&server, &["--metrics-addr", &metrics.to_string()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let recall = &report["recall"];
+    let checks = recall["checks"].as_u64().unwrap_or(0);
+    assert!(checks > 0, "checks in the main phase: {report}");
+    assert!(recall["wanted"].as_u64().unwrap_or(0) >= checks);
+    let value = recall["recall"].as_f64().expect("a recall figure");
+    // 300 items, nearly all in the head (recomputed every 500 ms, so the newest may not
+    // be yet): close to exact.
+    assert!((0.9..=1.0).contains(&value), "recall {value}");
+    assert!(
+        !stderr.contains("could not read the retrieval recall"),
+        "{stderr}"
+    );
+}

@@ -163,6 +163,10 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         elapsed_ms = started.elapsed().as_millis() as u64,
         "state recovered"
     );
+    let weak = Arc::downgrade(&engine);
+    if let Err(err) = metrics.watch_recall(move || weak.upgrade()?.recall_checks()) {
+        warn!(error = %format!("{err:#}"), "the retrieval recall metrics are not exported");
+    }
     Ok(engine)
 }
 
@@ -475,7 +479,6 @@ pub async fn serve(
                     warn!(error = %err, "maintenance failed, retrying next tick");
                 }
                 metrics.index_items.set(engine.items().len() as i64);
-                metrics.record_recall(engine.recall_checks());
                 if let Ok(n) = engine.profile_count().await {
                     metrics.profiles.set(n as i64);
                 }
@@ -572,6 +575,8 @@ fn stop_side_tasks(otlp_metrics: Option<JoinHandle<()>>, metrics_stop: oneshot::
 pub struct InProcess {
     /// `http://HOST:PORT` of the server.
     pub endpoint: String,
+    /// Where it serves `/metrics`, when metrics are on.
+    pub metrics_addr: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -583,7 +588,7 @@ impl InProcess {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
+        let (ready_tx, ready_rx) = oneshot::channel::<(SocketAddr, Option<SocketAddr>)>();
         let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(crate::app::serve(
             config,
@@ -591,17 +596,18 @@ impl InProcess {
             async {
                 let _ = stop_rx.await;
             },
-            move |progress, addr, _metrics| {
+            move |progress, addr, metrics_addr| {
                 if progress == Progress::Ready
                     && let Some(ready_tx) = ready_tx.take()
                 {
-                    let _ = ready_tx.send(addr);
+                    let _ = ready_tx.send((addr, metrics_addr));
                 }
             },
         ));
         match ready_rx.await {
-            Ok(addr) => Ok(Self {
+            Ok((addr, metrics_addr)) => Ok(Self {
                 endpoint: format!("http://{addr}"),
+                metrics_addr,
                 stop,
                 task,
             }),

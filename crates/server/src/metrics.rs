@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -90,8 +92,6 @@ pub struct Metrics {
     /// Items in the checked exact answers (`kind="wanted"`) and, of those, in the
     /// retriever's own answers (`kind="found"`): recall = rate(found) / rate(wanted).
     pub recall_items: IntCounterVec,
-    /// The retriever's counts at the last [`Self::record_recall`].
-    recall_seen: std::sync::Mutex<reflex_core::RecallChecks>,
 }
 
 impl Metrics {
@@ -225,8 +225,7 @@ impl Metrics {
         for kind in ["wanted", "found"] {
             recall_items.with_label_values(&[kind]);
         }
-        registry.register(Box::new(recall_checks.clone()))?;
-        registry.register(Box::new(recall_items.clone()))?;
+        // Registered by `watch_recall`, once there is a retriever to read.
         Ok(Arc::new(Self {
             registry,
             ingest_events,
@@ -248,35 +247,22 @@ impl Metrics {
             rollbacks,
             recall_checks,
             recall_items,
-            recall_seen: std::sync::Mutex::default(),
         }))
     }
 
-    /// Adds what the retriever checked since the last call (its counts are cumulative;
-    /// counts below the last ones mean a new retriever, counted from zero).
-    pub fn record_recall(&self, now: Option<reflex_core::RecallChecks>) {
-        let Some(now) = now else {
-            return;
-        };
-        // A poisoned lock only means a panic mid-update; the counts stay usable.
-        let mut seen = self
-            .recall_seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let base = if now.checks >= seen.checks && now.wanted >= seen.wanted {
-            *seen
-        } else {
-            reflex_core::RecallChecks::default()
-        };
-        self.recall_checks
-            .inc_by(now.checks.saturating_sub(base.checks));
-        self.recall_items
-            .with_label_values(&["wanted"])
-            .inc_by(now.wanted.saturating_sub(base.wanted));
-        self.recall_items
-            .with_label_values(&["found"])
-            .inc_by(now.found.saturating_sub(base.found));
-        *seen = now;
+    /// Registers the recall counters, read from `source` (the retriever's cumulative
+    /// counts) whenever the registry is gathered, by a scrape or an OTLP export, so they
+    /// are never behind. Call once.
+    pub fn watch_recall(
+        &self,
+        source: impl Fn() -> Option<reflex_core::RecallChecks> + Send + Sync + 'static,
+    ) -> anyhow::Result<()> {
+        self.registry.register(Box::new(RecallCollector {
+            source: Box::new(source),
+            checks: self.recall_checks.clone(),
+            items: self.recall_items.clone(),
+        }))?;
+        Ok(())
     }
 
     /// Sets the `reflex_model_quality` gauges from `report`.
@@ -308,6 +294,38 @@ impl Metrics {
             tracing::warn!(error = %err, "encoding metrics failed");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Brings the recall counters up to the retriever's own counts at each gather.
+struct RecallCollector {
+    source: Box<dyn Fn() -> Option<reflex_core::RecallChecks> + Send + Sync>,
+    checks: IntCounter,
+    items: IntCounterVec,
+}
+
+impl Collector for RecallCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.checks.desc();
+        descs.extend(self.items.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(now) = (self.source)() {
+            let raise = |counter: &IntCounter, to: u64| {
+                let at = counter.get();
+                if to > at {
+                    counter.inc_by(to - at);
+                }
+            };
+            raise(&self.checks, now.checks);
+            raise(&self.items.with_label_values(&["wanted"]), now.wanted);
+            raise(&self.items.with_label_values(&["found"]), now.found);
+        }
+        let mut families = self.checks.collect();
+        families.extend(self.items.collect());
+        families
     }
 }
 
@@ -362,18 +380,23 @@ mod tests {
         quality.all.decayed.hit_rate_at_10 = 0.5;
         m.record_quality(&quality);
         m.rollbacks.with_label_values(&["auto"]).inc();
-        let checks = |checks, wanted, found| {
+        let seen = Arc::new(std::sync::Mutex::new((2u64, 20u64, 19u64)));
+        let source = seen.clone();
+        m.watch_recall(move || {
+            let (checks, wanted, found) = *source.lock().ok()?;
             Some(reflex_core::RecallChecks {
                 checks,
                 wanted,
                 found,
             })
-        };
-        m.record_recall(checks(2, 20, 19));
-        m.record_recall(checks(3, 30, 28));
-        m.record_recall(None);
-        // A new retriever counts from zero again.
-        m.record_recall(checks(1, 10, 10));
+        })
+        .unwrap();
+        assert!(
+            m.render()
+                .contains("reflex_retrieval_recall_checks_total 2")
+        );
+        // Read at each gather: no maintenance tick in between.
+        *seen.lock().unwrap() = (4, 40, 38);
         let text = m.render();
         for name in [
             "reflex_ingest_events_total{status=\"accepted\"} 3",

@@ -128,6 +128,11 @@ pub struct BenchArgs {
     /// use; a server in this process is measured by itself (load generator included).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// The server's metrics endpoint (HOST:PORT), to report the recall of its
+    /// approximate retrieval over the main phase (its own sampled check against the exact
+    /// scan); a server in this process is read without it.
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
     /// Seed of the workload.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -166,7 +171,8 @@ pub async fn run(
         Some(addr) => {
             let endpoint = endpoint_of(&addr)?;
             let pid = args.server_pid.map(|pid| (pid, false));
-            drive(&args, &endpoint, format!("server at {addr}"), pid).await?
+            let metrics = args.metrics_addr.clone();
+            drive(&args, &endpoint, format!("server at {addr}"), pid, metrics).await?
         }
         None => {
             let scratch = tempfile::tempdir().context("creating a scratch data directory")?;
@@ -178,8 +184,10 @@ pub async fn run(
             }
             let mut config = Config::load(config_file, &flags)?;
             config.engine.bot_filter.max_events_per_user_per_sec = 0;
-            // Private to this run: no scrape endpoint to collide with a real server's.
-            config.metrics.enabled = false;
+            // A scrape endpoint on a free port (so it never collides with a real
+            // server's), read for the retrieval recall.
+            config.metrics.enabled = true;
+            config.metrics.listen = SocketAddr::from(([127, 0, 0, 1], 0));
             let target = format!(
                 "in-process server, embedded store in {} (durability {:?}), bot rate limit off",
                 config.store.embedded.data_dir.display(),
@@ -187,7 +195,8 @@ pub async fn run(
             );
             let pid = Some((args.server_pid.unwrap_or_else(std::process::id), true));
             let server = crate::app::InProcess::start(config).await?;
-            let report = drive(&args, &server.endpoint, target, pid).await;
+            let metrics = server.metrics_addr.map(|a| a.to_string());
+            let report = drive(&args, &server.endpoint, target, pid, metrics).await;
             server.stop().await?;
             report?
         }
@@ -334,6 +343,33 @@ pub struct Memory {
     pub bytes_per_user: f64,
 }
 
+/// The server's own recall checks (one approximate search in `recall_check_every`
+/// answered again by the exact scan) that fell in the main phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Recall {
+    /// Searches checked.
+    pub checks: u64,
+    /// Items of the exact answers.
+    pub wanted: u64,
+    /// Of those, items the approximate answers held.
+    pub found: u64,
+    /// `found / wanted`; `None` without a check (the exact scan answered every search).
+    pub recall: Option<f64>,
+}
+
+impl Recall {
+    fn between(start: reflex_core::RecallChecks, end: reflex_core::RecallChecks) -> Self {
+        let wanted = end.wanted.saturating_sub(start.wanted);
+        let found = end.found.saturating_sub(start.found);
+        Self {
+            checks: end.checks.saturating_sub(start.checks),
+            wanted,
+            found,
+            recall: (wanted > 0).then(|| found as f64 / wanted as f64),
+        }
+    }
+}
+
 /// CPU used during the main phase, in cores (CPU seconds per second).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Cpu {
@@ -386,6 +422,8 @@ pub struct Report {
     pub noop: Option<PhaseSummary>,
     /// Recommend relative to the no-op RPC.
     pub ratios: Option<Ratios>,
+    /// The server's retrieval recall over the main phase, when its metrics were read.
+    pub recall: Option<Recall>,
     /// Server memory.
     pub memory: Option<Memory>,
     /// CPU in the main phase.
@@ -399,6 +437,7 @@ async fn drive(
     endpoint: &str,
     target: String,
     pid: Option<(u32, bool)>,
+    metrics_addr: Option<String>,
 ) -> anyhow::Result<Report> {
     let server = Target {
         endpoint: endpoint.to_string(),
@@ -566,8 +605,18 @@ async fn drive(
         pid.and_then(|(p, _)| sys::cpu_seconds(p)),
         sys::cpu_seconds(std::process::id()),
     );
+    let recall_start = match &metrics_addr {
+        Some(addr) => sys::scrape_recall(addr).await,
+        None => None,
+    };
     let main_started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    let recall = match (&metrics_addr, recall_start) {
+        (Some(addr), Some(start)) => sys::scrape_recall(addr)
+            .await
+            .map(|end| Recall::between(start, end)),
+        _ => None,
+    };
     let cpu_end = (
         pid.and_then(|(p, _)| sys::cpu_seconds(p)),
         sys::cpu_seconds(std::process::id()),
@@ -649,6 +698,9 @@ async fn drive(
             main.probe_filtered
         ));
     }
+    if metrics_addr.is_some() && recall.is_none() {
+        warnings.push("could not read the retrieval recall from the metrics endpoint".into());
+    }
     Ok(Report {
         target,
         args: args.clone(),
@@ -656,6 +708,7 @@ async fn drive(
         main,
         noop,
         ratios,
+        recall,
         memory,
         cpu,
         warnings,
@@ -845,6 +898,7 @@ impl Report {
                 l.p50, l.p90, l.p99, l.p999, l.max, l.count
             )
         };
+        let recall = self.recall.as_ref();
         let phase = |out: &mut String, name: &str, p: &PhaseSummary| {
             let i = &p.ingest;
             let _ = writeln!(out, "\n{name} ({:.1} s)", p.seconds);
@@ -874,6 +928,19 @@ impl Report {
                     "             personalised (first item from a model): {:.1}%",
                     100.0 * p.recommend_personalised as f64 / p.recommend_ms.count as f64
                 );
+            }
+            if let Some(r) = recall.filter(|_| p.recommend_ms.count > 0) {
+                let _ = match r.recall {
+                    Some(recall) => writeln!(
+                        out,
+                        "             recall@k of the index (server's check): {:.3} over {} checks",
+                        recall, r.checks
+                    ),
+                    None => writeln!(
+                        out,
+                        "             recall@k of the index: no check (the exact scan answered)"
+                    ),
+                };
             }
             if p.noop_ms.count > 0 {
                 let _ = writeln!(

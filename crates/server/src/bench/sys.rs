@@ -1,5 +1,6 @@
 //! What `/proc` says about a process: resident memory and CPU time (Linux only; elsewhere
-//! both are `None` and the report leaves them out).
+//! both are `None` and the report leaves them out); and what the server's `/metrics`
+//! says about its retrieval recall.
 
 /// Resident set size of `pid` in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
@@ -29,6 +30,39 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The server's cumulative recall checks, read from its `/metrics` at `addr`
+/// (HOST:PORT) with one plain HTTP/1.0 GET; `None` when it cannot be read or exports
+/// none.
+pub async fn scrape_recall(addr: &str) -> Option<reflex_core::RecallChecks> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut body = Vec::new();
+        stream.read_to_end(&mut body).await.ok()?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+        .await
+        .ok()??;
+    parse_recall(&text)
+}
+
+/// The recall counters in a Prometheus text exposition.
+fn parse_recall(text: &str) -> Option<reflex_core::RecallChecks> {
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    Some(reflex_core::RecallChecks {
+        checks: value("reflex_retrieval_recall_checks_total ")?,
+        wanted: value("reflex_retrieval_recall_items_total{kind=\"wanted\"} ")?,
+        found: value("reflex_retrieval_recall_items_total{kind=\"found\"} ")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +76,16 @@ mod tests {
         assert!(rss_bytes(pid).is_some_and(|b| b > 1024 * 1024));
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(rss_bytes(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn recall_counters_parse_from_the_exposition() {
+        let text = "HTTP/1.0 200 OK\r\n\r\n# HELP reflex_retrieval_recall_checks_total x\n\
+                    reflex_retrieval_recall_checks_total 12\n\
+                    reflex_retrieval_recall_items_total{kind=\"found\"} 118\n\
+                    reflex_retrieval_recall_items_total{kind=\"wanted\"} 120\n";
+        let r = parse_recall(text).unwrap();
+        assert_eq!((r.checks, r.wanted, r.found), (12, 120, 118));
+        assert!(parse_recall("reflex_index_items 3\n").is_none());
     }
 }
