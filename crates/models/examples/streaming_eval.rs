@@ -5,18 +5,12 @@
 //! `../shared/data` relative to the workspace).
 
 use reflex_models::MfConfig;
-use reflex_models::eval::{
-    EvalOptions, Weighting, read_movielens_1m, read_movielens_100k, streaming_eval,
-};
+use reflex_models::eval::{EvalOptions, Weighting, streaming_eval};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = reflex_models::eval::data_dir();
     let which = args.first().map_or("100k", String::as_str);
-    let data = match which {
-        "1m" => read_movielens_1m(&dir.join("movielens-1m/ratings_numeric.tsv.gz"))?,
-        _ => read_movielens_100k(&dir.join("movielens-100k/ml-100k.inter"))?,
-    };
+    let data = reflex_models::eval::read_movielens(which)?;
     let config: MfConfig = match args.get(1) {
         Some(json) if !json.is_empty() => serde_json::from_str(json)?,
         _ => MfConfig::default(),

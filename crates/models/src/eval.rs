@@ -279,6 +279,19 @@ pub(crate) fn rate(hits: u64, n: u64) -> f64 {
     if n == 0 { 0.0 } else { hits as f64 / n as f64 }
 }
 
+/// MovieLens `"100k"` or `"1m"` from [`data_dir`], for the examples.
+pub fn read_movielens(which: &str) -> io::Result<Dataset> {
+    let dir = data_dir();
+    match which {
+        "1m" => read_movielens_1m(&dir.join("movielens-1m/ratings_numeric.tsv.gz")),
+        "100k" => read_movielens_100k(&dir.join("movielens-100k/ml-100k.inter")),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unknown dataset {other:?}: 100k or 1m"),
+        )),
+    }
+}
+
 /// Where the evaluation data is: `REFLEX_DATA_DIR`, else `../shared/data` beside the
 /// checkout, else the workplace's `/work/shared/data` (for checkouts made elsewhere, such
 /// as a CI clone in /tmp). For the examples and tests; the data is never copied here.
