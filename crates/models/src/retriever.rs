@@ -90,7 +90,7 @@ impl ExactRetriever {
                 top.offer(item, f64::from(score), filter);
             }
         });
-        scored(top)
+        top.into_scored()
     }
 
     fn scan_copy(
@@ -126,17 +126,8 @@ impl ExactRetriever {
                 top.offer(item, f64::from(score), &|_| true);
             }
         }
-        scored(top)
+        top.into_scored()
     }
-}
-
-fn scored(top: TopK) -> Vec<Scored> {
-    top.into_sorted()
-        .map(|(item, score)| Scored {
-            item,
-            score: score as f32,
-        })
-        .collect()
 }
 
 impl Retriever for ExactRetriever {

@@ -3,7 +3,7 @@
 use std::cmp::Ordering as Cmp;
 use std::collections::BinaryHeap;
 
-use reflex_core::ItemIdx;
+use reflex_core::{ItemIdx, Scored};
 
 /// Candidate in a bounded min-heap: the smallest score (then the largest index) on top.
 #[derive(Clone, Copy, PartialEq)]
@@ -63,6 +63,16 @@ impl TopK {
                 self.heap.pop();
             }
         }
+    }
+
+    /// The selection as `Scored` (score narrowed to `f32`), best first.
+    pub(crate) fn into_scored(self) -> Vec<Scored> {
+        self.into_sorted()
+            .map(|(item, score)| Scored {
+                item,
+                score: score as f32,
+            })
+            .collect()
     }
 
     /// The selection, best first (ties: lower index first).

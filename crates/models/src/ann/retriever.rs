@@ -464,8 +464,10 @@ impl Shared {
         for s in &found {
             top.offer(s.item, f64::from(s.score), &|_| true);
         }
+        let mut taken: Vec<ItemIdx> = found.iter().map(|s| s.item).collect();
+        taken.sort_unstable();
         for &item in head.items.iter() {
-            if found.iter().any(|s| s.item == item) {
+            if taken.binary_search(&item).is_ok() {
                 continue;
             }
             if let Some(score) = self.factors.score(item, query)
@@ -474,12 +476,7 @@ impl Shared {
                 top.offer(item, f64::from(score), filter);
             }
         }
-        top.into_sorted()
-            .map(|(item, score)| Scored {
-                item,
-                score: score as f32,
-            })
-            .collect()
+        top.into_scored()
     }
 
     /// Recomputes the head (the `head_items` longest vectors) when it is due: every
