@@ -33,7 +33,6 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -586,7 +585,7 @@ impl Shared {
                 // drainer catches up.
                 let head = self.head.load();
                 for (item, count) in &mut picked {
-                    if head.set.contains(item) {
+                    if head.contains(*item) {
                         *count = 0;
                     }
                 }
@@ -725,9 +724,15 @@ const HEAD_REFRESH: Duration = Duration::from_millis(500);
 /// graph lags for exactly those items.
 #[derive(Default)]
 struct Head {
+    /// Sorted by index, for the drainer's membership test (searches score them all, in
+    /// any order).
     items: Vec<ItemIdx>,
-    /// The same items, for the drainer's membership test.
-    set: HashSet<ItemIdx>,
+}
+
+impl Head {
+    fn contains(&self, item: ItemIdx) -> bool {
+        self.items.binary_search(&item).is_ok()
+    }
 }
 
 impl Head {
@@ -749,11 +754,9 @@ impl Head {
             norms.select_nth_unstable_by(n, |a, b| b.0.total_cmp(&a.0));
             norms.truncate(n);
         }
-        let items: Vec<ItemIdx> = norms.into_iter().map(|(_, item)| item).collect();
-        Self {
-            set: items.iter().copied().collect(),
-            items,
-        }
+        let mut items: Vec<ItemIdx> = norms.into_iter().map(|(_, item)| item).collect();
+        items.sort_unstable();
+        Self { items }
     }
 }
 
