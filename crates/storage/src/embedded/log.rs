@@ -7,9 +7,13 @@
 //! did reach the journal, it is recovered then, and a client retrying it gets `duplicate`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use fjall::compaction::filter::{
+    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
+};
 use fjall::{Keyspace, OwnedWriteBatch};
 use parking_lot::Mutex;
 use reflex_core::types::{TimestampMs, now_ms};
@@ -17,9 +21,6 @@ use reflex_core::{Appended, EventSink, LogRecord, Result, Seq};
 use tracing::debug;
 
 use super::{EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode};
-
-/// Dedupe keys examined per maintenance step; the writer lock is held for one step.
-const EXPIRY_CHUNK: usize = 4096;
 
 /// The append side's state.
 pub(super) struct LogState {
@@ -116,52 +117,54 @@ impl Shared {
         }
         Ok(out)
     }
+}
 
-    /// Deletes dedupe keys older than the window; returns how many.
-    ///
-    /// Cost: reads every dedupe key (one per event of the last window, so up to the
-    /// ingest rate times the window), in chunks; each chunk re-checks its keys and deletes
-    /// them under the writer lock, so a key re-recorded meanwhile is kept. The deletes are
-    /// not fsynced: a lost delete only means the key is deleted again next time, and an
-    /// expired key counts as absent anyway.
-    fn expire_dedupe_blocking(&self) -> Result<usize, StoreError> {
-        let now = now_ms();
-        let expired = |value: &[u8], key: &[u8]| -> Result<bool, StoreError> {
-            let at = be_u64(value, "dedupe entry", key)? as TimestampMs;
-            Ok(now.saturating_sub(at) > self.dedupe_window_ms)
-        };
-        let mut removed = 0;
-        let mut candidates = Vec::with_capacity(EXPIRY_CHUNK);
-        let mut scan = self.dedupe.iter();
-        loop {
-            candidates.clear();
-            for guard in scan.by_ref() {
-                let (key, value) = guard.into_inner()?;
-                if expired(&value, &key)? {
-                    candidates.push(key);
-                    if candidates.len() == EXPIRY_CHUNK {
-                        break;
-                    }
-                }
-            }
-            if candidates.is_empty() {
-                return Ok(removed);
-            }
-            let _writer = self.log.writer.lock();
-            let mut batch = self.db.batch();
-            for key in &candidates {
-                // Re-read under the lock: an append may have recorded the id again.
-                let still_expired = match self.dedupe.get(key)? {
-                    Some(value) => expired(&value, key)?,
-                    None => false,
-                };
-                if still_expired {
-                    batch.remove(&self.dedupe, key.clone());
-                    removed += 1;
-                }
-            }
-            batch.commit()?;
-        }
+/// Expires dedupe keys: a compaction filter on the `dedupe` keyspace that drops every key
+/// recorded longer than the window before the compaction began.
+///
+/// Expiry thus costs nothing beyond the compactions that run anyway: a scan of the
+/// keyspace would read every event id of the window (a week of ingest by default) on
+/// each pass. Until a compaction reaches it, an expired key lingers on disk, and the
+/// append path treats it as absent (see `recorded_within_window`). A dropped key leaves
+/// a tombstone, so an older copy of it never reappears.
+pub(super) struct DedupeExpiry {
+    window_ms: i64,
+}
+
+impl DedupeExpiry {
+    /// The database's filter assigner: this filter for `dedupe`, none for the rest.
+    pub(super) fn assigner(window_ms: i64) -> FilterAssigner {
+        let factory: Arc<dyn Factory> = Arc::new(Self { window_ms });
+        Arc::new(move |keyspace: &str| (keyspace == "dedupe").then(|| factory.clone()))
+    }
+}
+
+impl Factory for DedupeExpiry {
+    fn name(&self) -> &str {
+        "reflex-dedupe-expiry"
+    }
+
+    fn make_filter(&self, _ctx: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(ExpireBefore(now_ms().saturating_sub(self.window_ms)))
+    }
+}
+
+/// What `DatabaseBuilder::with_compaction_filter_factories` takes (fjall does not export
+/// its name for it).
+pub(super) type FilterAssigner = Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>> + Send + Sync>;
+
+/// One compaction's filter: drops dedupe keys recorded before this time.
+struct ExpireBefore(TimestampMs);
+
+impl CompactionFilter for ExpireBefore {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _ctx: &Context) -> CompactionFilterResult {
+        // A value that is not a timestamp is kept: the append path reports it as an
+        // error with its key, rather than the filter losing it silently.
+        let recorded = <[u8; 8]>::try_from(&item.value()?[..]).map(i64::from_be_bytes);
+        Ok(match recorded {
+            Ok(at) if at < self.0 => Verdict::Remove,
+            _ => Verdict::Keep,
+        })
     }
 }
 
@@ -191,17 +194,15 @@ impl EventSink for EmbeddedStore {
         Ok(self.shared.log.last_seq.load(Ordering::Acquire))
     }
 
-    /// Expires dedupe keys older than the window (a scan of every dedupe key, see
-    /// `expire_dedupe_blocking`) and evicts expired profiles from memory (a scan of every
-    /// profile), both on the blocking pool.
+    /// Evicts expired profiles from memory (a scan of every profile), on the blocking
+    /// pool. Dedupe keys need no pass: compaction expires them ([`DedupeExpiry`]).
     async fn maintain(&self) -> Result<()> {
-        let (removed, evicted) = self
+        let evicted = self
             .blocking("maintaining the embedded store", |s| {
-                let removed = s.expire_dedupe_blocking()?;
-                Ok((removed, s.profile_state.evict_expired(now_ms())))
+                Ok(s.profile_state.evict_expired(now_ms()))
             })
             .await?;
-        debug!(removed, evicted, "embedded store maintained");
+        debug!(evicted, "embedded store maintained");
         Ok(())
     }
 }

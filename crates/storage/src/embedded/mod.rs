@@ -3,7 +3,8 @@
 //!
 //! Keyspaces:
 //! - `events`: seq (u64 big-endian) → postcard [`LogRecord`]
-//! - `dedupe`: event id → ingest time (i64 big-endian ms)
+//! - `dedupe`: event id → ingest time (i64 big-endian ms); compaction drops keys older
+//!   than the window (see [`log::DedupeExpiry`])
 //! - `profiles`: user id → postcard [`Profile`], as of the last checkpoint
 //! - `meta`: `profiles_seq` → the log position (u64 big-endian) `profiles` is consistent with
 //! - `items`: item id → postcard [`Item`]
@@ -81,10 +82,14 @@ impl EmbeddedStore {
         let dir = &config.data_dir;
         let context = || format!("opening embedded store in {}", dir.display());
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(context(), e))?;
-        let db = Database::builder(dir).open().map_err(|e| match e {
-            fjall::Error::Locked => Error::storage(context(), StoreError::Locked(dir.clone())),
-            other => Error::storage(context(), other),
-        })?;
+        let expiry = log::DedupeExpiry::assigner(config.dedupe_window_ms);
+        let db = Database::builder(dir)
+            .with_compaction_filter_factories(expiry)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => Error::storage(context(), StoreError::Locked(dir.clone())),
+                other => Error::storage(context(), other),
+            })?;
         let keyspace = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|e| Error::storage(format!("opening keyspace {name}"), e))

@@ -149,7 +149,7 @@ async fn positions_and_dedupe_survive_reopen() {
 }
 
 #[tokio::test]
-async fn maintain_deletes_only_expired_dedupe_keys() {
+async fn compaction_drops_only_expired_dedupe_keys() {
     let dir = tempfile::tempdir().unwrap();
     let config = EmbeddedConfig {
         dedupe_window_ms: 60,
@@ -160,15 +160,24 @@ async fn maintain_deletes_only_expired_dedupe_keys() {
     store.append(old).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     store.append(vec![view("new", "u")]).await.unwrap();
-    assert_eq!(store.shared.dedupe.len().unwrap(), 11);
+    let dedupe = &store.shared.dedupe;
+    assert_eq!(dedupe.len().unwrap(), 11);
+    // Maintenance no longer scans the dedupe keys; compaction expires them.
     store.maintain().await.unwrap();
-    assert_eq!(store.shared.dedupe.len().unwrap(), 1);
+    assert_eq!(dedupe.len().unwrap(), 11);
+    dedupe.rotate_memtable_and_wait().unwrap();
+    dedupe.major_compact().unwrap();
+    assert_eq!(dedupe.len().unwrap(), 1);
     assert_eq!(
         store.append(vec![view("new", "u")]).await.unwrap(),
         [Appended::Duplicate]
     );
-    // The log itself keeps every record.
-    assert_eq!(store.last_seq().await.unwrap(), 11);
+    // An expired id is accepted again; the log itself keeps every record.
+    assert_eq!(
+        store.append(vec![view("old-3", "u")]).await.unwrap(),
+        [Appended::At(12)]
+    );
+    assert_eq!(store.last_seq().await.unwrap(), 12);
 }
 
 #[tokio::test]
