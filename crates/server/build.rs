@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("reflex_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Map fields decode straight into the `BTreeMap`s the core types keep, with no
+        // hashing on the ingest path.
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::types::{ItemId, MAX_CUSTOM_KIND_LEN};
+use crate::types::{IdHashState, ItemId, MAX_CUSTOM_KIND_LEN};
 
 /// Dense index of an item inside this process.
 pub type ItemIdx = u32;
@@ -100,7 +100,7 @@ struct Slot {
 
 /// Interner from [`ItemId`] to [`ItemIdx`] plus per-item filter metadata.
 pub struct ItemIndex {
-    by_id: DashMap<Arc<str>, ItemIdx>,
+    by_id: DashMap<Arc<str>, ItemIdx, IdHashState>,
     slots: boxcar::Vec<Slot>,
 }
 
@@ -114,7 +114,7 @@ impl ItemIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self {
-            by_id: DashMap::new(),
+            by_id: DashMap::with_hasher(IdHashState::default()),
             slots: boxcar::Vec::new(),
         }
     }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use reflex_core::types::IdHashState;
 use reflex_core::{
     Error, HistoryEntry, ItemIdx, ItemState, ModelState, Observation, OnlineModel, Result, Scored,
     UserId,
@@ -66,7 +67,7 @@ struct GramBuild {
 pub struct OnlineMf {
     config: MfConfig,
     items: Arc<ItemFactors>,
-    users: DashMap<UserId, Box<[f32]>>,
+    users: DashMap<UserId, Box<[f32]>, IdHashState>,
     popularity: Popularity,
     gram: ArcSwap<Gram>,
     gram_build: Mutex<GramBuild>,
@@ -85,7 +86,7 @@ impl OnlineMf {
         let k = config.factors;
         Arc::new(Self {
             items: Arc::new(ItemFactors::new(k, config.init_scale, config.seed)),
-            users: DashMap::new(),
+            users: DashMap::with_hasher(IdHashState::default()),
             popularity: Popularity::new(
                 config.popularity_half_life_ms,
                 config.popular_refresh_events,

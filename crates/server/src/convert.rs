@@ -74,7 +74,7 @@ pub fn raw_event(event: proto::Event) -> RawEvent {
         timestamp_ms: timestamp.as_ref().map(millis),
         session_id,
         value,
-        context: context.into_iter().collect(),
+        context,
     }
 }
 
@@ -277,7 +277,7 @@ pub fn profile(p: Profile) -> proto::Profile {
         touched_ms: _,
         version,
     } = &p;
-    let mut kind_counts = std::collections::HashMap::new();
+    let mut kind_counts = std::collections::BTreeMap::new();
     for k in [
         EventKind::View,
         EventKind::Click,

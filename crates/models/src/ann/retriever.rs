@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use parking_lot::{Condvar, Mutex, RwLock};
+use reflex_core::types::IdHashState;
 use reflex_core::{ItemIdx, RecallChecks, Retriever, Scored};
 use tracing::{debug, warn};
 
@@ -76,7 +77,7 @@ struct Shared {
     index: ArcSwap<HnswIndex>,
     /// Items whose vector changed since they were last indexed.
     /// Items whose vector changed since they were last indexed, with how many changes.
-    dirty: DashMap<ItemIdx, u32>,
+    dirty: DashMap<ItemIdx, u32, IdHashState>,
     /// Held while a batch is applied, an index is grown or swapped: one writer at a time.
     drain: Mutex<DrainState>,
     /// One rebuild at a time.
@@ -168,7 +169,7 @@ impl AnnRetriever {
             recall_check_every: config.recall_check_every,
             config: RwLock::new(config),
             index: ArcSwap::from_pointee(index),
-            dirty: DashMap::new(),
+            dirty: DashMap::with_hasher(IdHashState::default()),
             drain: Mutex::new(DrainState {
                 cursor: items.len(),
                 replay: None,

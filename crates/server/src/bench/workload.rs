@@ -5,7 +5,7 @@
 //! shape of traffic; event ids carry a per-run tag so a second run against the same
 //! server is not answered `DUPLICATE`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost_types::Timestamp;
@@ -262,7 +262,7 @@ impl SessionGen {
     fn event(&mut self, session: usize, kind: proto::EventKind, ts: Timestamp) -> proto::Event {
         self.next_event += 1;
         let s = &self.sessions[session];
-        let mut context = HashMap::with_capacity(2);
+        let mut context = BTreeMap::new();
         context.insert(
             "device".to_string(),
             self.device[(self.next_event % 3) as usize].to_string(),

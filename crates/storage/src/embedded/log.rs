@@ -16,7 +16,7 @@ use fjall::compaction::filter::{
 };
 use fjall::{Keyspace, OwnedWriteBatch};
 use parking_lot::Mutex;
-use reflex_core::types::{TimestampMs, now_ms};
+use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Appended, EventSink, LogRecord, Result, Seq};
 use tracing::debug;
 
@@ -65,7 +65,8 @@ impl Shared {
         let now = now_ms();
         let now_bytes = now.to_be_bytes();
         let mut outcomes = Vec::with_capacity(records.len());
-        let mut in_call: HashSet<&str> = HashSet::with_capacity(records.len());
+        let mut in_call: HashSet<&str, IdHashState> =
+            HashSet::with_capacity_and_hasher(records.len(), IdHashState::default());
         let mut writer = self.log.writer.lock();
         let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), 2 * records.len())
             .durability(Some(self.persist));

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use fjall::{Keyspace, PersistMode};
 use parking_lot::Mutex;
 use reflex_core::traits::BoxFuture;
-use reflex_core::types::{TimestampMs, now_ms};
+use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Profile, ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId};
 use tracing::debug;
 
@@ -26,17 +26,30 @@ use super::{
 /// Profiles in memory and what the next checkpoint must write.
 pub(super) struct ProfileState {
     policy: ProfilePolicy,
-    pub(super) live: DashMap<UserId, Profile>,
-    /// Users changed, erased or evicted since the last checkpoint captured them.
-    pub(super) dirty: DashSet<UserId>,
+    pub(super) live: DashMap<UserId, Slot, IdHashState>,
+    /// Users changed, erased or evicted since the last checkpoint captured them. A user
+    /// is pushed when its slot turns dirty (once per checkpoint however many events it
+    /// gets) and on every erase or eviction, so it may appear more than once.
+    dirty: Mutex<Vec<UserId>>,
     /// Log position the `profiles` keyspace is consistent with.
     durable_seq: AtomicU64,
     /// Keeps checkpoint writes one at a time, so an older one never lands after a newer.
     checkpoint_writer: Mutex<()>,
 }
 
+/// One user's profile in memory.
+///
+/// The profile is shared copy-on-write: a checkpoint captures it by reference (under the
+/// engine's apply gate, so that must be quick) and encodes it later; an event that
+/// arrives for the user meanwhile copies it once ([`Arc::make_mut`]).
+pub(super) struct Slot {
+    pub(super) profile: Arc<Profile>,
+    /// Changed since the last checkpoint captured it.
+    dirty: bool,
+}
+
 /// One user's entry in a checkpoint: the profile to store, or `None` to delete it.
-type Change = (UserId, Option<Profile>);
+type Change = (UserId, Option<Arc<Profile>>);
 
 impl ProfileState {
     /// Loads the last checkpoint. Expired profiles are loaded too: replay decides with
@@ -46,11 +59,15 @@ impl ProfileState {
         meta: &Keyspace,
         policy: ProfilePolicy,
     ) -> Result<Self, StoreError> {
-        let live = DashMap::new();
+        let live = DashMap::with_hasher(IdHashState::default());
         for guard in profiles.iter() {
             let (key, value) = guard.into_inner()?;
             let profile: Profile = decode(&value, "profile", &key)?;
-            live.insert(profile.user_id.clone(), profile);
+            let slot = Slot {
+                profile: Arc::new(profile),
+                dirty: false,
+            };
+            live.insert(slot.profile.user_id.clone(), slot);
         }
         let durable_seq = match meta.get(PROFILES_SEQ_KEY)? {
             Some(value) => be_u64(&value, "profiles_seq", PROFILES_SEQ_KEY)?,
@@ -59,7 +76,7 @@ impl ProfileState {
         Ok(Self {
             policy,
             live,
-            dirty: DashSet::new(),
+            dirty: Mutex::new(Vec::new()),
             durable_seq: AtomicU64::new(durable_seq),
             checkpoint_writer: Mutex::new(()),
         })
@@ -69,63 +86,98 @@ impl ProfileState {
         self.live.len()
     }
 
+    /// Entries waiting for the next checkpoint (a user may count more than once).
+    pub(super) fn pending(&self) -> usize {
+        self.dirty.lock().len()
+    }
+
     pub(super) fn durable_seq(&self) -> Seq {
         self.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// The user's profile as it is now, expired or not.
+    #[cfg(test)]
+    pub(super) fn current(&self, user: &UserId) -> Option<Profile> {
+        self.live
+            .get(user)
+            .map(|slot| Profile::clone(&slot.profile))
     }
 
     /// Drops profiles expired at `now` from memory and marks them for deletion on disk.
     /// Not for use during start-up replay, which judges expiry by each event's time.
     pub(super) fn evict_expired(&self, now: TimestampMs) -> usize {
         let mut evicted = Vec::new();
-        self.live.retain(|user, profile| {
-            let keep = !profile.is_expired(&self.policy, now);
+        self.live.retain(|user, slot| {
+            let keep = !slot.profile.is_expired(&self.policy, now);
             if !keep {
                 evicted.push(user.clone());
             }
             keep
         });
         let count = evicted.len();
-        for user in evicted {
-            self.dirty.insert(user);
-        }
+        self.dirty.lock().extend(evicted);
         count
     }
 
     fn apply(&self, update: &ProfileUpdate<'_>) {
         let user = &update.event.user_id;
-        let mut profile = self
-            .live
-            .entry(user.clone())
-            .or_insert_with(|| Profile::new(user.clone()));
+        let mut slot = match self.live.get_mut(user) {
+            Some(slot) => slot,
+            None => self.live.entry(user.clone()).or_insert_with(|| Slot {
+                profile: Arc::new(Profile::new(user.clone())),
+                dirty: false,
+            }),
+        };
+        let profile = Arc::make_mut(&mut slot.profile);
         // A fresh profile has version 0 and is never stale; an expired one starts over.
         if profile.version > 0 && profile.is_expired(&self.policy, update.now_ms) {
             *profile = Profile::new(user.clone());
         }
         profile.apply(update.event, update.weight, &self.policy, update.now_ms);
-        drop(profile);
-        self.dirty.insert(user.clone());
+        if !slot.dirty {
+            slot.dirty = true;
+            drop(slot);
+            self.dirty.lock().push(user.clone());
+        }
     }
 
-    /// Takes the dirty set and the state each of its users must be written with.
+    /// Takes the dirty users and the state each must be written with: a reference to
+    /// the profile (copied only if an event changes it before the write), or a deletion.
     fn capture(&self, now: TimestampMs) -> Vec<Change> {
-        let mut changes: Vec<Change> = Vec::with_capacity(self.dirty.len());
-        self.dirty.retain(|user| {
-            changes.push((user.clone(), None));
-            false
-        });
-        for (user, slot) in &mut changes {
+        let users = std::mem::take(&mut *self.dirty.lock());
+        let mut changes: Vec<Change> = Vec::with_capacity(users.len());
+        for user in users {
             // An expired profile is as good as gone: delete it here and on disk.
             self.live
-                .remove_if(user, |_, p| p.is_expired(&self.policy, now));
-            *slot = self.live.get(user).map(|p| p.clone());
+                .remove_if(&user, |_, slot| slot.profile.is_expired(&self.policy, now));
+            match self.live.get_mut(&user) {
+                // Captured already through an earlier entry of the same user.
+                Some(slot) if !slot.dirty => {}
+                Some(mut slot) => {
+                    slot.dirty = false;
+                    let profile = Arc::clone(&slot.profile);
+                    drop(slot);
+                    changes.push((user, Some(profile)));
+                }
+                None => changes.push((user, None)),
+            }
         }
         changes
     }
 
+    /// Marks `users` for the next checkpoint again (after a checkpoint was not written).
     fn mark_dirty(&self, users: impl IntoIterator<Item = UserId>) {
+        let mut again = Vec::new();
         for user in users {
-            self.dirty.insert(user);
+            if let Some(mut slot) = self.live.get_mut(&user) {
+                if slot.dirty {
+                    continue;
+                }
+                slot.dirty = true;
+            }
+            again.push(user);
         }
+        self.dirty.lock().extend(again);
     }
 }
 
@@ -145,7 +197,7 @@ impl Shared {
             match profile {
                 Some(profile) => {
                     buf.clear();
-                    append_encoded(profile, &mut buf, "profile")?;
+                    append_encoded(&**profile, &mut buf, "profile")?;
                     batch.insert(&self.profiles, key, &buf[..]);
                 }
                 None => batch.remove(&self.profiles, key),
@@ -192,8 +244,8 @@ impl ProfileStore for EmbeddedStore {
         Ok(state
             .live
             .get(user)
-            .filter(|p| !p.is_expired(&state.policy, now))
-            .map(|p| p.clone()))
+            .filter(|slot| !slot.profile.is_expired(&state.policy, now))
+            .map(|slot| Profile::clone(&slot.profile)))
     }
 
     /// Applies in memory, one user locked at a time; an expired profile (judged at the
@@ -209,9 +261,9 @@ impl ProfileStore for EmbeddedStore {
         let state = &self.shared.profile_state;
         match state.live.remove(user) {
             None => Ok(false),
-            Some((user, profile)) => {
-                let existed = !profile.is_expired(&state.policy, now_ms());
-                state.dirty.insert(user);
+            Some((user, slot)) => {
+                let existed = !slot.profile.is_expired(&state.policy, now_ms());
+                state.dirty.lock().push(user);
                 Ok(existed)
             }
         }
@@ -225,7 +277,7 @@ impl ProfileStore for EmbeddedStore {
     /// and returns the fsynced write of them with `seq`. On failure they stay dirty.
     fn capture_checkpoint(&self, seq: Seq) -> Option<BoxFuture<'static, Result<()>>> {
         let state = &self.shared.profile_state;
-        if state.dirty.is_empty() && seq == state.durable_seq() {
+        if state.pending() == 0 && seq == state.durable_seq() {
             return None;
         }
         let changes = state.capture(now_ms());

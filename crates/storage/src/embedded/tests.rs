@@ -318,6 +318,27 @@ async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
 }
 
 #[tokio::test]
+async fn a_checkpoint_writes_profiles_as_captured_while_events_keep_changing_them() {
+    let (dir, store) = fresh();
+    let now = now_ms();
+    let first = views("a", "alice", 2);
+    store.apply(&updates(&first, 1, now)).await.unwrap();
+    let write = store.capture_checkpoint(2).unwrap();
+    assert_eq!(store.shared.profile_state.pending(), 0);
+    // An event after the capture changes the live profile, not the captured one.
+    let second = views("b", "alice", 1);
+    store.apply(&updates(&second, 3, now)).await.unwrap();
+    write.await.unwrap();
+    assert_eq!(profile(&store, "alice").await.unwrap().version, 3);
+    assert_eq!(store.shared.profile_state.pending(), 1);
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(profile(&store, "alice").await.unwrap().version, 2);
+    assert_eq!(store.durable_seq().await.unwrap(), Some(2));
+}
+
+#[tokio::test]
 async fn a_checkpoint_that_fails_or_is_dropped_leaves_its_profiles_dirty() {
     let (_dir, store) = fresh();
     let now = now_ms();
@@ -330,15 +351,15 @@ async fn a_checkpoint_that_fails_or_is_dropped_leaves_its_profiles_dirty() {
     // Landing after a newer checkpoint would undo it: refused, alice stays dirty.
     assert!(older.await.is_err());
     assert_eq!(store.shared.profiles.len().unwrap(), 1);
-    assert_eq!(store.shared.profile_state.dirty.len(), 1);
+    assert_eq!(store.shared.profile_state.pending(), 1);
 
     let dropped = store.capture_checkpoint(2).unwrap();
-    assert!(store.shared.profile_state.dirty.is_empty());
+    assert_eq!(store.shared.profile_state.pending(), 0);
     drop(dropped);
-    assert_eq!(store.shared.profile_state.dirty.len(), 1);
+    assert_eq!(store.shared.profile_state.pending(), 1);
     checkpoint(&store, 2).await;
     assert_eq!(store.shared.profiles.len().unwrap(), 2);
-    assert!(store.shared.profile_state.dirty.is_empty());
+    assert_eq!(store.shared.profile_state.pending(), 0);
 }
 
 #[tokio::test]
@@ -502,7 +523,7 @@ async fn the_engine_recovers_the_same_profiles_after_reopen() {
         .unwrap();
     let before: Vec<_> = [user("user-0"), user("user-1")]
         .iter()
-        .map(|u| store.shared.profile_state.live.get(u).map(|p| p.clone()))
+        .map(|u| store.shared.profile_state.current(u))
         .collect();
     drop(engine);
     drop(store);
