@@ -33,6 +33,15 @@ pub struct MfConfig {
     pub negative_sampling: NegativeSampling,
     /// Weight of each sampled negative's squared error relative to a positive of weight 1.
     pub negative_weight: f32,
+    /// Whether a sampled negative's own vector takes an SGD step down too. Off, the
+    /// negatives only shape the user's step (their scores still fall, through the
+    /// user's vector): model updates are a third faster (0.57M → 0.76M events/s on
+    /// MovieLens 1M, `learn_throughput`) and streaming HR@10 is higher (100K: 0.1573
+    /// against 0.1562; 1M: 0.1676 against 0.1631); online learning after the ALS
+    /// baseline scores 0.2081 against 0.2118 over 6,040 held-out events (within their
+    /// ±0.005 standard error). A random negative is often an item the user would like,
+    /// and stepping it down for everyone was more noise than signal.
+    pub negative_item_steps: bool,
     /// Largest confidence one event carries, whatever its weight.
     pub max_confidence: f32,
     /// Spread of the initial factor values (uniform in ±`init_scale / sqrt(factors)`).
@@ -79,6 +88,7 @@ impl Default for MfConfig {
             negatives: 16,
             negative_sampling: NegativeSampling::Uniform,
             negative_weight: 1.0,
+            negative_item_steps: false,
             max_confidence: 10.0,
             init_scale: 1.0,
             fold_in_regularisation: 1.0,
@@ -171,6 +181,7 @@ impl MfConfig {
                 self.negative_weight.is_finite() && self.negative_weight >= 0.0,
                 d.negative_weight,
             ),
+            negative_item_steps: self.negative_item_steps,
             max_confidence: pick_f(
                 self.max_confidence,
                 self.max_confidence.is_finite() && self.max_confidence > 0.0,
