@@ -960,7 +960,7 @@ impl Engine {
         }
 
         let _gate = self.apply_gate.read().await;
-        let appended = self.backends.sink.append(records.clone()).await?;
+        let appended = self.backends.sink.append(&records).await?;
         if appended.len() != records.len() {
             return Err(Error::Internal(format!(
                 "sink answered {} outcomes for {} records",
@@ -1312,7 +1312,7 @@ impl Engine {
         let _gate = self.apply_gate.read().await;
         self.backends
             .sink
-            .append(vec![LogRecord::Erase {
+            .append(&[LogRecord::Erase {
                 user_id: user.clone(),
                 erased_ms: now_ms(),
             }])

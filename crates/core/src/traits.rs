@@ -57,8 +57,9 @@ pub trait EventSink: Send + Sync + 'static {
     /// Records `records` durably, in order, under the configured durability. Event records
     /// whose event id was recorded within the dedupe window (or earlier in the same call)
     /// come back [`Appended::Duplicate`] and are not recorded again. All or nothing: on
-    /// error none of the records is recorded.
-    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>>;
+    /// error none of the records is recorded. The records are borrowed: the caller keeps
+    /// them to apply once they are recorded.
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>>;
 
     /// Up to `limit` records after position `after`, in order.
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>>;

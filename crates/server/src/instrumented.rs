@@ -42,7 +42,7 @@ impl<T: ?Sized> Instrumented<T> {
 
 #[async_trait]
 impl EventSink for Instrumented<dyn EventSink> {
-    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>> {
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
         self.timed("append", self.inner.append(records)).await
     }
 

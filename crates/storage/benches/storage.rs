@@ -115,7 +115,7 @@ fn append(c: &mut Criterion) {
                         })
                         .collect::<Vec<_>>()
                 },
-                |records| rt.block_on(store.append(records)),
+                |records| rt.block_on(store.append(&records)),
                 BatchSize::PerIteration,
             )
         });

@@ -57,7 +57,7 @@ async fn writer(
     for records in batches {
         if !profiles {
             let t = Instant::now();
-            store.append(records).await?;
+            store.append(&records).await?;
             phases[1] += t.elapsed();
             continue;
         }
@@ -65,7 +65,7 @@ async fn writer(
         let copy = records.clone();
         phases[0] += t.elapsed();
         let t = Instant::now();
-        let appended = store.append(copy).await?;
+        let appended = store.append(&copy).await?;
         phases[1] += t.elapsed();
         let t = Instant::now();
         let updates: Vec<ProfileUpdate<'_>> = records

@@ -101,7 +101,7 @@ pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<(
         },
         view("positions-3", "positions-u"),
     ];
-    let appended = sink.append(records.clone()).await?;
+    let appended = sink.append(&records).await?;
     let seqs = positions(&appended);
     assert_eq!(
         seqs.len(),
@@ -120,7 +120,7 @@ pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<(
     assert_eq!(read_seqs, seqs);
     let read_records: Vec<LogRecord> = read.into_iter().map(|(_, r)| r).collect();
     assert_eq!(read_records, records);
-    assert!(sink.append(Vec::new()).await?.is_empty());
+    assert!(sink.append(&[]).await?.is_empty());
     Ok(())
 }
 
@@ -129,7 +129,7 @@ pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<(
 pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Result<()> {
     let before = sink.last_seq().await?;
     let first = sink
-        .append(vec![
+        .append(&[
             view("dedupe-a", "dedupe-u"),
             view("dedupe-b", "dedupe-u"),
             view("dedupe-a", "dedupe-u"),
@@ -140,10 +140,7 @@ pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Resul
         [Appended::At(_), Appended::At(_), Appended::Duplicate]
     ));
     let second = sink
-        .append(vec![
-            view("dedupe-b", "dedupe-u"),
-            view("dedupe-c", "dedupe-u"),
-        ])
+        .append(&[view("dedupe-b", "dedupe-u"), view("dedupe-c", "dedupe-u")])
         .await?;
     assert!(matches!(
         second.as_slice(),
@@ -153,7 +150,7 @@ pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Resul
         user_id: user("dedupe-u"),
         erased_ms: now_ms(),
     };
-    let erases = sink.append(vec![erase(), erase()]).await?;
+    let erases = sink.append(&[erase(), erase()]).await?;
     assert_eq!(
         positions(&erases).len(),
         2,
@@ -173,7 +170,7 @@ pub async fn sink_reads_in_pages(sink: &dyn EventSink) -> Result<()> {
     let records: Vec<LogRecord> = (0..25)
         .map(|i| view(&format!("paging-{i}"), "paging-u"))
         .collect();
-    sink.append(records.clone()).await?;
+    sink.append(&records).await?;
     let mut after = before;
     let mut read = Vec::new();
     loop {
@@ -208,8 +205,8 @@ pub async fn sink_records_each_id_once_under_concurrency(sink: Arc<dyn EventSink
                 let ids: Vec<String> = (0..BATCH)
                     .map(|i| format!("concurrent-{}", (t * 31 + b * 17 + i * 7) % IDS))
                     .collect();
-                let records = ids.iter().map(|id| view(id, "concurrent-u")).collect();
-                let appended = sink.append(records).await?;
+                let records: Vec<_> = ids.iter().map(|id| view(id, "concurrent-u")).collect();
+                let appended = sink.append(&records).await?;
                 mine.extend(ids.into_iter().zip(appended));
             }
             Ok::<_, reflex_core::Error>(mine)
@@ -246,13 +243,13 @@ pub async fn sink_forgets_ids_after_the_window(
     sink: &dyn EventSink,
     window: Duration,
 ) -> Result<()> {
-    let first = sink.append(vec![view("window-a", "window-u")]).await?;
+    let first = sink.append(&[view("window-a", "window-u")]).await?;
     assert!(matches!(first.as_slice(), [Appended::At(_)]));
-    let again = sink.append(vec![view("window-a", "window-u")]).await?;
+    let again = sink.append(&[view("window-a", "window-u")]).await?;
     assert_eq!(again, [Appended::Duplicate]);
     tokio::time::sleep(window + Duration::from_millis(20)).await;
     sink.maintain().await?;
-    let later = sink.append(vec![view("window-a", "window-u")]).await?;
+    let later = sink.append(&[view("window-a", "window-u")]).await?;
     assert!(matches!(later.as_slice(), [Appended::At(_)]), "{later:?}");
     Ok(())
 }

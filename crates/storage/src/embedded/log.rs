@@ -17,10 +17,10 @@ use fjall::compaction::filter::{
 use fjall::{Keyspace, OwnedWriteBatch};
 use parking_lot::Mutex;
 use reflex_core::types::{IdHashState, TimestampMs, now_ms};
-use reflex_core::{Appended, EventSink, LogRecord, Result, Seq};
+use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq};
 use tracing::debug;
 
-use super::{EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode};
+use super::{EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode, fault};
 
 /// The append side's state.
 pub(super) struct LogState {
@@ -52,31 +52,23 @@ pub(super) fn last_seq_on_disk(events: &Keyspace) -> Result<Seq, StoreError> {
 }
 
 impl Shared {
-    fn append_blocking(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>, StoreError> {
-        // Encode before taking the writer lock, so concurrent appends overlap this part;
-        // one buffer for the whole call, `ends[i]` marks where record `i` stops.
-        let mut encoded = Vec::with_capacity(records.len() * 192);
-        let mut ends = Vec::with_capacity(records.len());
-        for record in &records {
-            append_encoded(record, &mut encoded, "log record")?;
-            ends.push(encoded.len());
-        }
-
+    fn append_blocking(&self, records: EncodedRecords) -> Result<Vec<Appended>, StoreError> {
+        let EncodedRecords { bytes, ends, ids } = &records;
         let now = now_ms();
         let now_bytes = now.to_be_bytes();
-        let mut outcomes = Vec::with_capacity(records.len());
+        let mut outcomes = Vec::with_capacity(ends.len());
         let mut in_call: HashSet<&str, IdHashState> =
-            HashSet::with_capacity_and_hasher(records.len(), IdHashState::default());
+            HashSet::with_capacity_and_hasher(ends.len(), IdHashState::default());
         let mut writer = self.log.writer.lock();
-        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), 2 * records.len())
+        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), 2 * ends.len())
             .durability(Some(self.persist));
         let mut seq = *writer;
         let mut start = 0;
-        for (record, &end) in records.iter().zip(&ends) {
-            let bytes = &encoded[start..end];
+        for (id, &end) in ids.iter().zip(ends) {
+            let bytes = &bytes[start..end];
             start = end;
-            if let LogRecord::Event { event, .. } = record {
-                let id = event.event_id.as_str();
+            if let Some(id) = id {
+                let id = id.as_str();
                 if !in_call.insert(id) || self.recorded_within_window(id.as_bytes(), now)? {
                     outcomes.push(Appended::Duplicate);
                     continue;
@@ -117,6 +109,32 @@ impl Shared {
             out.push((seq, decode(&value, "log record", &key)?));
         }
         Ok(out)
+    }
+}
+
+/// An append's records encoded (on the caller's thread, before the blocking pool and
+/// its writer lock): one buffer for the call, `ends[i]` marks where record `i` stops,
+/// and `ids[i]` is its event id (none for an erasure).
+struct EncodedRecords {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    ids: Vec<Option<EventId>>,
+}
+
+impl EncodedRecords {
+    fn new(records: &[LogRecord]) -> Result<Self, StoreError> {
+        let mut bytes = Vec::with_capacity(records.len() * 192);
+        let mut ends = Vec::with_capacity(records.len());
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            append_encoded(record, &mut bytes, "log record")?;
+            ends.push(bytes.len());
+            ids.push(match record {
+                LogRecord::Event { event, .. } => Some(event.event_id.clone()),
+                LogRecord::Erase { .. } => None,
+            });
+        }
+        Ok(Self { bytes, ends, ids })
     }
 }
 
@@ -171,14 +189,14 @@ impl CompactionFilter for ExpireBefore {
 
 #[async_trait]
 impl EventSink for EmbeddedStore {
-    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>> {
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
+        const CONTEXT: &str = "appending to the event log";
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        self.blocking("appending to the event log", move |s| {
-            s.append_blocking(records)
-        })
-        .await
+        let encoded = EncodedRecords::new(records).map_err(fault(CONTEXT))?;
+        self.blocking(CONTEXT, move |s| s.append_blocking(encoded))
+            .await
     }
 
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>> {

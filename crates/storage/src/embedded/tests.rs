@@ -128,7 +128,7 @@ async fn positions_and_dedupe_survive_reopen() {
     let store = open(dir.path());
     assert_eq!(store.last_seq().await.unwrap(), 0);
     let appended = store
-        .append(vec![view("r-1", "u"), view("r-2", "u"), view("r-1", "u")])
+        .append(&[view("r-1", "u"), view("r-2", "u"), view("r-1", "u")])
         .await
         .unwrap();
     assert_eq!(
@@ -140,7 +140,7 @@ async fn positions_and_dedupe_survive_reopen() {
     let store = open(dir.path());
     assert_eq!(store.last_seq().await.unwrap(), 2);
     let appended = store
-        .append(vec![view("r-2", "u"), view("r-3", "u")])
+        .append(&[view("r-2", "u"), view("r-3", "u")])
         .await
         .unwrap();
     assert_eq!(appended, [Appended::Duplicate, Appended::At(3)]);
@@ -157,9 +157,9 @@ async fn compaction_drops_only_expired_dedupe_keys() {
     };
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
     let old: Vec<LogRecord> = (0..10).map(|i| view(&format!("old-{i}"), "u")).collect();
-    store.append(old).await.unwrap();
+    store.append(&old).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    store.append(vec![view("new", "u")]).await.unwrap();
+    store.append(&[view("new", "u")]).await.unwrap();
     let dedupe = &store.shared.dedupe;
     assert_eq!(dedupe.len().unwrap(), 11);
     // Maintenance no longer scans the dedupe keys; compaction expires them.
@@ -169,12 +169,12 @@ async fn compaction_drops_only_expired_dedupe_keys() {
     dedupe.major_compact().unwrap();
     assert_eq!(dedupe.len().unwrap(), 1);
     assert_eq!(
-        store.append(vec![view("new", "u")]).await.unwrap(),
+        store.append(&[view("new", "u")]).await.unwrap(),
         [Appended::Duplicate]
     );
     // An expired id is accepted again; the log itself keeps every record.
     assert_eq!(
-        store.append(vec![view("old-3", "u")]).await.unwrap(),
+        store.append(&[view("old-3", "u")]).await.unwrap(),
         [Appended::At(12)]
     );
     assert_eq!(store.last_seq().await.unwrap(), 12);
@@ -389,15 +389,15 @@ async fn crash_child() {
     let now = now_ms();
     let mut first = views("u1", "u1", 3);
     first.extend(views("u2", "u2", 2));
-    let records = first.iter().cloned().map(conformance::record).collect();
-    assert_eq!(store.append(records).await.unwrap().len(), 5);
+    let records: Vec<_> = first.iter().cloned().map(conformance::record).collect();
+    assert_eq!(store.append(&records).await.unwrap().len(), 5);
     store.apply(&updates(&first, 1, now)).await.unwrap();
     checkpoint(&store, 5).await;
 
     let mut second = views("u1-late", "u1", 1);
     second.extend(views("u3", "u3", 2));
-    let records = second.iter().cloned().map(conformance::record).collect();
-    let appended = store.append(records).await.unwrap();
+    let records: Vec<_> = second.iter().cloned().map(conformance::record).collect();
+    let appended = store.append(&records).await.unwrap();
     assert_eq!(appended.last(), Some(&Appended::At(8)));
     store.apply(&updates(&second, 6, now)).await.unwrap();
     std::process::abort();
@@ -438,7 +438,7 @@ async fn acked_events_survive_a_crash_and_replay_applies_them_once() {
     assert_eq!(profile(&store, "u1").await.unwrap().version, 4);
     assert_eq!(profile(&store, "u2").await.unwrap().version, 2);
     assert_eq!(profile(&store, "u3").await.unwrap().version, 2);
-    let again = store.append(vec![view("u3-1", "u3")]).await.unwrap();
+    let again = store.append(&[view("u3-1", "u3")]).await.unwrap();
     assert_eq!(again, [Appended::Duplicate]);
 }
 

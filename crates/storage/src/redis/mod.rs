@@ -334,7 +334,7 @@ fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8], context: &str) -> Resu
 
 #[async_trait]
 impl EventSink for RedisStore {
-    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>> {
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
         let context = "appending to the redis event log";
         if records.is_empty() {
             return Ok(Vec::new());
@@ -346,7 +346,7 @@ impl EventSink for RedisStore {
         let mut args: Vec<Value> = Vec::with_capacity(2 + records.len() * 3);
         args.push(Value::from(self.config.dedupe_window_ms));
         args.push(Value::from(self.config.log_max_len as i64));
-        for record in &records {
+        for record in records {
             match record {
                 LogRecord::Event {
                     event, ingested_ms, ..

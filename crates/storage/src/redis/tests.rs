@@ -203,10 +203,10 @@ async fn the_log_is_bounded_by_length_and_by_age() {
     // 300 records: length trimming keeps about the last 100 (approximate trimming keeps
     // whole internal nodes, so possibly a few more).
     for chunk in 0..3 {
-        let records = (0..100)
+        let records: Vec<_> = (0..100)
             .map(|i| view(&format!("len-{chunk}-{i}"), "len-u"))
             .collect();
-        store.append(records).await.unwrap();
+        store.append(&records).await.unwrap();
     }
     let kept = store.read(0, 1000).await.unwrap();
     assert!(kept.len() < 300 && kept.len() >= 100, "{} kept", kept.len());
@@ -214,7 +214,7 @@ async fn the_log_is_bounded_by_length_and_by_age() {
 
     // Old records (by ingest time) go at maintenance; young ones stay.
     let old_time = reflex_core::types::now_ms() - 120_000;
-    let old = (0..10)
+    let old: Vec<_> = (0..10)
         .map(|i| LogRecord::Event {
             event: event(&format!("age-old-{i}"), "age-u", "x", EventKind::View, 1),
             filtered: false,
@@ -231,12 +231,12 @@ async fn the_log_is_bounded_by_length_and_by_age() {
     )
     .await
     .unwrap();
-    store2.append(old).await.unwrap();
+    store2.append(&old).await.unwrap();
     store2
         .append(
-            (0..5)
+            &(0..5)
                 .map(|i| view(&format!("age-new-{i}"), "age-u"))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -253,12 +253,9 @@ async fn unavailable_while_redis_is_down_and_fine_when_it_returns() {
     let Some((mut server, store)) = fresh_with(|c| c.command_timeout_ms = 500).await else {
         return;
     };
-    store.append(vec![view("down-1", "down-u")]).await.unwrap();
+    store.append(&[view("down-1", "down-u")]).await.unwrap();
     server.stop();
-    let err = store
-        .append(vec![view("down-2", "down-u")])
-        .await
-        .unwrap_err();
+    let err = store.append(&[view("down-2", "down-u")]).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
     let err = ProfileStore::get(&*store, &user("down-u"))
         .await
@@ -269,7 +266,7 @@ async fn unavailable_while_redis_is_down_and_fine_when_it_returns() {
     // The client reconnects by itself (and reloads its scripts into the new server).
     let mut appended = None;
     for _ in 0..50 {
-        match store.append(vec![view("down-2", "down-u")]).await {
+        match store.append(&[view("down-2", "down-u")]).await {
             Ok(a) => {
                 appended = Some(a);
                 break;
@@ -313,7 +310,7 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
         return;
     };
     let records = vec![view("pend-1", "pend-u"), view("pend-2", "pend-u")];
-    let appended = store.append(records.clone()).await.unwrap();
+    let appended = store.append(&records).await.unwrap();
     let seqs: Vec<Seq> = appended
         .iter()
         .filter_map(|a| match a {

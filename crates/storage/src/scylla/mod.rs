@@ -925,7 +925,7 @@ async fn prepare_all(session: &Session, config: &ScyllaConfig) -> Result<Prepare
 
 #[async_trait]
 impl EventSink for ScyllaStore {
-    async fn append(&self, records: Vec<LogRecord>) -> Result<Vec<Appended>> {
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
         let context = "appending to the scylla event log";
         if records.is_empty() {
             return Ok(Vec::new());

@@ -217,7 +217,7 @@ async fn the_log_spans_buckets_and_the_schema_survives_a_reconnect() {
     let records: Vec<LogRecord> = (0..7)
         .map(|i| view(&format!("span-{i}"), "span-u"))
         .collect();
-    let appended = store.append(records.clone()).await.unwrap();
+    let appended = store.append(&records).await.unwrap();
     assert_eq!(appended[0], Appended::At(LOG_BUCKET - 2));
     let read = store.read(LOG_BUCKET - 3, 100).await.unwrap();
     assert_eq!(read.len(), 7);
