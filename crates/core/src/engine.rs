@@ -653,6 +653,7 @@ impl Engine {
             users: stored.users.clone(),
             events: stored.events,
             latest_ms: stored.latest_ms,
+            batch_origin: stored.origin(&self.backends.model.version()),
         };
         self.backends.model.import(&state)?;
         for item in &state.items {
@@ -740,6 +741,7 @@ impl Engine {
             users: state.users,
             events: state.events,
             latest_ms: state.latest_ms,
+            batch_origin: state.batch_origin,
         };
         let version = ModelVersion {
             id: 0,

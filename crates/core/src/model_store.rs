@@ -37,6 +37,11 @@ pub struct ModelState {
     pub events: u64,
     /// Latest event time learnt.
     pub latest_ms: TimestampMs,
+    /// The batch model its vectors started from (e.g. `als`), kept through every later
+    /// snapshot; `None` for a model learnt online from scratch. An online model learns
+    /// at its warm-start rate on such a state, so it refines the batch fit instead of
+    /// overwriting it.
+    pub batch_origin: Option<String>,
 }
 
 /// [`ModelState`] with items named by id: what a model store keeps.
@@ -54,9 +59,23 @@ pub struct StoredModel {
     pub events: u64,
     /// Latest event time learnt.
     pub latest_ms: TimestampMs,
+    /// See [`ModelState::batch_origin`]. Added after the first release, so it is the last
+    /// field and decodes leniently (see [`ModelVersion::quality`]); a snapshot written
+    /// before it reads as `None`, and one whose `kind` is a batch model's is its own
+    /// origin (see [`StoredModel::origin`]).
+    #[serde(default, deserialize_with = "lenient_last_field")]
+    pub batch_origin: Option<String>,
 }
 
 impl StoredModel {
+    /// The batch model this state descends from: the recorded origin, or the snapshot's
+    /// own kind when that is not `online_kind` (a batch fit published as a version).
+    pub fn origin(&self, online_kind: &str) -> Option<String> {
+        self.batch_origin
+            .clone()
+            .or_else(|| (self.kind != online_kind).then(|| self.kind.clone()))
+    }
+
     /// Encodes for a model store.
     pub fn encode(&self) -> Result<Vec<u8>> {
         postcard::to_allocvec(self).map_err(|e| crate::Error::storage("encoding a model", e))
@@ -195,5 +214,43 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&none).unwrap();
         assert_eq!(postcard::from_bytes::<ModelVersion>(&bytes).unwrap(), none);
+    }
+
+    /// `StoredModel` as it was before `batch_origin`.
+    #[derive(Serialize)]
+    struct StoredModelV1 {
+        kind: String,
+        factors: u32,
+        items: Vec<(ItemId, Vec<f32>, f64)>,
+        users: Vec<(UserId, Vec<f32>)>,
+        events: u64,
+        latest_ms: TimestampMs,
+    }
+
+    #[test]
+    fn snapshots_written_before_their_origin_still_decode_and_infer_it() {
+        let item = ItemId::parse("i1", "item_id").unwrap();
+        let old = |kind: &str| StoredModelV1 {
+            kind: kind.into(),
+            factors: 2,
+            items: vec![(item.clone(), vec![1.0, 0.5], 0.0)],
+            users: Vec::new(),
+            events: 7,
+            latest_ms: 11,
+        };
+        let online =
+            StoredModel::decode(&postcard::to_allocvec(&old("online-mf")).unwrap()).unwrap();
+        assert_eq!((online.events, online.batch_origin.clone()), (7, None));
+        assert_eq!(online.origin("online-mf"), None);
+        let als = StoredModel::decode(&postcard::to_allocvec(&old("als")).unwrap()).unwrap();
+        assert_eq!(als.origin("online-mf").as_deref(), Some("als"));
+        // A snapshot the online model took after starting from ALS says so itself.
+        let descendant = StoredModel {
+            batch_origin: Some("als".into()),
+            ..online
+        };
+        let decoded = StoredModel::decode(&descendant.encode().unwrap()).unwrap();
+        assert_eq!(decoded, descendant);
+        assert_eq!(decoded.origin("online-mf").as_deref(), Some("als"));
     }
 }

@@ -245,6 +245,7 @@ impl TrainingSet {
             users,
             events: self.events,
             latest_ms: self.latest_ms.max(0),
+            batch_origin: None,
         }
     }
 }
@@ -348,7 +349,14 @@ mod tests {
             users: stored.users.clone(),
             events: stored.events,
             latest_ms: stored.latest_ms,
+            batch_origin: stored.origin(crate::mf::VERSION),
         };
         fresh.import(&state).unwrap();
+        // A batch fit is a warm start: online learning continues at the slower rate.
+        assert_eq!(stored.origin(crate::mf::VERSION).as_deref(), Some("als"));
+        assert_eq!(
+            fresh.learning_rate(),
+            fresh.config().warm_start_learning_rate
+        );
     }
 }

@@ -25,6 +25,12 @@ pub struct MfConfig {
     pub factors: usize,
     /// SGD step size.
     pub learning_rate: f32,
+    /// SGD step size once the factors come from a batch fit (an ALS version installed, or
+    /// [`crate::OnlineMf::load_item_factors`]), and for every snapshot descending from
+    /// one. At `learning_rate` (tuned for learning from scratch) online updates overwrite
+    /// what ALS learnt: prequential HR@10 over the held-out events of MovieLens 1M is
+    /// 0.165 at 0.1, 0.203 with no learning at all (fold-in alone) and 0.208 at 0.02.
+    pub warm_start_learning_rate: f32,
     /// L2 regularisation of the SGD steps, per step.
     pub regularisation: f32,
     /// Negative items sampled per positive event.
@@ -84,6 +90,7 @@ impl Default for MfConfig {
         Self {
             factors: 64,
             learning_rate: 0.1,
+            warm_start_learning_rate: crate::eval::WARM_START_LEARNING_RATE,
             regularisation: 0.01,
             negatives: 16,
             negative_sampling: NegativeSampling::Uniform,
@@ -122,6 +129,7 @@ impl MfConfig {
             ));
         }
         finite_nonneg("learning_rate", self.learning_rate)?;
+        finite_nonneg("warm_start_learning_rate", self.warm_start_learning_rate)?;
         finite_nonneg("regularisation", self.regularisation)?;
         finite_nonneg("negative_weight", self.negative_weight)?;
         finite_nonneg("init_scale", self.init_scale)?;
@@ -168,6 +176,11 @@ impl MfConfig {
                 self.learning_rate,
                 self.learning_rate.is_finite() && self.learning_rate >= 0.0,
                 d.learning_rate,
+            ),
+            warm_start_learning_rate: pick_f(
+                self.warm_start_learning_rate,
+                self.warm_start_learning_rate.is_finite() && self.warm_start_learning_rate >= 0.0,
+                d.warm_start_learning_rate,
             ),
             regularisation: pick_f(
                 self.regularisation,

@@ -76,6 +76,11 @@ pub struct OnlineMf {
     /// Recent positive items, for popularity-proportional negatives.
     ring: Box<[AtomicU32]>,
     ring_pos: AtomicU64,
+    /// The SGD step size in use (`f32` bits): the configured rate, or the warm-start
+    /// rate once the factors come from a batch fit.
+    learning_rate: AtomicU32,
+    /// See [`ModelState::batch_origin`].
+    batch_origin: Mutex<Option<String>>,
 }
 
 impl OnlineMf {
@@ -106,6 +111,8 @@ impl OnlineMf {
             events: AtomicU64::new(0),
             ring: (0..config.recent_ring).map(|_| AtomicU32::new(0)).collect(),
             ring_pos: AtomicU64::new(0),
+            learning_rate: AtomicU32::new(config.learning_rate.to_bits()),
+            batch_origin: Mutex::new(None),
             config,
         })
     }
@@ -140,11 +147,28 @@ impl OnlineMf {
         self.popularity.score(&self.items, item, at_ms)
     }
 
+    /// The SGD step size in use: [`MfConfig::learning_rate`], or
+    /// [`MfConfig::warm_start_learning_rate`] when the factors descend from a batch fit.
+    pub fn learning_rate(&self) -> f32 {
+        f32::from_bits(self.learning_rate.load(Ordering::Relaxed))
+    }
+
+    /// Records where the factors came from and picks the step size for it.
+    fn set_origin(&self, origin: Option<String>) {
+        let rate = match origin {
+            Some(_) => self.config.warm_start_learning_rate,
+            None => self.config.learning_rate,
+        };
+        self.learning_rate.store(rate.to_bits(), Ordering::Relaxed);
+        *self.batch_origin.lock() = origin;
+    }
+
     /// Starts the item factors from a batch model's (row-major, `factors` values per item,
     /// item `i` at row `i`, e.g. [`crate::AlsModel::item_factors`]), then refreshes the
-    /// Gram matrix and the popular list. All-zero rows (items the batch model had no data
-    /// for) are skipped and stay unknown. Returns the number of items loaded; 0, loading
-    /// nothing, when the length is not a multiple of this model's factors.
+    /// Gram matrix and the popular list, and switches learning to the warm-start rate.
+    /// All-zero rows (items the batch model had no data for) are skipped and stay
+    /// unknown. Returns the number of items loaded; 0, loading nothing, when the length
+    /// is not a multiple of this model's factors.
     pub fn load_item_factors(&self, factors: &[f32]) -> usize {
         let k = self.config.factors;
         if !factors.len().is_multiple_of(k) {
@@ -155,6 +179,9 @@ impl OnlineMf {
             if v.iter().any(|x| *x != 0.0) && self.items.load(i as ItemIdx, v) {
                 loaded += 1;
             }
+        }
+        if loaded > 0 {
+            self.set_origin(Some("batch factors".to_owned()));
         }
         self.refresh();
         loaded
@@ -298,7 +325,7 @@ impl OnlineMf {
             }
             return c * qq;
         }
-        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        let (lr, reg) = (self.learning_rate(), self.config.regularisation);
         for ((g, x), pd) in grad_p.iter_mut().zip(q.iter_mut()).zip(p) {
             *g += err * *x;
             *x += lr * (err * pd - reg * *x);
@@ -367,7 +394,7 @@ impl OnlineMf {
         // repeated overshoots (a heavy buyer, a high learning rate) grow until the
         // factors are infinite: confidence is capped at 1 / (lr·|p|²). The user's step
         // sums every item's pull, lr·Σ c|q|², and is scaled down the same way.
-        let (lr, reg) = (self.config.learning_rate, self.config.regularisation);
+        let (lr, reg) = (self.learning_rate(), self.config.regularisation);
         let pp = dot(p_old, p_old);
         let cap = if lr * pp > f32::MIN_POSITIVE {
             1.0 / (lr * pp)
@@ -496,6 +523,7 @@ impl OnlineModel for OnlineMf {
             users,
             events: self.events(),
             latest_ms: self.popularity.latest_ms(),
+            batch_origin: self.batch_origin.lock().clone(),
         })
     }
 
@@ -531,6 +559,7 @@ impl OnlineModel for OnlineMf {
             self.users.insert(user.clone(), vector.as_slice().into());
         }
         self.events.store(state.events, Ordering::Relaxed);
+        self.set_origin(state.batch_origin.clone());
         self.popularity.saw(state.latest_ms);
         self.refresh();
         Ok(())
@@ -885,6 +914,31 @@ mod tests {
             ..state.clone()
         };
         assert!(b.import(&wrong).is_err());
+    }
+
+    #[test]
+    fn a_batch_start_learns_at_the_warm_rate_through_snapshots() {
+        let config = MfConfig {
+            learning_rate: 0.1,
+            warm_start_learning_rate: 0.02,
+            ..small(2, 4)
+        };
+        let m = OnlineMf::new(config.clone());
+        assert_eq!(m.learning_rate(), 0.1);
+        assert_eq!(m.export().unwrap().batch_origin, None);
+        m.load_item_factors(&[1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(m.learning_rate(), 0.02);
+        // A snapshot of it keeps the origin, and a model restored from it the rate.
+        let warm = m.export().unwrap();
+        assert!(warm.batch_origin.is_some());
+        let restored = OnlineMf::new(config.clone());
+        restored.import(&warm).unwrap();
+        assert_eq!(restored.learning_rate(), 0.02);
+        // Rolling back to a version learnt from scratch restores the configured rate.
+        let cold = OnlineMf::new(config).export().unwrap();
+        restored.import(&cold).unwrap();
+        assert_eq!(restored.learning_rate(), 0.1);
+        assert_eq!(restored.export().unwrap().batch_origin, None);
     }
 
     #[test]
