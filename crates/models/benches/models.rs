@@ -1,7 +1,9 @@
 //! Micro-benchmarks of the model and retrieval: one online update (`OnlineMf::observe`),
 //! fold-in of a user vector from 10 and 50 history entries (`OnlineModel::user_vector`),
-//! and exact top-10 retrieval (`ExactRetriever::search`) over 10k and 100k items, and 1M
-//! when `REFLEX_BENCH_1M` is set (its setup trains a million items and takes a while).
+//! and top-10 retrieval, exact (`ExactRetriever::search`, plain and through the 8-bit scan
+//! copy) and approximate (`AnnRetriever::search`: the usearch graph, the head and
+//! rescoring, at the default settings), over 10k and 100k items, and 1M when
+//! `REFLEX_BENCH_1M` is set (its setup trains a million items and takes a while).
 //!
 //! All at the default configuration (64 factors, 16 sampled negatives). Run with
 //! `cargo bench -p reflex-models`; figures and method are in BENCHMARKS.md.
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, UserId};
-use reflex_models::{ExactRetriever, MfConfig, OnlineMf};
+use reflex_models::{AnnConfig, AnnRetriever, ExactRetriever, MfConfig, OnlineMf};
 
 fn user(n: usize) -> UserId {
     UserId::parse(&format!("user-{n:07}"), "user_id")
@@ -100,6 +102,15 @@ fn search(c: &mut Criterion) {
         copied.refresh_copy();
         group.bench_function(format!("{items}_items_scan_copy"), |b| {
             b.iter(|| copied.search(black_box(&query), 10, &|_| true))
+        });
+        // The graph, built from the same vectors before timing.
+        let ann = AnnRetriever::for_model(&model, AnnConfig::default())
+            .unwrap_or_else(|e| panic!("building the ANN retriever: {e}"));
+        ann.flush()
+            .unwrap_or_else(|e| panic!("indexing {items} items: {e}"));
+        ann.refresh_head();
+        group.bench_function(format!("{items}_items_ann"), |b| {
+            b.iter(|| ann.search(black_box(&query), 10, &|_| true))
         });
     }
     group.finish();

@@ -1,6 +1,8 @@
-//! Micro-benchmarks of the embedded store: one profile update (`ProfileStore::apply` with
-//! one event, among 100k users held in memory) and one append of 500 events to the event
-//! log (`EventSink::append`), fsynced (`sync`, the default) and not (`buffered`).
+//! Micro-benchmarks of the stores: one profile update (`ProfileStore::apply` with one
+//! event) in the embedded store among 100k users held in memory, and in Redis (a real
+//! `redis-server` on a free port, skipped with a message when none is installed) alone
+//! and in a batch of 500; one append of 500 events to the embedded event log
+//! (`EventSink::append`), fsynced (`sync`, the default) and not (`buffered`).
 //!
 //! Run with `cargo bench -p reflex-storage`; figures and method are in BENCHMARKS.md.
 
@@ -16,7 +18,8 @@ use reflex_core::{
     Event, EventId, EventKind, EventSink, ItemId, LogRecord, ProfilePolicy, ProfileStore,
     ProfileUpdate, UserId,
 };
-use reflex_storage::{Durability, EmbeddedConfig, EmbeddedStore};
+use reflex_storage::testing::RedisServer;
+use reflex_storage::{Durability, EmbeddedConfig, EmbeddedStore, RedisConfig, RedisStore};
 
 const USERS: u64 = 100_000;
 const ITEMS: u64 = 10_000;
@@ -91,6 +94,66 @@ fn profile_apply(c: &mut Criterion) {
     });
 }
 
+/// Events (one per user) loaded into Redis before timing, fewer than the embedded
+/// store's 300k: each costs a share of a script call while loading.
+const REDIS_EVENTS: u64 = 30_000;
+
+fn redis_profile_apply(c: &mut Criterion) {
+    let Some(server) = RedisServer::start() else {
+        eprintln!("SKIPPED redis_profile_apply: redis-server is not installed");
+        return;
+    };
+    let rt = runtime();
+    let store = rt
+        .block_on(RedisStore::connect(
+            RedisConfig::new(server.url(), "bench"),
+            ProfilePolicy::default(),
+        ))
+        .unwrap_or_else(fail("connecting to redis"));
+    let now = now_ms();
+    let events: Vec<Event> = (0..REDIS_EVENTS).map(|n| event(n, "redis", now)).collect();
+    // Every timed update has a new log position: Redis skips one it has applied already.
+    let next_seq = AtomicU64::new(1);
+    let updates = |from: usize, len: usize| -> Vec<ProfileUpdate<'_>> {
+        (from..from + len)
+            .map(|i| ProfileUpdate {
+                seq: next_seq.fetch_add(1, Ordering::Relaxed),
+                event: &events[i % events.len()],
+                weight: 1.0,
+                now_ms: now,
+            })
+            .collect()
+    };
+    for from in (0..events.len()).step_by(BATCH as usize) {
+        rt.block_on(store.apply(&updates(from, BATCH as usize)))
+            .unwrap_or_else(fail("loading profiles into redis"));
+    }
+    let mut group = c.benchmark_group("redis_profile_store_apply");
+    let mut n = 0usize;
+    group.bench_function("1_event", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                updates(n, 1)
+            },
+            |batch| rt.block_on(store.apply(black_box(&batch))),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("500_events", |b| {
+        b.iter_batched(
+            || {
+                n += BATCH as usize;
+                updates(n, BATCH as usize)
+            },
+            |batch| rt.block_on(store.apply(black_box(&batch))),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+    drop(server);
+}
+
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("event_sink_append_500");
@@ -129,6 +192,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = profile_apply, append
+    targets = profile_apply, redis_profile_apply, append
 }
 criterion_main!(benches);
