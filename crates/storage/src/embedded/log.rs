@@ -20,7 +20,9 @@ use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq};
 use tracing::debug;
 
-use super::{EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode, fault};
+use super::{
+    DEDUPE_KEYSPACE, EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode, fault,
+};
 
 /// The append side's state.
 pub(super) struct LogState {
@@ -154,7 +156,7 @@ impl DedupeExpiry {
     /// The database's filter assigner: this filter for `dedupe`, none for the rest.
     pub(super) fn assigner(window_ms: i64) -> FilterAssigner {
         let factory: Arc<dyn Factory> = Arc::new(Self { window_ms });
-        Arc::new(move |keyspace: &str| (keyspace == "dedupe").then(|| factory.clone()))
+        Arc::new(move |keyspace: &str| (keyspace == DEDUPE_KEYSPACE).then(|| factory.clone()))
     }
 }
 

@@ -37,6 +37,9 @@ pub use self::config::{Durability, EmbeddedConfig};
 use self::log::LogState;
 use self::profiles::ProfileState;
 
+/// Name of the keyspace of dedupe keys, which the expiry filter is assigned to by name.
+const DEDUPE_KEYSPACE: &str = "dedupe";
+
 /// Key in `meta` of the log position the `profiles` keyspace is consistent with.
 const PROFILES_SEQ_KEY: &[u8] = b"profiles_seq";
 
@@ -95,7 +98,7 @@ impl EmbeddedStore {
                 .map_err(|e| Error::storage(format!("opening keyspace {name}"), e))
         };
         let events = keyspace("events")?;
-        let dedupe = keyspace("dedupe")?;
+        let dedupe = keyspace(DEDUPE_KEYSPACE)?;
         let profiles = keyspace("profiles")?;
         let meta = keyspace("meta")?;
         let items = keyspace("items")?;
