@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, UserId};
-use reflex_models::{AnnConfig, AnnRetriever, ExactRetriever, MfConfig, OnlineMf};
+use reflex_models::{
+    AnnConfig, AnnRetriever, ExactRetriever, MfConfig, NegativeSampling, OnlineMf,
+};
 
 fn user(n: usize) -> UserId {
     UserId::parse(&format!("user-{n:07}"), "user_id")
@@ -23,7 +25,12 @@ fn user(n: usize) -> UserId {
 
 /// A model that has seen every one of `items` items, through 1000 users.
 fn trained(items: usize) -> Arc<OnlineMf> {
-    let model = OnlineMf::new(MfConfig::default());
+    trained_with(items, MfConfig::default())
+}
+
+/// [`trained`] with `config`.
+fn trained_with(items: usize, config: MfConfig) -> Arc<OnlineMf> {
+    let model = OnlineMf::new(config);
     let users: Vec<UserId> = (0..1000).map(user).collect();
     for i in 0..items {
         model.observe(&Observation {
@@ -48,22 +55,32 @@ fn history(len: usize, items: usize) -> Vec<HistoryEntry> {
         .collect()
 }
 
+/// One event learnt, with the default Gram negatives and with 16 uniform samples.
 fn observe(c: &mut Criterion) {
     let items = 10_000;
-    let model = trained(items);
     let users: Vec<UserId> = (0..10_000).map(user).collect();
-    let mut n = 0usize;
-    c.bench_function("mf_observe_10k_items", |b| {
-        b.iter(|| {
-            n += 1;
-            model.observe(black_box(&Observation {
-                user: &users[n % users.len()],
-                item: ((n * 104_729) % items) as ItemIdx,
-                weight: 2.0,
-                timestamp_ms: n as i64,
-            }))
-        })
-    });
+    let uniform = MfConfig {
+        negative_sampling: NegativeSampling::Uniform,
+        ..MfConfig::default()
+    };
+    for (name, config) in [
+        ("mf_observe_10k_items", MfConfig::default()),
+        ("mf_observe_10k_items_uniform16", uniform),
+    ] {
+        let model = trained_with(items, config);
+        let mut n = 0usize;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                model.observe(black_box(&Observation {
+                    user: &users[n % users.len()],
+                    item: ((n * 104_729) % items) as ItemIdx,
+                    weight: 2.0,
+                    timestamp_ms: n as i64,
+                }))
+            })
+        });
+    }
 }
 
 fn fold_in(c: &mut Criterion) {

@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use reflex_core::{EventKind, EventSink, ItemId, KindWeights, LogRecord, ModelVersion, UserId};
-use reflex_models::eval::WARM_START_LEARNING_RATE;
 use reflex_models::{AlsConfig, TrainingSet};
 use serde::Serialize;
 
@@ -36,8 +35,8 @@ use crate::import_cmd::{self, Format};
     newest version wins; the log after it is replayed). A server already running on a \
     shared store (Redis, ScyllaDB) keeps its model until told: call \
     `grpcurl -d '{\"version\": N}' ADDR reflex.v1.ModelService/Rollback` with the version \
-    printed here. Online learning after an ALS baseline works best with a smaller step: \
-    model.learning_rate = 0.02 (see `reflex eval`)."
+    printed here. Online learning continues from it at model.warm_start_learning_rate \
+    (0.02), a smaller step than from scratch (see `reflex eval`)."
 )]
 pub struct TrainArgs {
     /// Train from this file (formats of `reflex import`) instead of the store's event log.
@@ -249,13 +248,6 @@ pub async fn run(
             "servers started from now on load it; a running server on a shared store takes \
              it with ModelService.Rollback {{\"version\": {}}}",
             report.version.id
-        );
-    }
-    if config.model.learning_rate > 2.0 * WARM_START_LEARNING_RATE {
-        eprintln!(
-            "note: model.learning_rate is {}; online learning after an ALS baseline keeps \
-             more of it at {WARM_START_LEARNING_RATE} (REFLEX_MODEL__LEARNING_RATE={WARM_START_LEARNING_RATE})",
-            config.model.learning_rate
         );
     }
     Ok(())
