@@ -184,9 +184,9 @@ impl ItemFactors {
             let base = slot.words.as_ptr().cast::<i8>();
             for off in (0..bytes).step_by(64) {
                 // SAFETY: a prefetch is a hint that never faults nor reads into Rust values,
-                // and the address lies inside `slot`. (The one `unsafe` of the crate: the
-                // intrinsic is marked unsafe only for its `target_feature`, SSE, which every
-                // x86_64 CPU has.)
+                // and the address lies inside `slot`. (The intrinsic is marked unsafe only for
+                // its `target_feature`, SSE, which every x86_64 CPU has. The crate's other
+                // `unsafe` is `linalg`'s CPU dispatch.)
                 #[allow(unsafe_code)]
                 unsafe {
                     _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off));

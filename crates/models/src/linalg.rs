@@ -3,9 +3,9 @@
 //! positive-definite system. Written out by hand so no linear algebra crate is pulled in
 //! for k×k problems with k ≤ a few hundred.
 //!
-//! The `f32` kernels on the learning and fold-in paths are compiled twice: for the
-//! baseline target, and for AVX2 with fused multiply-add, picked at run time when the CPU
-//! has them (`std` caches the CPU check). A release build targets baseline x86-64 (SSE2,
+//! The Gram kernels ([`add_outer_lower`], [`sub_sym_product`]), on the learning and
+//! fold-in paths, are compiled twice: for the baseline target, and for AVX2 with fused
+//! multiply-add, picked at run time when the CPU has them (`std` caches the CPU check). A release build targets baseline x86-64 (SSE2,
 //! 4 lanes, no FMA), where the Gram kernels ran at about a third of the AVX2 speed. The
 //! two builds may differ in the last bits of a result (FMA rounds once), never more.
 
