@@ -425,10 +425,17 @@ impl OnlineMf {
         negatives: &mut Vec<ItemIdx>,
     ) {
         let c = obs.weight.abs().min(self.config.max_confidence);
-        let sampled = self.config.negative_sampling != NegativeSampling::Gram;
+        // Sampled negatives: all of them, or with Gram negatives the `gram_samples` drawn
+        // beside the Gram term (which then carries the rest of the weight).
+        let gram = self.config.negative_sampling == NegativeSampling::Gram;
+        let samples = if gram {
+            self.config.gram_samples.min(self.config.negatives)
+        } else {
+            self.config.negatives
+        };
         negatives.clear();
-        if obs.weight > 0.0 && sampled {
-            for _ in 0..self.config.negatives {
+        if obs.weight > 0.0 {
+            for _ in 0..samples {
                 if let Some(j) = self.sample_negative(rng)
                     && j != obs.item
                 {
@@ -459,10 +466,11 @@ impl OnlineMf {
             for &j in negatives.iter() {
                 curvature += self.step(j, p_old, 0.0, neg_c, cap, grad, q, neg_steps);
             }
-            if !sampled {
+            if gram && samples < self.config.negatives {
                 let gram = self.gram.load();
                 if gram.items > 0 {
-                    let w = neg_c.min(cap) * self.config.negatives as f32 / gram.items as f32;
+                    let w = neg_c.min(cap) * (self.config.negatives - samples) as f32
+                        / gram.items as f32;
                     gram.sub_product(w, p_old, grad);
                     curvature += w * gram.trace;
                 }
@@ -819,6 +827,33 @@ mod tests {
             );
         }
         assert_ne!(m.item_vector(0).unwrap(), q[0], "the positive item steps");
+    }
+
+    /// `gram_samples` draws its negatives as uniform sampling does, and the Gram term
+    /// carries only the rest: with every negative sampled, Gram mode learns exactly what
+    /// uniform sampling learns.
+    #[test]
+    fn gram_samples_draw_like_uniform_sampling() {
+        let uniform = OnlineMf::new(MfConfig {
+            negative_sampling: NegativeSampling::Uniform,
+            ..small(8, 4)
+        });
+        let all_sampled = OnlineMf::new(MfConfig {
+            negative_sampling: NegativeSampling::Gram,
+            gram_samples: 4,
+            ..small(8, 4)
+        });
+        let gram_only = OnlineMf::new(small(8, 4));
+        let users: Vec<UserId> = (0..5).map(|u| user(&format!("u{u}"))).collect();
+        for n in 0..500u32 {
+            for m in [&uniform, &all_sampled, &gram_only] {
+                observe(m, &users[n as usize % 5], (n * 7) % 40, 1.0, i64::from(n));
+            }
+        }
+        for u in &users {
+            assert_eq!(uniform.learner_vector(u), all_sampled.learner_vector(u));
+            assert_ne!(uniform.learner_vector(u), gram_only.learner_vector(u));
+        }
     }
 
     /// A young model's Gram matrix keeps up with a growing catalog: a new pass starts as
