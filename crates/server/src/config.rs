@@ -304,6 +304,9 @@ pub enum ConfigError {
     /// The configuration file given does not exist.
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
+    /// A `model.*` setting is out of range (named by [`MfConfig::validate`]).
+    #[error("invalid configuration: model.{0}")]
+    Model(String),
 }
 
 impl Config {
@@ -331,9 +334,13 @@ impl Config {
         if let Some(dir) = &flags.data_dir {
             figment = figment.merge(Serialized::default("store.embedded.data_dir", dir));
         }
-        figment
+        let config: Self = figment
             .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        // Checked here rather than left to the model, which would quietly replace an
+        // out-of-range value by its default.
+        config.model.validate().map_err(ConfigError::Model)?;
+        Ok(config)
     }
 
     /// The effective configuration as TOML with every secret masked, for `reflex config`.
@@ -358,6 +365,30 @@ mod tests {
             let config =
                 Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(config, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_model_settings_are_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("REFLEX_MODEL__NEGATIVE_ITEM_STEPS", "true");
+            let err = Config::load(None, &FlagOverrides::default())
+                .err()
+                .ok_or("negative item steps with Gram negatives were accepted")?
+                .to_string();
+            assert!(err.contains("model.negative_item_steps"), "{err}");
+            jail.set_env("REFLEX_MODEL__NEGATIVE_SAMPLING", "uniform");
+            jail.set_env("REFLEX_MODEL__FACTORS", "0");
+            let err = Config::load(None, &FlagOverrides::default())
+                .err()
+                .ok_or("0 factors were accepted")?
+                .to_string();
+            assert!(err.contains("model.factors"), "{err}");
+            jail.set_env("REFLEX_MODEL__FACTORS", "32");
+            let config =
+                Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            assert!(config.model.negative_item_steps);
             Ok(())
         });
     }
