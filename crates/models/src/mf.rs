@@ -48,6 +48,13 @@ pub const VERSION: &str = "online-mf";
 /// Unit weights for summing a block of item vectors into a Gram matrix.
 const ONES: [f32; OUTER_BLOCK] = [1.0; OUTER_BLOCK];
 
+/// Adds the first `pending` vectors of `q` (`k` values each, at most [`OUTER_BLOCK`]) to
+/// the Gram sum `acc` in one block (cheaper per vector than one by one), and empties it.
+fn add_pending(acc: &mut [f32], k: usize, q: &[f32], pending: &mut usize) {
+    add_outer_lower(acc, k, &q[..*pending * k], &ONES[..*pending]);
+    *pending = 0;
+}
+
 /// Gram matrix of the item factors at some point.
 struct Gram {
     /// `k × k`, row-major, symmetric (both triangles filled).
@@ -280,10 +287,8 @@ impl OnlineMf {
                 b.pending += 1;
             }
             b.next += 1;
-            // Vectors are added a block at a time (cheaper per vector than one by one).
-            if b.pending == OUTER_BLOCK || (b.next == b.target && b.pending > 0) {
-                add_outer_lower(&mut b.acc, k, &b.q[..b.pending * k], &ONES[..b.pending]);
-                b.pending = 0;
+            if b.pending == OUTER_BLOCK || b.next == b.target {
+                add_pending(&mut b.acc, k, &b.q, &mut b.pending);
             }
             return;
         }
@@ -312,11 +317,10 @@ impl OnlineMf {
             pending += 1;
             items += 1;
             if pending == OUTER_BLOCK {
-                add_outer_lower(&mut g, k, &q, &ONES);
-                pending = 0;
+                add_pending(&mut g, k, &q, &mut pending);
             }
         });
-        add_outer_lower(&mut g, k, &q[..pending * k], &ONES[..pending]);
+        add_pending(&mut g, k, &q, &mut pending);
         self.gram.store(Arc::new(Gram::from_lower(g, k, items)));
     }
 
@@ -427,8 +431,8 @@ impl OnlineMf {
         let c = obs.weight.abs().min(self.config.max_confidence);
         // Sampled negatives: all of them, or with Gram negatives the `gram_samples` drawn
         // beside the Gram term (which then carries the rest of the weight).
-        let gram = self.config.negative_sampling == NegativeSampling::Gram;
-        let samples = if gram {
+        let gram_mode = self.config.negative_sampling == NegativeSampling::Gram;
+        let samples = if gram_mode {
             self.config.gram_samples.min(self.config.negatives)
         } else {
             self.config.negatives
@@ -466,7 +470,7 @@ impl OnlineMf {
             for &j in negatives.iter() {
                 curvature += self.step(j, p_old, 0.0, neg_c, cap, grad, q, neg_steps);
             }
-            if gram && samples < self.config.negatives {
+            if gram_mode && samples < self.config.negatives {
                 let gram = self.gram.load();
                 if gram.items > 0 {
                     let w = neg_c.min(cap) * (self.config.negatives - samples) as f32

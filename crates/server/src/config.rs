@@ -371,20 +371,21 @@ mod tests {
 
     #[test]
     fn out_of_range_model_settings_are_refused_by_name() {
+        // The load's error, which must name `setting`.
+        fn refused(setting: &str) -> Result<(), String> {
+            let err = Config::load(None, &FlagOverrides::default())
+                .err()
+                .ok_or(format!("a bad {setting} was accepted"))?
+                .to_string();
+            assert!(err.contains(setting), "{err}");
+            Ok(())
+        }
         figment::Jail::expect_with(|jail| {
             jail.set_env("REFLEX_MODEL__NEGATIVE_ITEM_STEPS", "true");
-            let err = Config::load(None, &FlagOverrides::default())
-                .err()
-                .ok_or("negative item steps with Gram negatives were accepted")?
-                .to_string();
-            assert!(err.contains("model.negative_item_steps"), "{err}");
+            refused("model.negative_item_steps")?;
             jail.set_env("REFLEX_MODEL__NEGATIVE_SAMPLING", "uniform");
             jail.set_env("REFLEX_MODEL__FACTORS", "0");
-            let err = Config::load(None, &FlagOverrides::default())
-                .err()
-                .ok_or("0 factors were accepted")?
-                .to_string();
-            assert!(err.contains("model.factors"), "{err}");
+            refused("model.factors")?;
             jail.set_env("REFLEX_MODEL__FACTORS", "32");
             let config =
                 Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
