@@ -255,7 +255,18 @@ async fn the_learner_hands_over_when_it_dies_and_rollbacks_reach_every_replica()
         }
     })
     .await;
-    let v1 = snapshot(&b_channel, "known good").await;
+    // B follows the log on its own clock: MF serving can start before B has learnt the
+    // last training records. The known-good version must hold all of them, or B keeps
+    // learning after it and `good` (read off B's live model) no longer stands for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let v1 = loop {
+        let v = snapshot(&b_channel, "known good").await;
+        if v.log_seq == appended || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v1.log_seq, appended, "B's snapshot misses training records");
     assert_eq!(v1.taken_by, "replica-b");
     let good = similar(&b_channel, "books-1", 6).await;
     let mut stream = EventStream::open(a_channel.clone()).await;
