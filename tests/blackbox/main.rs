@@ -16,3 +16,4 @@ mod operations;
 mod recommend;
 mod replicas;
 mod restart;
+mod transport;

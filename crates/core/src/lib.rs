@@ -35,7 +35,8 @@ pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks
 pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
-    Appended, CatalogStore, ContentModel, EventSink, HistoryEntry, LogRecord, Observation,
-    OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored, Seq,
+    Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, LogRecord,
+    Observation, OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored, Seq,
+    SinkHealth,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};

@@ -71,6 +71,43 @@ pub trait EventSink: Send + Sync + 'static {
     async fn maintain(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Retention: drops the records at positions up to `through`, which the caller
+    /// guarantees no recovery needs any more (a profile checkpoint and the newest model
+    /// version cover them). Returns how many were dropped. The dedupe window is not
+    /// affected: an id seen within it stays a duplicate. Backends whose log other
+    /// replicas follow keep everything (the default).
+    async fn trim(&self, through: Seq) -> Result<u64> {
+        let _ = through;
+        Ok(0)
+    }
+
+    /// Whether the sink can record events now, and its local disk if it has one; read
+    /// by readiness and the disk metrics, about once a second.
+    async fn health(&self) -> SinkHealth {
+        SinkHealth::default()
+    }
+}
+
+/// What an [`EventSink`] reports of its readiness to record events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkHealth {
+    /// Why appends are refused now (a full disk, a store that stopped writing); `None`
+    /// when they are taken.
+    pub unwritable: Option<String>,
+    /// The local disk the sink writes to, for a backend that has one.
+    pub disk: Option<DiskSpace>,
+}
+
+/// Free space of the filesystem a backend writes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes available to the process.
+    pub free_bytes: u64,
+    /// Size of the filesystem.
+    pub total_bytes: u64,
+    /// Free space below which ingest is refused.
+    pub floor_bytes: u64,
 }
 
 /// One event to apply to a profile.

@@ -9,7 +9,7 @@ use reflex_core::Engine;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::convert;
@@ -101,6 +101,37 @@ async fn ingest(
     Ok(ack)
 }
 
+/// What an event stream answers when reading its next batch failed: `None` when the
+/// client cancelled (it reads nothing more), otherwise the status that ends the stream.
+/// An undecodable message is the client's fault (`INVALID_ARGUMENT`, naming the last
+/// batch that was read); other transport failures keep their code.
+fn inbound_failure(status: Status, last_seq: Option<u64>) -> Option<Status> {
+    let after = match last_seq {
+        Some(seq) => format!("after batch {seq}"),
+        None => "before any batch".to_owned(),
+    };
+    match status.code() {
+        Code::Cancelled => {
+            debug!(%status, "event stream cancelled by the client");
+            None
+        }
+        Code::Internal if status.message().contains("decode") => {
+            warn!(%status, after, "undecodable message on an event stream, ending it");
+            Some(Status::invalid_argument(format!(
+                "undecodable message on the event stream {after}: {}; later batches were not applied",
+                status.message()
+            )))
+        }
+        _ => {
+            warn!(%status, after, "event stream failed, ending it");
+            Some(Status::new(
+                status.code(),
+                format!("event stream failed {after}: {}", status.message()),
+            ))
+        }
+    }
+}
+
 type AckStream = Pin<Box<dyn Stream<Item = Result<proto::IngestResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -119,6 +150,7 @@ impl EventService for Reflex {
         tokio::spawn(async move {
             // Batches of one stream are applied one after another, so acks come back in
             // order; different streams run concurrently.
+            let mut last_seq: Option<u64> = None;
             loop {
                 if *draining.borrow() {
                     debug!("server draining, ending the event stream");
@@ -144,11 +176,18 @@ impl EventService for Reflex {
                         break;
                     }
                     Err(status) => {
-                        debug!(%status, "event stream ended by the client");
+                        // A client that cancels or resets the stream is gone and reads
+                        // nothing; anything else (an undecodable frame, a protocol error)
+                        // ends the stream with an error status, never OK, so the client
+                        // can tell that its later batches were not applied.
+                        if let Some(status) = inbound_failure(status, last_seq) {
+                            let _ = tx.send(Err(status)).await;
+                        }
                         break;
                     }
                 };
                 let seq = batch.sequence;
+                last_seq = Some(seq);
                 let result = ingest(&engine, &metrics, batch).await;
                 let failed = result.is_err();
                 if let Err(status) = &result {

@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 /// Seven days, the dedupe window the ingest contract promises by default.
 const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
 
+/// One day: how long the event log keeps a record by default once recovery no longer
+/// needs it (for `reflex train` and for looking back at what came in).
+const DEFAULT_LOG_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+/// 128 MiB: room for checkpoints, compaction and snapshots after ingest stops.
+const DEFAULT_MIN_FREE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Settings of the embedded store.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -19,6 +26,15 @@ pub struct EmbeddedConfig {
     pub durability: Durability,
     /// How long an event id stays a duplicate after it was first recorded, in ms.
     pub dedupe_window_ms: i64,
+    /// How long the event log keeps a record after it was recorded, in ms, once a
+    /// profile checkpoint and the newest model version cover it (a record recovery still
+    /// needs is kept however old). Bounds the log's disk use to about this long a stretch
+    /// of traffic; `reflex train` fits on what the log still holds.
+    pub log_retention_ms: i64,
+    /// Free space the data directory's filesystem must keep, in bytes: below it ingest is
+    /// refused with `UNAVAILABLE` (and readiness turns NOT_SERVING) while checkpoints,
+    /// compaction and snapshots can still write; ingest resumes once space returns.
+    pub min_free_bytes: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -27,6 +43,8 @@ impl Default for EmbeddedConfig {
             data_dir: PathBuf::from("./reflex-data"),
             durability: Durability::default(),
             dedupe_window_ms: DEFAULT_DEDUPE_WINDOW_MS,
+            log_retention_ms: DEFAULT_LOG_RETENTION_MS,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -46,6 +64,12 @@ impl EmbeddedConfig {
             return Err(Error::invalid(
                 "dedupe_window_ms",
                 format!("is {}, must not be negative", self.dedupe_window_ms),
+            ));
+        }
+        if self.log_retention_ms < 0 {
+            return Err(Error::invalid(
+                "log_retention_ms",
+                format!("is {}, must not be negative", self.log_retention_ms),
             ));
         }
         if self.data_dir.as_os_str().is_empty() {

@@ -6,7 +6,7 @@
 //! database, which then refuses writes until the process restarts; if the failed batch
 //! did reach the journal, it is recovered then, and a client retrying it gets `duplicate`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +17,7 @@ use fjall::compaction::filter::{
 use fjall::{Keyspace, OwnedWriteBatch};
 use parking_lot::Mutex;
 use reflex_core::types::{IdHashState, TimestampMs, now_ms};
-use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq};
+use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq, SinkHealth};
 use tracing::debug;
 
 use super::{
@@ -31,6 +31,11 @@ pub(super) struct LogState {
     writer: Mutex<Seq>,
     /// Position of the last committed record, readable without the writer lock.
     last_seq: AtomicU64,
+    /// The log's end as seen at each trim (time, position), oldest first: tells which
+    /// positions are older than the retention without reading the records. Empty after a
+    /// restart, so nothing recorded before it is trimmed until the retention has passed
+    /// again.
+    marks: Mutex<VecDeque<(TimestampMs, Seq)>>,
 }
 
 impl LogState {
@@ -38,7 +43,33 @@ impl LogState {
         Self {
             writer: Mutex::new(last_seq),
             last_seq: AtomicU64::new(last_seq),
+            marks: Mutex::new(VecDeque::new()),
         }
+    }
+}
+
+impl LogState {
+    /// Notes the log's end at `now`, and returns the last position recorded at least
+    /// `retention_ms` before `now` (0 when none is known to be).
+    fn expired_through(&self, now: TimestampMs, last: Seq, retention_ms: i64) -> Seq {
+        let mut marks = self.marks.lock();
+        if marks.back().is_none_or(|&(_, seq)| seq < last) {
+            marks.push_back((now, last));
+        }
+        let cutoff = now.saturating_sub(retention_ms);
+        let mut expired = 0;
+        while let Some(&(at, seq)) = marks.front() {
+            if at > cutoff {
+                break;
+            }
+            expired = seq;
+            marks.pop_front();
+        }
+        if expired > 0 {
+            // Keep the newest expired mark: it still bounds the next trim.
+            marks.push_front((cutoff, expired));
+        }
+        expired
     }
 }
 
@@ -57,6 +88,7 @@ impl Shared {
     fn append_blocking(&self, records: EncodedRecords) -> Result<Vec<Appended>, StoreError> {
         let EncodedRecords { bytes, ends, ids } = &records;
         let now = now_ms();
+        self.disk.admit(now)?;
         let now_bytes = now.to_be_bytes();
         let mut outcomes = Vec::with_capacity(ends.len());
         let mut in_call: HashSet<&str, IdHashState> =
@@ -82,7 +114,9 @@ impl Shared {
             outcomes.push(Appended::At(seq));
         }
         if seq != *writer {
-            batch.commit()?;
+            batch
+                .commit()
+                .inspect_err(|_| self.disk.note_failed_commit())?;
             *writer = seq;
             self.log.last_seq.store(seq, Ordering::Release);
         }
@@ -100,6 +134,35 @@ impl Shared {
         }
     }
 
+    /// Drops the log records up to `through`, except the last record of the log (in one
+    /// write batch per call, at most [`TRIM_BATCH`] of them, oldest first), and returns
+    /// how many. It never takes the
+    /// writer lock: appends only add positions above every trimmed one.
+    fn trim_blocking(&self, through: Seq) -> Result<u64, StoreError> {
+        // The last record always stays: start-up finds the log's end from it, and a log
+        // emptied entirely would number its next records from 1 again.
+        let last = self.log.last_seq.load(Ordering::Acquire);
+        let expired = self
+            .log
+            .expired_through(now_ms(), last, self.log_retention_ms);
+        let through = through.min(expired).min(last.saturating_sub(1));
+        if through == 0 {
+            return Ok(0);
+        }
+        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), TRIM_BATCH)
+            .durability(Some(self.persist));
+        let mut dropped = 0u64;
+        for guard in self.events.range(..=through.to_be_bytes()).take(TRIM_BATCH) {
+            let key = guard.key()?;
+            batch.remove(&self.events, key);
+            dropped += 1;
+        }
+        if dropped > 0 {
+            batch.commit()?;
+        }
+        Ok(dropped)
+    }
+
     fn read_blocking(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>, StoreError> {
         let Some(first) = after.checked_add(1) else {
             return Ok(Vec::new());
@@ -113,6 +176,10 @@ impl Shared {
         Ok(out)
     }
 }
+
+/// Most log records one trim drops, so one maintenance tick stays short however far
+/// behind retention is (the next tick continues).
+const TRIM_BATCH: usize = 100_000;
 
 /// An append's records encoded (on the caller's thread, before the blocking pool and
 /// its writer lock): one buffer for the call, `ends[i]` marks where record `i` stops,
@@ -213,6 +280,27 @@ impl EventSink for EmbeddedStore {
 
     async fn last_seq(&self) -> Result<Seq> {
         Ok(self.shared.log.last_seq.load(Ordering::Acquire))
+    }
+
+    async fn health(&self) -> SinkHealth {
+        let shared = Arc::clone(&self.shared);
+        let disk = tokio::task::spawn_blocking(move || {
+            let disk = shared.disk.refresh(now_ms());
+            (shared.disk.unwritable(), disk)
+        })
+        .await;
+        match disk {
+            Ok((unwritable, disk)) => SinkHealth { unwritable, disk },
+            Err(err) => SinkHealth {
+                unwritable: Some(format!("reading the disk's free space failed: {err}")),
+                disk: None,
+            },
+        }
+    }
+
+    async fn trim(&self, through: Seq) -> Result<u64> {
+        self.blocking("trimming the event log", move |s| s.trim_blocking(through))
+            .await
     }
 
     /// Evicts expired profiles from memory (a scan of every profile), on the blocking

@@ -151,14 +151,16 @@ async fn positions_and_dedupe_survive_reopen() {
 #[tokio::test]
 async fn compaction_drops_only_expired_dedupe_keys() {
     let dir = tempfile::tempdir().unwrap();
+    // The window is long enough for the compaction below to run inside it on a busy
+    // machine (60 ms was not: "new" itself expired before the check).
     let config = EmbeddedConfig {
-        dedupe_window_ms: 60,
+        dedupe_window_ms: 2_000,
         ..config(dir.path())
     };
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
     let old: Vec<LogRecord> = (0..10).map(|i| view(&format!("old-{i}"), "u")).collect();
     store.append(&old).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
     store.append(&[view("new", "u")]).await.unwrap();
     let dedupe = &store.shared.dedupe;
     assert_eq!(dedupe.len().unwrap(), 11);
@@ -555,5 +557,47 @@ async fn the_engine_recovers_the_same_profiles_after_reopen() {
     assert!(
         again.iter().all(|o| *o == EventOutcome::Duplicate),
         "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn trim_drops_covered_records_past_the_retention_but_never_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        log_retention_ms: 50,
+        ..config(dir.path())
+    };
+    let store = EmbeddedStore::open(config.clone(), ProfilePolicy::default()).unwrap();
+    let first: Vec<LogRecord> = (0..10).map(|i| view(&format!("t-{i}"), "u")).collect();
+    store.append(&first).await.unwrap();
+    // The first trim only notes where the log ends: nothing is older than the retention.
+    assert_eq!(store.trim(10).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    store.append(&[view("t-10", "u")]).await.unwrap();
+    // Covered through 5: records 1 to 5 go, whatever the retention would allow.
+    assert_eq!(store.trim(5).await.unwrap(), 5);
+    let seqs = |read: Vec<(u64, LogRecord)>| read.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(store.read(0, 100).await.unwrap()),
+        [6, 7, 8, 9, 10, 11]
+    );
+    // Covered through everything: only what is older than the retention goes (1 to 10).
+    assert_eq!(store.trim(11).await.unwrap(), 5);
+    assert_eq!(seqs(store.read(0, 100).await.unwrap()), [11]);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    store.trim(11).await.unwrap();
+    // The last record stays, so a reopened log goes on numbering after it.
+    assert_eq!(seqs(store.read(0, 100).await.unwrap()), [11]);
+    // A trimmed id is still a duplicate: trimming leaves the dedupe window alone.
+    assert_eq!(
+        store.append(&[view("t-3", "u")]).await.unwrap(),
+        [Appended::Duplicate]
+    );
+    drop(store);
+    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
+    assert_eq!(store.last_seq().await.unwrap(), 11);
+    assert_eq!(
+        store.append(&[view("t-11", "u")]).await.unwrap(),
+        [Appended::At(12)]
     );
 }
