@@ -106,6 +106,7 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 /// failures into `metrics`) and the engine over them, and replays the event log so the
 /// engine is ready to serve.
 pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
+    config.validate()?;
     let items = Arc::new(ItemIndex::new());
     let model = OnlineMf::new(config.model.clone());
     // Built empty before the replay; its background thread indexes items as they come.
@@ -133,10 +134,6 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
     let mut engine =
         Engine::new(backends, config.engine.clone()).with_quality(config.quality.clone());
     if config.content.enabled() {
-        config
-            .content
-            .validate()
-            .map_err(|e| anyhow::anyhow!("invalid content configuration: {e}"))?;
         let content = ContentEmbeddings::new(config.content.clone(), config.retrieval.clone())
             .context("building the content index")?;
         engine = engine.with_content(Arc::new(content), config.content.blend_weight);
@@ -257,6 +254,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut on_progress: impl FnMut(Progress, SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
+    // A configuration built in code has not been through `Config::load`.
+    config.validate()?;
     let keys = if config.auth.enabled {
         let keys = config.auth.load_keys()?;
         anyhow::ensure!(
@@ -332,7 +331,7 @@ pub async fn serve(
             metrics.clone(),
             endpoint,
             config.telemetry.service_name.clone(),
-            Duration::from_millis(config.telemetry.otlp_metrics_interval_ms.max(100)),
+            Duration::from_millis(config.telemetry.otlp_metrics_interval_ms),
         ))
     });
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -391,8 +390,8 @@ pub async fn serve(
             max: Duration::from_millis(config.limits.max_call_ms),
         })
         .layer(AdmissionLayer::new(
-            config.limits.max_concurrent_calls.max(1),
-            config.limits.max_streams.max(1),
+            config.limits.max_concurrent_calls,
+            config.limits.max_streams,
             config.limits.retry_pushback_ms,
             metrics.clone(),
         ))
@@ -459,7 +458,7 @@ pub async fn serve(
     let maintenance = {
         let engine = engine.clone();
         let metrics = metrics.clone();
-        let every = Duration::from_millis(config.maintenance_interval_ms.max(10));
+        let every = Duration::from_millis(config.maintenance_interval_ms);
         let rebuild_every = Duration::from_millis(config.retrieval.rebuild_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -677,7 +676,7 @@ async fn run_learner(
     shared: bool,
     replica: Arc<str>,
 ) {
-    let renew_every = Duration::from_millis((versions.lease_ttl_ms / 3).max(10));
+    let renew_every = Duration::from_millis(versions.lease_ttl_ms / 3);
     let snapshot_every = Duration::from_millis(versions.snapshot_interval_ms);
     let mut tick = tokio::time::interval(renew_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

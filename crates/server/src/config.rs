@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::MetricsConfig;
 use crate::middleware::AuthConfig;
+pub use crate::telemetry::{LogConfig, LogFormat, TelemetryConfig};
 
 /// Everything `reflex serve` can be told.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -39,7 +40,7 @@ pub struct Config {
     /// TLS for the gRPC server.
     pub tls: TlsConfig,
     /// OpenTelemetry trace export.
-    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub telemetry: TelemetryConfig,
     /// Logging.
     pub log: LogConfig,
     /// Ingest and recommend behaviour.
@@ -72,7 +73,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
-            telemetry: crate::telemetry::TelemetryConfig::default(),
+            telemetry: TelemetryConfig::default(),
             log: LogConfig::default(),
             engine: EngineConfig::default(),
             profiles: ProfilePolicy::default(),
@@ -128,6 +129,12 @@ impl VersionsConfig {
             .unwrap_or_else(|| "reflex".into());
         format!("{host}-{}", std::process::id())
     }
+
+    /// Checks every field's range, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        at_least("keep", self.keep, 1)?;
+        at_least("lease_ttl_ms", self.lease_ttl_ms, MIN_LEASE_TTL_MS)
+    }
 }
 
 /// Concurrency limits and deadlines.
@@ -154,6 +161,14 @@ impl Default for LimitsConfig {
             max_call_ms: 10_000,
             retry_pushback_ms: 100,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks every field's range, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        at_least("max_concurrent_calls", self.max_concurrent_calls, 1)?;
+        at_least("max_streams", self.max_streams, 1)
     }
 }
 
@@ -190,35 +205,6 @@ impl TlsConfig {
         }
         Ok(tls)
     }
-}
-
-/// Log output.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// A `tracing` filter such as `info,reflex_core=debug`; `RUST_LOG` wins when set.
-    pub filter: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            filter: "info".into(),
-        }
-    }
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Which backend holds profiles, the event log and the catalog.
@@ -295,6 +281,73 @@ pub const NOT_SETTINGS: &[&str] = &["config", "data_dir", "bin", "helm_optional"
 /// fills them from Kubernetes Secrets).
 pub const SECRET_VARIABLES: &str = "secret_";
 
+/// The shortest `maintenance_interval_ms`: checkpoints more often would only cost.
+pub const MIN_MAINTENANCE_INTERVAL_MS: u64 = 10;
+
+/// The shortest `versions.lease_ttl_ms`: the lease is renewed every third of it, at most
+/// every 10 ms.
+pub const MIN_LEASE_TTL_MS: u64 = 30;
+
+/// Refuses `value` of the setting `name` below `min`.
+fn at_least<T: PartialOrd + std::fmt::Display>(name: &str, value: T, min: T) -> Result<(), String> {
+    if value < min {
+        return Err(format!("{name} must be at least {min}, got {value}"));
+    }
+    Ok(())
+}
+
+/// Checks the `engine` section, naming its first bad key.
+fn validate_engine(engine: &EngineConfig) -> Result<(), String> {
+    at_least("max_batch", engine.max_batch, 1)?;
+    at_least("max_count", engine.max_count, 1)?;
+    if engine.cache_entries > 0 && engine.cache_ttl_ms == 0 {
+        return Err(
+            "cache_ttl_ms must be at least 1 while the cache is on (cache_entries > 0)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Checks the `quality` section, naming its first bad key.
+fn validate_quality(quality: &QualityConfig) -> Result<(), String> {
+    for (name, share) in [
+        ("sample_ratio", quality.sample_ratio),
+        ("holdout_ratio", quality.holdout_ratio),
+        ("max_drop", quality.max_drop),
+    ] {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(format!("{name} must be 0 to 1, got {share}"));
+        }
+    }
+    if !(quality.half_life_events.is_finite() && quality.half_life_events > 0.0) {
+        return Err(format!(
+            "half_life_events must be finite and > 0, got {}",
+            quality.half_life_events
+        ));
+    }
+    at_least("min_events", quality.min_events, 1)?;
+    at_least("max_scored_per_sec", quality.max_scored_per_sec, 1)
+}
+
+// moves to reflex-storage with StoreConfig
+impl StoreConfig {
+    /// Checks the settings of the selected backend, naming keys in full
+    /// (`store.redis.prefix`).
+    pub fn validate(&self) -> Result<(), reflex_core::Error> {
+        match self.backend {
+            // The embedded backend names its keys within its own section.
+            Backend::Embedded => self.embedded.validate().map_err(|err| match err {
+                reflex_core::Error::InvalidArgument { field, reason } => {
+                    reflex_core::Error::invalid(format!("store.embedded.{field}"), reason)
+                }
+                other => other,
+            }),
+            Backend::Redis => self.redis.validate(),
+            Backend::Scylla => self.scylla.validate(),
+        }
+    }
+}
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -304,9 +357,10 @@ pub enum ConfigError {
     /// The configuration file given does not exist.
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
-    /// A `model.*` setting is out of range (named by [`MfConfig::validate`]).
-    #[error("invalid configuration: model.{0}")]
-    Model(String),
+    /// Settings out of range, every one found, each named by its section and key
+    /// (see [`Config::validate`]).
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Settings(Vec<String>),
 }
 
 impl Config {
@@ -337,10 +391,58 @@ impl Config {
         let config: Self = figment
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
-        // Checked here rather than left to the model, which would quietly replace an
-        // out-of-range value by its default.
-        config.model.validate().map_err(ConfigError::Model)?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks every section (each section's own check names its first bad key), so that
+    /// an out-of-range value is refused at load by name rather than quietly replaced or
+    /// clamped where it is used. Returns every section's problem at once, each as
+    /// `section.key …`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut section = |name: &str, checked: Result<(), String>| {
+            if let Err(problem) = checked {
+                problems.push(if name.is_empty() {
+                    problem
+                } else {
+                    format!("{name}.{problem}")
+                });
+            }
+        };
+        section("", self.validate_top_level());
+        section("limits", self.limits.validate());
+        section("telemetry", self.telemetry.validate());
+        section("engine", validate_engine(&self.engine));
+        section("model", self.model.validate());
+        section("retrieval", self.retrieval.validate());
+        section("content", self.content.validate());
+        section("versions", self.versions.validate());
+        section("quality", validate_quality(&self.quality));
+        if let Err(err) = self.store.validate() {
+            // The backends name their keys in full (`store.redis.prefix`).
+            problems.push(match err {
+                reflex_core::Error::InvalidArgument { field, reason } => {
+                    format!("{field} {reason}")
+                }
+                other => format!("store: {other}"),
+            });
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Settings(problems))
+        }
+    }
+
+    /// Checks the keys outside every section.
+    fn validate_top_level(&self) -> Result<(), String> {
+        at_least("max_message_bytes", self.max_message_bytes, 1)?;
+        at_least(
+            "maintenance_interval_ms",
+            self.maintenance_interval_ms,
+            MIN_MAINTENANCE_INTERVAL_MS,
+        )
     }
 
     /// The effective configuration as TOML with every secret masked, for `reflex config`.
@@ -392,6 +494,60 @@ mod tests {
             assert!(config.model.negative_item_steps);
             Ok(())
         });
+    }
+
+    #[test]
+    fn bad_values_in_two_sections_are_both_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("REFLEX_MODEL__FACTORS", "0");
+            jail.set_env("REFLEX_STORE__BACKEND", "redis");
+            jail.set_env("REFLEX_STORE__REDIS__PREFIX", "a{b}");
+            let err = Config::load(None, &FlagOverrides::default())
+                .err()
+                .ok_or("bad settings were accepted")?
+                .to_string();
+            assert!(err.starts_with("invalid configuration: "), "{err}");
+            assert!(err.contains("model.factors must be 1 to"), "{err}");
+            assert!(err.contains("; store.redis.prefix must be"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn values_once_clamped_where_used_are_refused() {
+        let mut config = Config::default();
+        config.validate().unwrap();
+        config.maintenance_interval_ms = 5;
+        config.limits.max_streams = 0;
+        config.telemetry.sample_ratio = 1.5;
+        config.engine.max_batch = 0;
+        config.versions.lease_ttl_ms = 20;
+        config.quality.max_drop = -0.1;
+        config.content.blend_weight = 2.0;
+        config.retrieval.connectivity = 1;
+        config.store.embedded.data_dir = PathBuf::new();
+        let Err(ConfigError::Settings(problems)) = config.validate() else {
+            panic!("bad settings were accepted");
+        };
+        let named: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "maintenance_interval_ms",
+                "limits.max_streams",
+                "telemetry.sample_ratio",
+                "engine.max_batch",
+                "retrieval.connectivity",
+                "content.blend_weight",
+                "versions.lease_ttl_ms",
+                "quality.max_drop",
+                "store.embedded.data_dir",
+            ],
+            "{problems:?}"
+        );
     }
 
     #[test]

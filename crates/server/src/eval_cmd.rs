@@ -12,6 +12,8 @@ use reflex_models::eval::{
 };
 use serde::Serialize;
 
+use crate::als_args::AlsArgs;
+
 /// Flags of `reflex eval`.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct EvalArgs {
@@ -20,21 +22,10 @@ pub struct EvalArgs {
     /// `ratings_numeric.tsv.gz`).
     #[arg(long)]
     pub data: PathBuf,
-    /// Latent factors of ALS (and of the online model continuing from it).
-    #[arg(long, default_value_t = 64)]
-    pub factors: usize,
-    /// ALS iterations.
-    #[arg(long, default_value_t = 15)]
-    pub iterations: usize,
-    /// ALS regularization.
-    #[arg(long, default_value_t = 0.05)]
-    pub regularization: f32,
-    /// ALS confidence scale.
-    #[arg(long, default_value_t = 2.0)]
-    pub alpha: f32,
-    /// Seed of the initial factors (default: the library's).
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// The ALS settings.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub als: AlsArgs,
     /// Weight interactions by rating / 3 instead of counting every one as 1.
     #[arg(long)]
     pub rating_weights: bool,
@@ -48,17 +39,7 @@ pub struct EvalArgs {
 
 /// Runs `reflex eval`: reads the file, evaluates, prints.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let defaults = AlsConfig::default();
-    let als = AlsConfig {
-        factors: args.factors,
-        iterations: args.iterations,
-        regularization: args.regularization,
-        alpha: args.alpha,
-        seed: args.seed.unwrap_or(defaults.seed),
-        ..defaults
-    };
-    als.validate()
-        .map_err(|e| anyhow::anyhow!("invalid ALS settings: {e}"))?;
+    let als = args.als.to_config(AlsConfig::default().factors)?;
     let data = read_ratings_file(&args.data).context("reading the ratings file")?;
     anyhow::ensure!(
         !data.ratings.is_empty(),

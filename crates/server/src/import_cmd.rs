@@ -77,9 +77,9 @@ pub struct ImportArgs {
     /// add_to_cart, remove_from_cart, purchase or custom:NAME.
     #[arg(long, default_value = "view")]
     pub kind: String,
-    /// Events per ingest batch (at most `engine.max_batch`).
-    #[arg(long, default_value_t = 1000)]
-    pub batch: usize,
+    /// Events per ingest batch: 1 to `engine.max_batch`, which is the default.
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Keep the bot filter's per-user rate limit (off by default: a replay is faster than
     /// life).
     #[arg(long)]
@@ -684,7 +684,12 @@ pub async fn import(
     if !args.keep_rate_limit {
         config.engine.bot_filter.max_events_per_user_per_sec = 0;
     }
-    let batch = args.batch.clamp(1, config.engine.max_batch.max(1));
+    let max_batch = config.engine.max_batch;
+    let batch = args.batch.unwrap_or(max_batch);
+    anyhow::ensure!(
+        (1..=max_batch).contains(&batch),
+        "--batch must be 1 to engine.max_batch = {max_batch}, got {batch}"
+    );
     let reflex_models::batch::LinesFile {
         reader,
         size,

@@ -6,11 +6,13 @@
 //! - [`convert`]: protobuf ↔ domain conversions and the error → status mapping
 //! - [`services`]: the service implementations
 //! - [`config`]: layered configuration
-//! - [`middleware`]: tower layers: deadlines, load shedding, API keys, call metrics
+//! - [`middleware`]: tower layers, one file each: call metrics, deadlines, load shedding,
+//!   API keys, the oversize-status rewrite; and the services that wait for start-up
 //! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
 //! - [`telemetry`]: logs and optional OTLP trace export
 //! - [`otlp_metrics`]: optional OTLP export of the Prometheus registry
 //! - [`instrumented`]: backend decorators recording latency and failures
+//! - [`als_args`]: the ALS flags shared by `reflex eval` and `reflex train`
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
 //! - [`bench`]: `reflex bench`, the load generator
@@ -18,6 +20,7 @@
 //! - [`import_cmd`]: `reflex import`, bulk loading of historical events through ingest
 //! - [`train_cmd`]: `reflex train`, implicit ALS from the event log as a model version
 
+pub mod als_args;
 pub mod app;
 pub mod bench;
 pub mod config;

@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
-            let _telemetry = reflex_server::telemetry::init(&config, false)?;
+            let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, false)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
             // The demo's server is private to it: no scrape endpoint to collide with a
             // real server's port.
             config.metrics.enabled = false;
-            let _telemetry = reflex_server::telemetry::init(&config, true)?;
+            let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, true)?;
             reflex_server::demo::run(config).await
         }
         Command::Bench(args) => {
@@ -106,12 +106,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Eval(args) => reflex_server::eval_cmd::run(*args),
         Command::Import(args) => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
-            let _telemetry = reflex_server::telemetry::init(&config, true)?;
+            let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, true)?;
             reflex_server::import_cmd::run(*args, cli.config.as_deref(), flags).await
         }
         Command::Train(args) => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
-            let _telemetry = reflex_server::telemetry::init(&config, true)?;
+            let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, true)?;
             reflex_server::train_cmd::run(*args, cli.config.as_deref(), flags).await
         }
         Command::Config => {

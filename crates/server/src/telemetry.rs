@@ -12,8 +12,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{Config, LogFormat};
-
 /// OpenTelemetry export.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -39,6 +37,57 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// The shortest push interval of OTLP metrics, in ms.
+pub const MIN_OTLP_METRICS_INTERVAL_MS: u64 = 100;
+
+impl TelemetryConfig {
+    /// Checks every field's range, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(format!(
+                "sample_ratio must be 0 to 1, got {}",
+                self.sample_ratio
+            ));
+        }
+        if self.otlp_metrics_interval_ms < MIN_OTLP_METRICS_INTERVAL_MS {
+            return Err(format!(
+                "otlp_metrics_interval_ms must be at least {MIN_OTLP_METRICS_INTERVAL_MS}, got {}",
+                self.otlp_metrics_interval_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Log output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info,reflex_core=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Flushes and stops trace export when dropped.
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
@@ -54,22 +103,23 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. `quiet` lowers the default level to warnings (the demo
-/// prints its own story). `RUST_LOG` wins over `log.filter`. Must run inside a Tokio
-/// runtime when OTLP export is on.
-pub fn init(config: &Config, quiet: bool) -> anyhow::Result<TelemetryGuard> {
-    let default = if quiet {
-        "warn"
-    } else {
-        config.log.filter.as_str()
-    };
+/// Installs the global subscriber: lines as `log` says, spans exported as `telemetry`
+/// says. `quiet` lowers the default level to warnings (the demo prints its own story).
+/// `RUST_LOG` wins over `log.filter`. Must run inside a Tokio runtime when OTLP export
+/// is on.
+pub fn init(
+    log: &LogConfig,
+    telemetry: &TelemetryConfig,
+    quiet: bool,
+) -> anyhow::Result<TelemetryGuard> {
+    let default = if quiet { "warn" } else { log.filter.as_str() };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = match config.log.format {
+    let fmt = match log.format {
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let (otel, provider) = match &config.telemetry.otlp_endpoint {
+    let (otel, provider) = match &telemetry.otlp_endpoint {
         None => (None, None),
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -80,11 +130,11 @@ pub fn init(config: &Config, quiet: bool) -> anyhow::Result<TelemetryGuard> {
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                    config.telemetry.sample_ratio.clamp(0.0, 1.0),
+                    telemetry.sample_ratio,
                 ))))
                 .with_resource(
                     Resource::builder()
-                        .with_service_name(config.telemetry.service_name.clone())
+                        .with_service_name(telemetry.service_name.clone())
                         .build(),
                 )
                 .build();

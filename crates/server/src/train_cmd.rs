@@ -25,6 +25,7 @@ use reflex_core::{EventKind, EventSink, ItemId, KindWeights, LogRecord, ModelVer
 use reflex_models::{AlsConfig, TrainingSet};
 use serde::Serialize;
 
+use crate::als_args::AlsArgs;
 use crate::config::{Config, FlagOverrides};
 use crate::import_cmd::{self, Format};
 
@@ -48,27 +49,9 @@ pub struct TrainArgs {
     /// Event kind of each rating of an `inter` or `tsv` `--data` file.
     #[arg(long, default_value = "view")]
     pub kind: String,
-    /// Latent factors; must equal the server's `model.factors` (the default).
-    #[arg(long)]
-    pub factors: Option<usize>,
-    /// ALS iterations.
-    #[arg(long, default_value_t = 15)]
-    pub iterations: usize,
-    /// ALS regularization.
-    #[arg(long, default_value_t = 0.05)]
-    pub regularization: f32,
-    /// ALS confidence scale (confidence = alpha × summed weight).
-    #[arg(long, default_value_t = 2.0)]
-    pub alpha: f32,
-    /// Conjugate-gradient steps per row and half-iteration.
-    #[arg(long, default_value_t = 3)]
-    pub cg_steps: usize,
-    /// Seed of the initial factors (default: the library's).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    /// The ALS settings.
+    #[command(flatten)]
+    pub als: AlsArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -256,7 +239,7 @@ pub async fn run(
 /// Fits and saves; the engine-free core of `reflex train`.
 pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainReport> {
     let server_factors = config.model.factors;
-    let factors = args.factors.unwrap_or(server_factors);
+    let factors = args.als.factors.unwrap_or(server_factors);
     anyhow::ensure!(
         factors == server_factors,
         "--factors {factors} does not match the server's model.factors = {server_factors}: \
@@ -264,19 +247,7 @@ pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainRep
          model.factors = {factors} (REFLEX_MODEL__FACTORS={factors}) for the servers too \
          (which also needs a fresh model: older versions have {server_factors} factors)"
     );
-    let defaults = AlsConfig::default();
-    let als = AlsConfig {
-        factors,
-        iterations: args.iterations,
-        regularization: args.regularization,
-        alpha: args.alpha,
-        cg_steps: args.cg_steps,
-        seed: args.seed.unwrap_or(defaults.seed),
-        threads: args.threads,
-        ..defaults
-    };
-    als.validate()
-        .map_err(|e| anyhow::anyhow!("invalid ALS settings: {e}"))?;
+    let als = args.als.to_config(server_factors)?;
 
     let crate::app::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
     let weights = &config.engine.weights;
