@@ -1,5 +1,7 @@
 //! The flags of `reflex bench` and their validation.
 
+use std::path::PathBuf;
+
 use anyhow::bail;
 use serde::Serialize;
 
@@ -81,6 +83,15 @@ pub struct BenchArgs {
     /// use; a server in this process is measured by itself (load generator included).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Seconds between the rows of the main phase's timeline (events per second, server
+    /// memory, CPU and data directory size over time, to see whether a rate holds over a
+    /// long run); 0 leaves the timeline out.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeline_secs: f64,
+    /// The data directory of a server elsewhere on this machine, to report its size over
+    /// time in the timeline; a server in this process is measured by itself.
+    #[arg(long)]
+    pub server_data_dir: Option<PathBuf>,
     /// The server's metrics endpoint (HOST:PORT), to report the recall of its
     /// approximate retrieval over the main phase (its own sampled check against the exact
     /// scan); a server in this process is read without it.
@@ -130,6 +141,7 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         ("--warmup", args.warmup),
         ("--duration", args.duration),
         ("--noop-duration", args.noop_duration.unwrap_or(0.0)),
+        ("--timeline-secs", args.timeline_secs),
     ] {
         if !(secs.is_finite() && secs >= 0.0) {
             bail!("{name} must be a number of seconds, got {secs}");

@@ -24,10 +24,11 @@ mod report;
 mod seed;
 mod stats;
 mod sys;
+mod timeline;
 mod workload;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +66,16 @@ pub async fn run(
             let endpoint = endpoint_of(&addr)?;
             let pid = args.server_pid.map(|pid| (pid, false));
             let metrics = args.metrics_addr.clone();
-            drive(&args, &endpoint, format!("server at {addr}"), pid, metrics).await?
+            let data_dir = args.server_data_dir.clone();
+            drive(
+                &args,
+                &endpoint,
+                format!("server at {addr}"),
+                pid,
+                metrics,
+                data_dir,
+            )
+            .await?
         }
         None => {
             let scratch = tempfile::tempdir().context("creating a scratch data directory")?;
@@ -87,9 +97,10 @@ pub async fn run(
                 config.store.embedded.durability
             );
             let pid = Some((args.server_pid.unwrap_or_else(std::process::id), true));
+            let data_dir = Some(config.store.embedded.data_dir.clone());
             let server = crate::app::InProcess::start(config).await?;
             let metrics = server.metrics_addr.map(|a| a.to_string());
-            let report = drive(&args, &server.endpoint, target, pid, metrics).await;
+            let report = drive(&args, &server.endpoint, target, pid, metrics, data_dir).await;
             server.stop().await?;
             report?
         }
@@ -171,6 +182,7 @@ async fn drive(
     target: String,
     pid: Option<(u32, bool)>,
     metrics_addr: Option<String>,
+    data_dir: Option<PathBuf>,
 ) -> anyhow::Result<Report> {
     let server = Target {
         endpoint: endpoint.to_string(),
@@ -324,6 +336,17 @@ async fn drive(
         None => None,
     };
     let main_started = Instant::now();
+    let timeline = (args.timeline_secs > 0.0).then(|| {
+        tokio::spawn(
+            timeline::Sampler {
+                every: Duration::from_secs_f64(args.timeline_secs),
+                recorder: recorder.clone(),
+                pid: pid.map(|(pid, _)| pid),
+                data_dir,
+            }
+            .run(),
+        )
+    });
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     let recall = match (&metrics_addr, recall_start) {
         (Some(addr), Some(start)) => sys::scrape_recall(addr)
@@ -341,6 +364,10 @@ async fn drive(
         tokio::time::sleep(Duration::from_secs_f64(noop_secs)).await;
     }
     recorder.enter(Phase::Done);
+    let timeline = match timeline {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     for task in tasks {
         if tokio::time::timeout(Duration::from_secs(40), task)
             .await
@@ -425,6 +452,7 @@ async fn drive(
         recall,
         memory,
         cpu,
+        timeline,
         warnings,
     })
 }

@@ -119,6 +119,8 @@ pub struct Report {
     pub memory: Option<Memory>,
     /// CPU in the main phase.
     pub cpu: Cpu,
+    /// The main phase over time (empty with `--timeline-secs 0`).
+    pub timeline: Vec<super::timeline::TimelineRow>,
     /// Things that make the figures suspect.
     pub warnings: Vec<String>,
 }
@@ -280,6 +282,32 @@ impl Report {
                 let _ = write!(out, ", load generator {l:.2} cores");
             }
             let _ = writeln!(out);
+        }
+        if !self.timeline.is_empty() {
+            let mib = |b: Option<u64>| {
+                b.map_or("-".to_owned(), |b| {
+                    format!("{:.0}", b as f64 / (1024.0 * 1024.0))
+                })
+            };
+            let _ = writeln!(
+                out,
+                "
+timeline of the main phase:
+  {:>7}  {:>12}  {:>12}  {:>8}  {:>6}  {:>9}",
+                "at s", "accepted/s", "accepted", "RSS MiB", "cores", "disk MiB"
+            );
+            for r in &self.timeline {
+                let _ = writeln!(
+                    out,
+                    "  {:>7.0}  {:>12.0}  {:>12}  {:>8}  {:>6}  {:>9}",
+                    r.at_secs,
+                    r.accepted_per_sec,
+                    r.accepted_total,
+                    mib(r.server_rss),
+                    r.server_cores.map_or("-".to_owned(), |c| format!("{c:.2}")),
+                    mib(r.data_dir_bytes)
+                );
+            }
         }
         out
     }
