@@ -2,7 +2,7 @@
 //! engine that composes backends into ingest and recommend.
 //!
 //! Layout:
-//! - [`types`]: ids, event kinds, events and their validation at the edge
+//! - [`types`]: ids, log positions, event kinds, events and their validation at the edge
 //! - [`profile`]: user profiles and how an event changes one
 //! - [`catalog`]: catalog items and the shared dense item index
 //! - [`filter`]: the bot and noise filter
@@ -36,6 +36,6 @@ pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, ContentModel, EventSink, HistoryEntry, LogRecord, Observation,
-    OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored, Seq,
+    OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored,
 };
-pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};
+pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, Seq, UserId};
