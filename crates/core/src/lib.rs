@@ -11,7 +11,8 @@
 //! - [`blend`]: how MF and content scores combine into one ranking
 //! - [`model_store`]: model snapshots and versions, the model store and learner lease
 //! - [`quality`]: prequential evaluation, the holdout and the automatic rollback decision
-//! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback
+//! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback, one
+//!   file per concern
 //! - [`error`]: the error type and its transport-neutral codes
 
 pub mod blend;
