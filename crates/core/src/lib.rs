@@ -14,6 +14,8 @@
 //! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback, one
 //!   file per concern
 //! - [`error`]: the error type and its transport-neutral codes
+//! - `testing` (the `testing` feature, and this crate's tests): an in-memory backend and
+//!   a minimal model, test doubles for engine tests
 
 pub mod blend;
 pub mod catalog;
@@ -23,6 +25,8 @@ pub mod filter;
 pub mod model_store;
 pub mod profile;
 pub mod quality;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod traits;
 pub mod types;
 
