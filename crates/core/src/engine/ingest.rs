@@ -155,3 +155,130 @@ impl Engine {
         self.backends.profiles.erase(user).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::EngineConfig;
+    use super::super::fixtures::{Harness, item_id, raw, user, views};
+    use super::EventOutcome;
+    use crate::error::Error;
+    use crate::traits::EventSink;
+    use crate::types::{EventKind, RawKind};
+
+    #[tokio::test]
+    async fn an_accepted_event_is_in_the_log_the_profile_and_the_model_when_ingest_returns() {
+        let h = Harness::new().await;
+        h.accept(vec![raw("e1", "alice", "shoe", RawKind::Purchase)])
+            .await;
+        assert_eq!(h.store.last_seq().await.unwrap(), 1);
+        let profile = h.engine.profile(&user("alice")).await.unwrap().unwrap();
+        assert_eq!(profile.version, 1);
+        assert!(profile.has_purchased(&item_id("shoe")));
+        assert_eq!(h.learnt("shoe"), h.weight(&EventKind::Purchase));
+        assert_eq!(h.model.events(), 1);
+        assert_eq!(h.engine.stats().events_applied, 1);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_in_the_batch_or_later_is_duplicate_and_applied_once() {
+        let h = Harness::new().await;
+        let outcomes = h
+            .engine
+            .ingest(vec![
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e2", "alice", "hat", RawKind::View),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                EventOutcome::Accepted,
+                EventOutcome::Duplicate,
+                EventOutcome::Accepted
+            ]
+        );
+        let later = h
+            .engine
+            .ingest(vec![raw("e1", "alice", "shoe", RawKind::View)])
+            .await
+            .unwrap();
+        assert_eq!(later, [EventOutcome::Duplicate]);
+
+        assert_eq!(h.store.last_seq().await.unwrap(), 2);
+        assert_eq!(h.profile_version("alice").await, 2);
+        assert_eq!(h.model.events(), 2);
+        assert_eq!(h.learnt("shoe"), h.weight(&EventKind::View));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_event_is_rejected_naming_the_field_while_the_rest_go_on() {
+        let h = Harness::new().await;
+        let no_timestamp = crate::types::RawEvent {
+            timestamp_ms: None,
+            ..raw("e3", "alice", "hat", RawKind::View)
+        };
+        let outcomes = h
+            .engine
+            .ingest(vec![
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e2", "", "shoe", RawKind::View),
+                no_timestamp,
+                raw("e4", "alice", "sock", RawKind::Click),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(outcomes[0], EventOutcome::Accepted);
+        assert!(
+            matches!(&outcomes[1], EventOutcome::Rejected(r) if r.contains("user_id")),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(&outcomes[2], EventOutcome::Rejected(r) if r.contains("timestamp")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[3], EventOutcome::Accepted);
+        assert_eq!(h.store.last_seq().await.unwrap(), 2);
+        assert_eq!(h.profile_version("alice").await, 2);
+        assert_eq!(h.learnt("hat"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_batch_is_refused_whole() {
+        let h = Harness::with(EngineConfig {
+            max_batch: 2,
+            ..EngineConfig::default()
+        })
+        .await;
+        let refused = h.engine.ingest(views("big", "alice", "shoe", 3)).await;
+        assert!(
+            matches!(refused, Err(Error::ResourceExhausted(_))),
+            "{refused:?}"
+        );
+        assert_eq!(h.store.last_seq().await.unwrap(), 0);
+        assert_eq!(h.profile_version("alice").await, 0);
+        assert_eq!(h.model.events(), 0);
+
+        h.accept(views("big", "alice", "shoe", 2)).await;
+        assert_eq!(h.profile_version("alice").await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_bot_event_is_logged_but_applied_to_nothing() {
+        let h = Harness::new().await;
+        let mut bot = raw("e1", "crawler-7", "shoe", RawKind::View);
+        bot.context.insert(
+            "user_agent".into(),
+            "Mozilla/5.0 (compatible; Googlebot)".into(),
+        );
+        let outcomes = h.engine.ingest(vec![bot]).await.unwrap();
+        assert!(
+            matches!(&outcomes[0], EventOutcome::Filtered(r) if r.contains("user agent")),
+            "{outcomes:?}"
+        );
+        assert_eq!(h.store.last_seq().await.unwrap(), 1, "kept for audit");
+        assert_eq!(h.profile_version("crawler-7").await, 0);
+        assert_eq!(h.model.events(), 0);
+    }
+}

@@ -12,6 +12,8 @@
 mod catalog;
 mod config;
 mod evaluation;
+#[cfg(test)]
+mod fixtures;
 mod ingest;
 mod recommend;
 mod recovery;

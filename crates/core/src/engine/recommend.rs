@@ -330,3 +330,129 @@ impl Engine {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{Harness, ids, item, item_id, raw, views};
+    use super::{RequestFilter, Source};
+    use crate::types::{RawKind, UserId};
+
+    /// A catalog of four items, `d` unavailable, learnt by another user so that the
+    /// model ranks them `a` > `b` > `c` > `d`.
+    async fn shop() -> Harness {
+        let h = Harness::new().await;
+        h.engine
+            .upsert_items(vec![
+                item("a", true, &["shoes"]),
+                item("b", true, &["shoes", "sale"]),
+                item("c", true, &["hats"]),
+                item("d", false, &["hats"]),
+            ])
+            .await
+            .unwrap();
+        h.accept(views("pa", "bob", "a", 4)).await;
+        h.accept(views("pb", "bob", "b", 3)).await;
+        h.accept(views("pc", "bob", "c", 2)).await;
+        h.accept(views("pd", "bob", "d", 1)).await;
+        h
+    }
+
+    fn who(name: &str) -> UserId {
+        super::super::fixtures::user(name)
+    }
+
+    #[tokio::test]
+    async fn purchased_items_are_left_out_unless_the_filter_asks_for_them() {
+        let h = shop().await;
+        // The purchase makes `c` the model's best item.
+        h.accept(vec![raw("buy", "alice", "c", RawKind::Purchase)])
+            .await;
+        let answer = h
+            .engine
+            .recommend(&who("alice"), 10, &RequestFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(ids(&answer), ["a", "b"]);
+        assert!(answer.items.iter().all(|i| i.source == Source::Mf));
+        assert_eq!(answer.profile_version, 1);
+
+        let with_purchases = RequestFilter {
+            exclude_purchased: Some(false),
+            ..RequestFilter::default()
+        };
+        let answer = h
+            .engine
+            .recommend(&who("alice"), 10, &with_purchases)
+            .await
+            .unwrap();
+        assert_eq!(ids(&answer), ["c", "a", "b"], "unavailable `d` never comes");
+    }
+
+    #[tokio::test]
+    async fn categories_exclusions_and_deletes_narrow_the_popular_fill_too() {
+        let h = shop().await;
+        let filtered = |filter: RequestFilter| {
+            let engine = &h.engine;
+            async move {
+                let answer = engine.recommend(&who("zed"), 10, &filter).await.unwrap();
+                assert!(answer.items.iter().all(|i| i.source == Source::Popular));
+                assert_eq!(answer.profile_version, 0);
+                ids(&answer)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(filtered(RequestFilter::default()).await, ["a", "b", "c"]);
+        let no_sale = RequestFilter {
+            exclude_categories: vec!["sale".into()],
+            ..RequestFilter::default()
+        };
+        assert_eq!(filtered(no_sale).await, ["a", "c"]);
+        let hats = RequestFilter {
+            include_categories: vec!["hats".into()],
+            ..RequestFilter::default()
+        };
+        assert_eq!(filtered(hats).await, ["c"]);
+        let not_a = RequestFilter {
+            exclude_items: vec![item_id("a")],
+            ..RequestFilter::default()
+        };
+        assert_eq!(filtered(not_a).await, ["b", "c"]);
+
+        assert!(h.engine.delete_item(&item_id("b")).await.unwrap());
+        assert_eq!(filtered(RequestFilter::default()).await, ["a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_cached_answer_never_outlives_the_users_event_or_a_catalog_change() {
+        let h = shop().await;
+        h.accept(vec![raw("v1", "alice", "a", RawKind::View)]).await;
+        let (alice, any) = (who("alice"), RequestFilter::default());
+        let ask = || h.engine.recommend(&alice, 2, &any);
+        let first = ask().await.unwrap();
+        assert!(!first.cached);
+        let second = ask().await.unwrap();
+        assert!(second.cached);
+        assert_eq!(second.items, first.items);
+
+        h.accept(vec![raw("v2", "alice", "b", RawKind::Purchase)])
+            .await;
+        let after_event = ask().await.unwrap();
+        assert!(!after_event.cached);
+        assert_eq!(after_event.profile_version, 2);
+        assert_eq!(
+            ids(&after_event),
+            ["a", "c"],
+            "the purchase is left out at once"
+        );
+
+        h.engine
+            .upsert_items(vec![item("c", false, &["hats"])])
+            .await
+            .unwrap();
+        let after_catalog = ask().await.unwrap();
+        assert!(!after_catalog.cached);
+        assert_eq!(ids(&after_catalog), ["a"]);
+    }
+}

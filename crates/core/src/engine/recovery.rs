@@ -246,3 +246,70 @@ impl Engine {
         Ok(updates.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::EventOutcome;
+    use super::super::fixtures::{Harness, user, views};
+    use crate::traits::EventSink;
+    use crate::types::EventKind;
+
+    #[tokio::test]
+    async fn an_erased_profile_stays_erased_through_recovery() {
+        let h = Harness::new().await;
+        h.accept(views("a", "alice", "shoe", 2)).await;
+        h.accept(views("b", "bob", "hat", 1)).await;
+        // The checkpoint holds alice's profile; only the log knows she was erased.
+        assert_eq!(h.engine.checkpoint().await.unwrap(), Some(3));
+        assert!(h.engine.erase_profile(&user("alice")).await.unwrap());
+        assert_eq!(h.model.user_weight(&user("alice")), None);
+        h.accept(views("c", "bob", "hat", 1)).await;
+
+        let (r, replayed) = h.after_crash().recover().await;
+        assert_eq!(replayed, 5, "3 events, the erase and 1 event");
+        assert_eq!(r.engine.profile(&user("alice")).await.unwrap(), None);
+        assert_eq!(r.model.user_weight(&user("alice")), None);
+        assert_eq!(r.profile_version("bob").await, 2);
+        // What she did still counts for the items, as it did before the crash.
+        assert_eq!(r.learnt("shoe"), 2.0 * r.weight(&EventKind::View));
+    }
+
+    #[tokio::test]
+    async fn recovery_replays_only_what_the_checkpoint_and_the_model_version_miss() {
+        let h = Harness::new().await;
+        h.accept(views("a", "alice", "shoe", 3)).await;
+        assert_eq!(h.engine.checkpoint().await.unwrap(), Some(3));
+        h.accept(views("b", "alice", "shoe", 2)).await;
+
+        // No model version: the model relearns the whole log, profiles only the tail.
+        let (h, replayed) = h.after_crash().recover().await;
+        assert_eq!(replayed, 5);
+        assert_eq!(h.profile_version("alice").await, 5);
+        assert_eq!(h.model.events(), 5);
+        assert_eq!(h.learnt("shoe"), 5.0 * h.weight(&EventKind::View));
+
+        // A model version at 5 and a checkpoint at 6: replay starts after 5, and each
+        // side takes only what it misses.
+        let version = h.engine.snapshot("test", "t").await.unwrap();
+        assert_eq!(version.log_seq, 5);
+        h.accept(views("c", "alice", "shoe", 1)).await;
+        assert_eq!(h.engine.checkpoint().await.unwrap(), Some(6));
+        h.accept(views("d", "alice", "shoe", 1)).await;
+
+        let (h, replayed) = h.after_crash().recover().await;
+        assert_eq!(replayed, 2);
+        assert_eq!(h.profile_version("alice").await, 7);
+        assert_eq!(h.model.events(), 7);
+        assert_eq!(h.learnt("shoe"), 7.0 * h.weight(&EventKind::View));
+        assert_eq!(h.engine.model_version(), "counting/v1");
+
+        // The acked events are still duplicates to a retrying client.
+        let again = h
+            .engine
+            .ingest(views("d", "alice", "shoe", 1))
+            .await
+            .unwrap();
+        assert_eq!(again, [EventOutcome::Duplicate]);
+        assert_eq!(h.store.last_seq().await.unwrap(), 7);
+    }
+}

@@ -212,3 +212,58 @@ impl Engine {
         Ok(Some(rollbacks.version))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{Harness, views};
+    use crate::types::EventKind;
+
+    #[tokio::test]
+    async fn a_rollback_installs_the_older_version_here_on_replicas_and_after_a_restart() {
+        let h = Harness::new().await;
+        let view = h.weight(&EventKind::View);
+        h.accept(views("a", "alice", "shoe", 1)).await;
+        let v1 = h.engine.snapshot("first", "t").await.unwrap();
+        // A replica on the same store starts from v1 and learns on its own (after a
+        // checkpoint, so its recovery has no profile to replay into the shared store).
+        assert_eq!(h.engine.checkpoint().await.unwrap(), Some(1));
+        let replica = Harness::over(h.store.clone(), h.engine.config().clone()).await;
+        assert_eq!(replica.learnt("shoe"), view);
+        replica.accept(views("r", "bob", "shoe", 2)).await;
+        assert_eq!(replica.engine.follow_rollbacks().await.unwrap(), None);
+
+        h.accept(views("b", "alice", "shoe", 3)).await;
+        assert_eq!(h.learnt("shoe"), 4.0 * view);
+        let v2 = h.engine.rollback(v1.id, "t").await.unwrap();
+        assert_eq!(h.learnt("shoe"), view);
+        assert_eq!(v2.reason, format!("rollback to {}", v1.id));
+        assert!(v2.id > v1.id);
+        assert_eq!(h.engine.model_version(), format!("counting/v{}", v2.id));
+        let listed: Vec<u64> = h
+            .engine
+            .model_versions()
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.id)
+            .collect();
+        assert_eq!(listed, [v1.id, v2.id]);
+
+        assert_eq!(replica.learnt("shoe"), 3.0 * view);
+        assert_eq!(
+            replica.engine.follow_rollbacks().await.unwrap(),
+            Some(v2.id)
+        );
+        assert_eq!(replica.learnt("shoe"), view);
+        assert_eq!(
+            replica.engine.follow_rollbacks().await.unwrap(),
+            None,
+            "once"
+        );
+
+        assert_eq!(h.engine.checkpoint().await.unwrap(), Some(6));
+        let (restarted, replayed) = h.after_crash().recover().await;
+        assert_eq!(replayed, 0, "the rollback version covers the whole log");
+        assert_eq!(restarted.learnt("shoe"), view);
+    }
+}
