@@ -2,7 +2,7 @@
 //! engine that composes backends into ingest and recommend.
 //!
 //! Layout:
-//! - [`types`]: ids, event kinds, events and their validation at the edge
+//! - [`types`]: ids, log positions, event kinds, events and their validation at the edge
 //! - [`profile`]: user profiles and how an event changes one
 //! - [`catalog`]: catalog items and the shared dense item index
 //! - [`filter`]: the bot and noise filter
@@ -11,8 +11,11 @@
 //! - [`blend`]: how MF and content scores combine into one ranking
 //! - [`model_store`]: model snapshots and versions, the model store and learner lease
 //! - [`quality`]: prequential evaluation, the holdout and the automatic rollback decision
-//! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback
+//! - [`engine`]: ingest, recommend, recovery, checkpoints, snapshots and rollback, one
+//!   file per concern
 //! - [`error`]: the error type and its transport-neutral codes
+//! - `testing` (the `testing` feature, and this crate's tests): an in-memory backend and
+//!   a minimal model, test doubles for engine tests
 
 pub mod blend;
 pub mod catalog;
@@ -22,6 +25,8 @@ pub mod filter;
 pub mod model_store;
 pub mod profile;
 pub mod quality;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod traits;
 pub mod types;
 
@@ -36,7 +41,7 @@ pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, LogRecord,
-    Observation, OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored, Seq,
+    Observation, OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored,
     SinkHealth,
 };
-pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, UserId};
+pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, Seq, UserId};

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::ItemIdx;
 use crate::error::Result;
 use crate::quality::VersionQuality;
-use crate::traits::Seq;
-use crate::types::{ItemId, TimestampMs, UserId};
+use crate::types::{ItemId, Seq, TimestampMs, UserId};
 
 /// One item's learnt state, as a model exports it.
 #[derive(Clone, Debug, PartialEq)]

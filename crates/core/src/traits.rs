@@ -13,13 +13,13 @@ use crate::catalog::{Item, ItemIdx};
 use crate::error::Result;
 use crate::model_store::ModelState;
 use crate::profile::Profile;
+// `Seq` lives in `types`, so `model_store` needs no import from here; re-exported for
+// the paths that name it through this module.
+pub use crate::types::Seq;
 use crate::types::{Event, ItemId, TimestampMs, UserId};
 
 /// A boxed future, for work a backend hands back to be finished off the hot path.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Sequence number of a record in the event log; the first record is 1.
-pub type Seq = u64;
 
 /// One record of the event log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -27,6 +27,9 @@ pub const MAX_ABS_WEIGHT: f64 = 10.0;
 /// Milliseconds since the Unix epoch.
 pub type TimestampMs = i64;
 
+/// Sequence number of a record in the event log; the first record is 1.
+pub type Seq = u64;
+
 /// The hasher of the maps keyed by ids on the ingest and recommend paths: foldhash,
 /// several times faster than the standard SipHash on short ids, and seeded at random
 /// per process so clients cannot choose ids that collide.

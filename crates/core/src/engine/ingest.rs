@@ -1,0 +1,284 @@
+//! Ingest: events through validation, the bot filter and the log into profiles and the
+//! model; and erasing a profile, which goes through the log the same way.
+
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+
+use super::evaluation::Sample;
+use super::{Engine, EventOutcome};
+use crate::error::{Error, Result};
+use crate::profile::Profile;
+use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate};
+use crate::types::{Event, RawEvent, UserId, now_ms};
+
+impl Engine {
+    /// Ingests one batch. Invalid events are rejected with their reason while the rest
+    /// proceed; an oversize batch is refused whole.
+    pub async fn ingest(&self, batch: Vec<RawEvent>) -> Result<Vec<EventOutcome>> {
+        if batch.len() > self.config.max_batch {
+            return Err(Error::ResourceExhausted(format!(
+                "batch of {} events exceeds the limit of {}",
+                batch.len(),
+                self.config.max_batch
+            )));
+        }
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        // Position in `outcomes` of each record, to put the sink's answers back in place.
+        let mut slots = Vec::with_capacity(batch.len());
+        for raw in batch {
+            match raw.validate(&self.limits, now) {
+                Err(err) => outcomes.push(EventOutcome::Rejected(err.to_string())),
+                Ok(event) => {
+                    let filtered = self.bots.check(&event);
+                    slots.push(outcomes.len());
+                    outcomes.push(match &filtered {
+                        Some(reason) => EventOutcome::Filtered(reason.clone()),
+                        None => EventOutcome::Accepted,
+                    });
+                    records.push(LogRecord::Event {
+                        event,
+                        filtered: filtered.is_some(),
+                        ingested_ms: now,
+                    });
+                }
+            }
+        }
+        if records.is_empty() {
+            return Ok(outcomes);
+        }
+
+        let _gate = self.apply_gate.read().await;
+        let appended = self.backends.sink.append(&records).await?;
+        if appended.len() != records.len() {
+            return Err(Error::Internal(format!(
+                "sink answered {} outcomes for {} records",
+                appended.len(),
+                records.len()
+            )));
+        }
+        let mut updates = Vec::with_capacity(records.len());
+        for ((record, outcome), slot) in records.iter().zip(&appended).zip(&slots) {
+            let LogRecord::Event {
+                event, filtered, ..
+            } = record
+            else {
+                continue;
+            };
+            match outcome {
+                Appended::Duplicate => outcomes[*slot] = EventOutcome::Duplicate,
+                Appended::At(_) if *filtered => {}
+                Appended::At(seq) => updates.push(ProfileUpdate {
+                    seq: *seq,
+                    event,
+                    weight: self.weight(event),
+                    now_ms: now,
+                }),
+            }
+        }
+        if !updates.is_empty() {
+            self.backends.profiles.apply(&updates).await?;
+            if !self.follows_log {
+                for u in &updates {
+                    self.learn(u.event, u.weight, true);
+                }
+            }
+        }
+        debug!(
+            events = outcomes.len(),
+            applied = updates.len(),
+            "batch ingested"
+        );
+        Ok(outcomes)
+    }
+
+    pub(super) fn weight(&self, event: &Event) -> f32 {
+        self.config.weights.weight(&event.kind, event.weight)
+    }
+
+    /// Teaches the model one event, unless its user is held out; with `evaluate`, a
+    /// sampled event is first handed to the evaluation with the item's vector as it is
+    /// before learning (prequential).
+    pub(super) fn learn(&self, event: &Event, weight: f32, evaluate: bool) {
+        let item = self.backends.items.intern(&event.item_id);
+        let holdout = self.sampler.holdout(event.user_id.as_str());
+        if evaluate
+            && let Some(samples) = self.samples.get()
+            && self.sampler.sampled(event.event_id.as_str())
+        {
+            let sample = Sample {
+                user: event.user_id.clone(),
+                item,
+                timestamp_ms: event.timestamp_ms,
+                target: self.backends.model.item_vector(item),
+                holdout,
+            };
+            if samples.try_send(sample).is_err() {
+                self.quality.record_dropped();
+            }
+        }
+        if holdout {
+            self.events_applied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.backends.model.observe(&Observation {
+            user: &event.user_id,
+            item,
+            weight,
+            timestamp_ms: event.timestamp_ms,
+        });
+        // An index retriever re-reads the item's vector off the request path; the
+        // exact scan reads the model's vectors directly and ignores this.
+        self.backends.retriever.upsert(item, &[]);
+        self.events_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The user's profile.
+    pub async fn profile(&self, user: &UserId) -> Result<Option<Profile>> {
+        self.backends.profiles.get(user).await
+    }
+
+    /// Erases the user's profile and what the model keeps about them, durably: the erase
+    /// is recorded in the log so replay after a restart does not bring the profile back.
+    pub async fn erase_profile(&self, user: &UserId) -> Result<bool> {
+        let _gate = self.apply_gate.read().await;
+        self.backends
+            .sink
+            .append(&[LogRecord::Erase {
+                user_id: user.clone(),
+                erased_ms: now_ms(),
+            }])
+            .await?;
+        self.backends.model.forget_user(user);
+        self.backends.profiles.erase(user).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::EngineConfig;
+    use super::super::fixtures::{Harness, item_id, raw, user, views};
+    use super::EventOutcome;
+    use crate::error::Error;
+    use crate::traits::EventSink;
+    use crate::types::{EventKind, RawKind};
+
+    #[tokio::test]
+    async fn an_accepted_event_is_in_the_log_the_profile_and_the_model_when_ingest_returns() {
+        let h = Harness::new().await;
+        h.accept(vec![raw("e1", "alice", "shoe", RawKind::Purchase)])
+            .await;
+        assert_eq!(h.store.last_seq().await.unwrap(), 1);
+        let profile = h.engine.profile(&user("alice")).await.unwrap().unwrap();
+        assert_eq!(profile.version, 1);
+        assert!(profile.has_purchased(&item_id("shoe")));
+        assert_eq!(h.learnt("shoe"), h.weight(&EventKind::Purchase));
+        assert_eq!(h.model.events(), 1);
+        assert_eq!(h.engine.stats().events_applied, 1);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_in_the_batch_or_later_is_duplicate_and_applied_once() {
+        let h = Harness::new().await;
+        let outcomes = h
+            .engine
+            .ingest(vec![
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e2", "alice", "hat", RawKind::View),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                EventOutcome::Accepted,
+                EventOutcome::Duplicate,
+                EventOutcome::Accepted
+            ]
+        );
+        let later = h
+            .engine
+            .ingest(vec![raw("e1", "alice", "shoe", RawKind::View)])
+            .await
+            .unwrap();
+        assert_eq!(later, [EventOutcome::Duplicate]);
+
+        assert_eq!(h.store.last_seq().await.unwrap(), 2);
+        assert_eq!(h.profile_version("alice").await, 2);
+        assert_eq!(h.model.events(), 2);
+        assert_eq!(h.learnt("shoe"), h.weight(&EventKind::View));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_event_is_rejected_naming_the_field_while_the_rest_go_on() {
+        let h = Harness::new().await;
+        let no_timestamp = crate::types::RawEvent {
+            timestamp_ms: None,
+            ..raw("e3", "alice", "hat", RawKind::View)
+        };
+        let outcomes = h
+            .engine
+            .ingest(vec![
+                raw("e1", "alice", "shoe", RawKind::View),
+                raw("e2", "", "shoe", RawKind::View),
+                no_timestamp,
+                raw("e4", "alice", "sock", RawKind::Click),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(outcomes[0], EventOutcome::Accepted);
+        assert!(
+            matches!(&outcomes[1], EventOutcome::Rejected(r) if r.contains("user_id")),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(&outcomes[2], EventOutcome::Rejected(r) if r.contains("timestamp")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[3], EventOutcome::Accepted);
+        assert_eq!(h.store.last_seq().await.unwrap(), 2);
+        assert_eq!(h.profile_version("alice").await, 2);
+        assert_eq!(h.learnt("hat"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_batch_is_refused_whole() {
+        let h = Harness::with(EngineConfig {
+            max_batch: 2,
+            ..EngineConfig::default()
+        })
+        .await;
+        let refused = h.engine.ingest(views("big", "alice", "shoe", 3)).await;
+        assert!(
+            matches!(refused, Err(Error::ResourceExhausted(_))),
+            "{refused:?}"
+        );
+        assert_eq!(h.store.last_seq().await.unwrap(), 0);
+        assert_eq!(h.profile_version("alice").await, 0);
+        assert_eq!(h.model.events(), 0);
+
+        h.accept(views("big", "alice", "shoe", 2)).await;
+        assert_eq!(h.profile_version("alice").await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_bot_event_is_logged_but_applied_to_nothing() {
+        let h = Harness::new().await;
+        let mut bot = raw("e1", "crawler-7", "shoe", RawKind::View);
+        bot.context.insert(
+            "user_agent".into(),
+            "Mozilla/5.0 (compatible; Googlebot)".into(),
+        );
+        let outcomes = h.engine.ingest(vec![bot]).await.unwrap();
+        assert!(
+            matches!(&outcomes[0], EventOutcome::Filtered(r) if r.contains("user agent")),
+            "{outcomes:?}"
+        );
+        assert_eq!(h.store.last_seq().await.unwrap(), 1, "kept for audit");
+        assert_eq!(h.profile_version("crawler-7").await, 0);
+        assert_eq!(h.model.events(), 0);
+    }
+}
