@@ -500,7 +500,9 @@ mod tests {
         let sampled = users.iter().filter(|u| a.sampled(u)).count() as f64 / 20_000.0;
         assert!((sampled - 0.1).abs() < 0.015, "{sampled}");
         // The hash is fixed, not per process: a known value pins it.
-        assert_eq!(stable_hash("user-1", 0), stable_hash("user-1", 0));
+        assert_eq!(stable_hash("user-1", 0), 0xc499_b5f8_a721_df58);
+        assert_eq!(stable_hash("user-1", SAMPLE_SALT), 0xd4e1_5f5f_9302_6cd0);
+        assert_eq!(stable_hash("ev-9", HOLDOUT_SALT), 0xa9f5_1219_f144_0ef8);
         assert_ne!(stable_hash("user-1", 0), stable_hash("user-2", 0));
         let all = Sampler::new(&QualityConfig {
             sample_ratio: 1.0,
