@@ -15,10 +15,10 @@
 //! interaction a positive, and ranks the whole catalog for each user with their training
 //! items removed: HR@10, NDCG@10, recall@20 (one held-out item, so the hit rate at 20)
 //! and the catalog coverage of the top-10 lists, for ALS (`user · item`) and training-set
-//! popularity. Then "online after the baseline": an [`OnlineMf`] starts from the ALS item
-//! (and user) factors and training-set popularity, and the held-out events stream through
-//! it in time order, prequentially — predict from fold-in over the user's recent history,
-//! then learn — scored against its popularity and the frozen ALS model.
+//! popularity. Then "online after the baseline": an [`crate::OnlineMf`] starts from the
+//! ALS item (and user) factors and training-set popularity, and the held-out events stream
+//! through it in time order, prequentially — predict from fold-in over the user's recent
+//! history, then learn — scored against its popularity and the frozen ALS model.
 //!
 //! Layout:
 //! - [`data`]: the ratings reader (one parser for every ratings file) and where the
