@@ -6,6 +6,7 @@
 //! - [`profile`]: user profiles and how an event changes one
 //! - [`catalog`]: catalog items and the shared dense item index
 //! - [`filter`]: the bot and noise filter
+//! - [`hash`]: the stable hash (FNV-1a, SplitMix64) every crate shares
 //! - [`traits`]: `EventSink`, `ProfileStore`, `CatalogStore`, `OnlineModel`, `ContentModel`,
 //!   `Retriever`
 //! - [`blend`]: how MF and content scores combine into one ranking
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod hash;
 pub mod model_store;
 pub mod profile;
 pub mod quality;

@@ -20,6 +20,8 @@
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::hash::stable_hash;
+
 /// Settings of the continuous evaluation and the automatic rollback.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -66,21 +68,6 @@ impl QualityConfig {
             ..Self::default()
         }
     }
-}
-
-/// A stable 64-bit hash of `s` (FNV-1a, then a splitmix finaliser), the same in every
-/// process and Rust version, so replicas agree on samples and the holdout.
-pub fn stable_hash(s: &str, salt: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 const SAMPLE_SALT: u64 = 0x5a4d_504c_4521;
@@ -500,7 +487,9 @@ mod tests {
         let sampled = users.iter().filter(|u| a.sampled(u)).count() as f64 / 20_000.0;
         assert!((sampled - 0.1).abs() < 0.015, "{sampled}");
         // The hash is fixed, not per process: a known value pins it.
-        assert_eq!(stable_hash("user-1", 0), stable_hash("user-1", 0));
+        assert_eq!(stable_hash("user-1", 0), 0xc499_b5f8_a721_df58);
+        assert_eq!(stable_hash("user-1", SAMPLE_SALT), 0xd4e1_5f5f_9302_6cd0);
+        assert_eq!(stable_hash("ev-9", HOLDOUT_SALT), 0xa9f5_1219_f144_0ef8);
         assert_ne!(stable_hash("user-1", 0), stable_hash("user-2", 0));
         let all = Sampler::new(&QualityConfig {
             sample_ratio: 1.0,

@@ -30,7 +30,7 @@ fn trained(items: usize) -> Arc<OnlineMf> {
 
 /// [`trained`] with `config`.
 fn trained_with(items: usize, config: MfConfig) -> Arc<OnlineMf> {
-    let model = OnlineMf::new(config);
+    let model = OnlineMf::new(config).unwrap_or_else(|e| panic!("benchmark model config: {e}"));
     let users: Vec<UserId> = (0..1000).map(user).collect();
     for i in 0..items {
         model.observe(&Observation {

@@ -6,7 +6,7 @@
 //! beside the workspace, else `/work/shared/data`). `ALS_JSON` overrides [`AlsConfig`]
 //! fields, e.g. `'{"alpha": 2.0, "iterations": 20}'`; `MF_JSON` replaces the online
 //! model's [`MfConfig`] (default: `MfConfig::default()` with
-//! `eval::WARM_START_LEARNING_RATE`; `'{}'` is `MfConfig::default()` itself). Set
+//! `config::WARM_START_LEARNING_RATE`; `'{}'` is `MfConfig::default()` itself). Set
 //! `ALS_EVAL_OFFLINE_ONLY=1` to skip the online part.
 
 use std::path::PathBuf;
@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         online: std::env::var_os("ALS_EVAL_OFFLINE_ONLY").is_none(),
         ..BaselineOptions::default()
     };
-    let (report, _) = baseline_eval(&data, &options);
+    let (report, _) = baseline_eval(&data, &options)?;
     println!(
         "{} ({} ratings), ALS {}",
         path.display(),

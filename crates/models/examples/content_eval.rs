@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &ContentConfig::default(),
         &[0.0, 0.1, 0.3, 0.5],
         &options,
-    );
+    )?;
     println!("MovieLens {which}, embeddings of {dim} values\n{report}");
     Ok(())
 }

@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let repeats: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
     for run in 1..=repeats.max(1) {
-        let r = learn_throughput(&data, &config, &EvalOptions::default());
+        let r = learn_throughput(&data, &config, &EvalOptions::default())?;
         println!(
             "{which} run {run}: {} events in {:.3} s, {:.0} events/s (one thread)",
             r.events, r.secs, r.events_per_sec

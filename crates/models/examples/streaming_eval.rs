@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_events: args.get(3).and_then(|a| a.parse().ok()),
         ..EvalOptions::default()
     };
-    let report = streaming_eval(&data, &config, &options);
+    let report = streaming_eval(&data, &config, &options)?;
     println!(
         "{which} {} {report}",
         args.get(1).map_or("{}", String::as_str)

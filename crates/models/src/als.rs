@@ -25,6 +25,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ModelError;
 use crate::linalg::dot;
 use crate::rng::mix;
 
@@ -111,29 +112,10 @@ impl AlsConfig {
         Ok(())
     }
 
-    /// A copy with every out-of-range field replaced by its default (what [`fit`] runs
-    /// on).
-    pub fn sanitised(&self) -> Self {
-        let d = Self::default();
-        Self {
-            factors: if (1..=crate::config::MAX_FACTORS).contains(&self.factors) {
-                self.factors
-            } else {
-                d.factors
-            },
-            regularization: if self.regularization.is_finite() && self.regularization >= 0.0 {
-                self.regularization
-            } else {
-                d.regularization
-            },
-            alpha: if self.alpha.is_finite() && self.alpha > 0.0 {
-                self.alpha
-            } else {
-                d.alpha
-            },
-            cg_steps: self.cg_steps.max(1),
-            ..self.clone()
-        }
+    /// [`Self::validate`] as a [`ModelError`], for [`fit`] and [`AlsModel::loss`].
+    fn check(&self) -> Result<(), ModelError> {
+        self.validate()
+            .map_err(|reason| ModelError::invalid_config("als", reason))
     }
 }
 
@@ -335,16 +317,17 @@ impl AlsModel {
         out.extend(self.item_factors.chunks_exact(k).map(|y| dot(user, y)));
     }
 
-    /// The training loss of this model on `matrix` under `config` (see [`AlsModel::losses`]).
-    pub fn loss(&self, matrix: &Csr, config: &AlsConfig) -> f64 {
-        let config = config.sanitised();
-        let prepared = Prepared::new(matrix, &config);
+    /// The training loss of this model on `matrix` under `config` (see
+    /// [`AlsModel::losses`]); refuses a `config` that [`AlsConfig::validate`] refuses.
+    pub fn loss(&self, matrix: &Csr, config: &AlsConfig) -> Result<f64, ModelError> {
+        config.check()?;
+        let prepared = Prepared::new(matrix, config);
         let reg = config.regularization;
         let run = || training_loss(&prepared, self, reg);
-        match pool(config.threads) {
+        Ok(match pool(config.threads) {
             Some(p) => p.install(run),
             None => run(),
-        }
+        })
     }
 }
 
@@ -605,9 +588,9 @@ fn pool(threads: usize) -> Option<rayon::ThreadPool> {
 }
 
 /// Fits implicit ALS to `matrix` (users as rows, items as columns, values as described
-/// under [`Confidence`]). Out-of-range settings are replaced by their defaults (see
-/// [`AlsConfig::validate`] to reject them instead).
-pub fn fit(matrix: &Csr, config: &AlsConfig) -> AlsModel {
+/// under [`Confidence`]). Refuses a `config` that [`AlsConfig::validate`] refuses (an
+/// out-of-range setting is an error naming the field, never replaced by its default).
+pub fn fit(matrix: &Csr, config: &AlsConfig) -> Result<AlsModel, ModelError> {
     fit_with(matrix, config, |_, _| {})
 }
 
@@ -617,14 +600,14 @@ pub fn fit_with(
     matrix: &Csr,
     config: &AlsConfig,
     mut on_iteration: impl FnMut(usize, f64) + Send,
-) -> AlsModel {
-    let config = config.sanitised();
+) -> Result<AlsModel, ModelError> {
+    config.check()?;
     let pool = pool(config.threads);
     let mut run = move || {
         let start = Instant::now();
         let k = config.factors;
-        let by_user = Prepared::new(matrix, &config);
-        let by_item = Prepared::new(&matrix.transpose(), &config);
+        let by_user = Prepared::new(matrix, config);
+        let by_item = Prepared::new(&matrix.transpose(), config);
         let mut model = AlsModel {
             factors: k,
             users: matrix.rows,
@@ -639,14 +622,14 @@ pub fn fit_with(
                 &mut model.user_factors,
                 &model.item_factors,
                 k,
-                &config,
+                config,
             );
             half_step(
                 &by_item,
                 &mut model.item_factors,
                 &model.user_factors,
                 k,
-                &config,
+                config,
             );
             if config.calculate_training_loss {
                 let loss = training_loss(&by_user, &model, config.regularization);
@@ -656,10 +639,10 @@ pub fn fit_with(
         }
         model
     };
-    match pool {
+    Ok(match pool {
         Some(p) => p.install(run),
         None => run(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -727,7 +710,8 @@ mod tests {
                 factors: 2,
                 ..small()
             },
-        );
+        )
+        .unwrap();
         let mut scores = Vec::new();
         for u in 0..40usize {
             model.score_all(model.user(u).unwrap(), &mut scores);
@@ -741,7 +725,7 @@ mod tests {
         }
         // With more factors than blocks, the best unseen item is still from the own block,
         // and observed pairs score near 1.
-        let model = fit(&m, &small());
+        let model = fit(&m, &small()).unwrap();
         for u in 0..40usize {
             model.score_all(model.user(u).unwrap(), &mut scores);
             let (seen, _) = m.row(u);
@@ -776,14 +760,14 @@ mod tests {
                 alpha: 2.0,
                 ..small()
             };
-            let model = fit(&m, &config);
+            let model = fit(&m, &config).unwrap();
             let l = model.losses();
             assert_eq!(l.len(), 10);
             assert!(l[9] < l[0] * 0.9, "{confidence:?}: {l:?}");
             for w in l.windows(2) {
                 assert!(w[1] <= w[0] * (1.0 + 1e-4), "{confidence:?}: {l:?}");
             }
-            assert!((model.loss(&m, &config) - l[9]).abs() < 1e-9 * l[9].max(1.0));
+            assert!((model.loss(&m, &config).unwrap() - l[9]).abs() < 1e-9 * l[9].max(1.0));
         }
     }
 
@@ -796,14 +780,16 @@ mod tests {
                 threads: 1,
                 ..small()
             },
-        );
+        )
+        .unwrap();
         let b = fit(
             &m,
             &AlsConfig {
                 threads: 3,
                 ..small()
             },
-        );
+        )
+        .unwrap();
         assert_eq!(a, b);
         let c = fit(
             &m,
@@ -811,14 +797,15 @@ mod tests {
                 seed: 99,
                 ..small()
             },
-        );
+        )
+        .unwrap();
         assert_ne!(a.item_factors(), c.item_factors());
     }
 
     #[test]
     fn empty_rows_get_zero_vectors_and_configs_are_checked() {
         let m = Csr::from_triples(3, 4, &[(0, 0, 1.0), (0, 1, 1.0), (2, 1, 1.0)]);
-        let model = fit(&m, &small());
+        let model = fit(&m, &small()).unwrap();
         assert!(model.user(1).unwrap().iter().all(|v| *v == 0.0));
         assert!(model.item(3).unwrap().iter().all(|v| *v == 0.0));
         assert!(model.user(0).unwrap().iter().any(|v| *v != 0.0));
@@ -828,7 +815,13 @@ mod tests {
             ..AlsConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("alpha"));
-        assert_eq!(bad.sanitised().alpha, 2.0);
+        // Refused, never fitted with the default in its place.
+        let refused = fit(&m, &bad).unwrap_err();
+        assert!(
+            matches!(&refused, ModelError::InvalidConfig { section: "als", reason } if reason.contains("alpha")),
+            "{refused}"
+        );
+        assert!(model.loss(&m, &bad).is_err());
         let c: AlsConfig = serde_json::from_str(r#"{"factors": 32}"#).unwrap();
         assert_eq!((c.factors, c.iterations), (32, 15));
     }

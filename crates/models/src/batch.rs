@@ -27,6 +27,8 @@ use reflex_core::model_store::StoredModel;
 use reflex_core::{ItemId, UserId};
 
 use crate::als::{self, AlsConfig, AlsModel, Csr};
+use crate::error::ModelError;
+use crate::popularity::log_add_exp2;
 
 /// Counts bytes read through it (progress over compressed input).
 struct Counting<R> {
@@ -96,18 +98,6 @@ pub struct TrainingSet {
     half_life_ms: f64,
     events: u64,
     latest_ms: i64,
-}
-
-/// `log2(2^a + 2^b)`, as the online model's popularity adds events.
-fn log_add_exp2(a: f64, b: f64) -> f64 {
-    if a == f64::NEG_INFINITY {
-        return b;
-    }
-    if b == f64::NEG_INFINITY {
-        return a;
-    }
-    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
-    hi + (1.0 + (lo - hi).exp2()).log2()
 }
 
 impl TrainingSet {
@@ -210,8 +200,9 @@ impl TrainingSet {
         Csr::from_triples(self.users.len(), self.items.len(), &triples)
     }
 
-    /// Fits implicit ALS to [`Self::matrix`].
-    pub fn fit(&self, config: &AlsConfig) -> AlsModel {
+    /// Fits implicit ALS to [`Self::matrix`]; refuses a `config` that
+    /// [`AlsConfig::validate`] refuses.
+    pub fn fit(&self, config: &AlsConfig) -> Result<AlsModel, ModelError> {
         als::fit(&self.matrix(), config)
     }
 
@@ -294,7 +285,8 @@ mod tests {
             factors: 4,
             popularity_half_life_ms: half_life,
             ..crate::MfConfig::default()
-        });
+        })
+        .unwrap();
         let events = [
             ("a", "x", 1.0, 100),
             ("b", "x", 8.0, 2500),
@@ -310,11 +302,13 @@ mod tests {
                 timestamp_ms: t,
             });
         }
-        let model = set.fit(&AlsConfig {
-            factors: 4,
-            iterations: 2,
-            ..AlsConfig::default()
-        });
+        let model = set
+            .fit(&AlsConfig {
+                factors: 4,
+                iterations: 2,
+                ..AlsConfig::default()
+            })
+            .unwrap();
         let stored = set.to_stored(&model, "als");
         let exported = online.export().unwrap();
         for ItemState {
@@ -333,7 +327,7 @@ mod tests {
         assert_eq!(stored.users.len(), 2);
         assert_eq!(stored.factors, 4);
         // The online model loads it.
-        let fresh = OnlineMf::new(online.config().clone());
+        let fresh = OnlineMf::new(online.config().clone()).unwrap();
         let state = ModelState {
             factors: 4,
             items: stored

@@ -20,6 +20,7 @@ use reflex_core::{ContentModel, HistoryEntry, ItemIdx, Observation, OnlineModel,
 
 use crate::ann::AnnConfig;
 use crate::content::{ContentConfig, ContentEmbeddings};
+use crate::error::ModelError;
 use crate::eval::{Dataset, EvalOptions, UserState, rate};
 use crate::{ExactRetriever, MfConfig, OnlineMf};
 
@@ -154,7 +155,8 @@ fn fill(model: &OnlineMf, top: &mut Vec<ItemIdx>, k: usize, filter: &dyn Fn(Item
 
 /// Streams `data` in time order through a fresh MF model and a content model over
 /// `embeddings` (`dim` long, by dense item number; empty for none), scoring MF, content
-/// and each blend weight of `weights` prequentially.
+/// and each blend weight of `weights` prequentially. Refuses an `mf_config` that
+/// [`MfConfig::validate`] refuses.
 pub fn content_streaming_eval(
     data: &Dataset,
     dim: usize,
@@ -163,11 +165,11 @@ pub fn content_streaming_eval(
     content_config: &ContentConfig,
     weights: &[f32],
     options: &EvalOptions,
-) -> ContentEvalReport {
+) -> Result<ContentEvalReport, ModelError> {
     let start = Instant::now();
     let k = options.k.max(1);
     let order = options.replay_order(data);
-    let model = OnlineMf::new(mf_config.clone());
+    let model = OnlineMf::new(mf_config.clone())?;
     let retriever = ExactRetriever::for_model(&model);
     let content = match ContentEmbeddings::new(
         ContentConfig {
@@ -181,7 +183,7 @@ pub fn content_streaming_eval(
         },
     ) {
         Ok(c) => c,
-        Err(_) => return ContentEvalReport::default(),
+        Err(_) => return Ok(ContentEvalReport::default()),
     };
     for (item, e) in embeddings.iter().enumerate() {
         if e.len() == dim {
@@ -274,7 +276,7 @@ pub fn content_streaming_eval(
         user.record(item, weight, r.timestamp_ms, options.history_window);
     }
     let events = order.len() as u64;
-    ContentEvalReport {
+    Ok(ContentEvalReport {
         events,
         cold_events,
         hr_mf: rate(hits_mf, events),
@@ -292,5 +294,5 @@ pub fn content_streaming_eval(
             .map(|(w, h)| (*w, rate(*h, cold_events)))
             .collect(),
         wall_secs: start.elapsed().as_secs_f64(),
-    }
+    })
 }

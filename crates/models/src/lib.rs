@@ -14,7 +14,9 @@
 //! session far above older interactions (which still act through the item factors).
 //!
 //! Layout:
-//! - [`config`]: [`MfConfig`], the model's settings and their tuned defaults
+//! - [`config`]: [`MfConfig`], the model's settings and their tuned defaults, and
+//!   [`config::WARM_START_LEARNING_RATE`]
+//! - [`error`]: [`ModelError`], a setting refused by name when a model is built or fitted
 //! - [`mf`]: [`OnlineMf`], the `OnlineModel`: SGD with Gram or sampled negatives, fold-in, popularity
 //! - [`content`]: [`ContentEmbeddings`], the `ContentModel` over catalog embeddings (user
 //!   embedding = decayed weighted mean of touched items), for blending and cold start
@@ -28,9 +30,11 @@
 //!   [`Csr`], [`als::fit`]), whose item factors can start [`OnlineMf`]
 //! - [`batch`]: [`TrainingSet`], events (log or file) to an ALS fit to a model snapshot
 //!   (`reflex train`)
-//! - [`eval`]: MovieLens readers, the streaming HR@k evaluation and the leave-last-out
-//!   offline evaluation of ALS and popularity
-//! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic hashing
+//! - [`eval`]: the ratings reader (`eval/data.rs`), the streaming HR@k evaluation
+//!   (`streaming.rs`), the leave-last-out offline evaluation of ALS and popularity
+//!   (`offline.rs`) and online learning continuing from ALS (`baseline.rs`)
+//! - `popularity`, `linalg`, `rng`: decayed popularity, Cholesky solve, deterministic
+//!   random numbers (over [`reflex_core::hash`])
 
 pub mod als;
 pub mod ann;
@@ -38,6 +42,7 @@ pub mod batch;
 pub mod config;
 pub mod content;
 pub mod content_eval;
+pub mod error;
 pub mod eval;
 pub mod factors;
 pub(crate) mod linalg;
@@ -52,6 +57,7 @@ pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quan
 pub use batch::TrainingSet;
 pub use config::{MfConfig, NegativeSampling};
 pub use content::{ContentConfig, ContentEmbeddings};
+pub use error::ModelError;
 pub use factors::{ItemFactors, StoredVector};
 pub use mf::OnlineMf;
 pub use retriever::ExactRetriever;

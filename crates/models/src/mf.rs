@@ -29,6 +29,7 @@ use reflex_core::{
 };
 
 use crate::config::{MfConfig, NegativeSampling};
+use crate::error::ModelError;
 use crate::factors::ItemFactors;
 use crate::linalg::{OUTER_BLOCK, add_outer_lower, cholesky_solve, dot, sub_sym_product};
 use crate::popularity::Popularity;
@@ -121,12 +122,14 @@ pub struct OnlineMf {
 }
 
 impl OnlineMf {
-    /// A new, empty model. Out-of-range settings are replaced by their defaults (see
-    /// [`MfConfig::validate`] to reject them instead).
-    pub fn new(config: MfConfig) -> Arc<Self> {
-        let config = config.sanitised();
+    /// A new, empty model; refuses `config` when [`MfConfig::validate`] does (an
+    /// out-of-range setting is an error naming the field, never replaced by its default).
+    pub fn new(config: MfConfig) -> std::result::Result<Arc<Self>, ModelError> {
+        config
+            .validate()
+            .map_err(|reason| ModelError::invalid_config("model", reason))?;
         let k = config.factors;
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             items: Arc::new(ItemFactors::new(k, config.init_scale, config.seed)),
             users: DashMap::with_hasher(IdHashState::default()),
             popularity: Popularity::new(
@@ -153,7 +156,7 @@ impl OnlineMf {
             learning_rate: AtomicU32::new(config.learning_rate.to_bits()),
             batch_origin: Mutex::new(None),
             config,
-        })
+        }))
     }
 
     /// The settings in force.
@@ -701,7 +704,8 @@ mod tests {
         let m = OnlineMf::new(MfConfig {
             learning_rate: 0.3,
             ..MfConfig::default()
-        });
+        })
+        .unwrap();
         let users: Vec<UserId> = (0..4).map(|i| user(&format!("buyer-{i}"))).collect();
         for n in 0..20_000i64 {
             let u = &users[(n % 4) as usize];
@@ -739,7 +743,8 @@ mod tests {
             negative_item_steps: true,
             negative_sampling: NegativeSampling::Uniform,
             ..small(8, 8)
-        });
+        })
+        .unwrap();
         let (alice, bob) = (user("alice"), user("bob"));
         // Make items 0 and 1 known, through another user.
         observe(&m, &bob, 0, 1.0, 0);
@@ -765,7 +770,8 @@ mod tests {
                 negative_item_steps,
                 negative_sampling: NegativeSampling::Uniform,
                 ..small(8, 8)
-            });
+            })
+            .unwrap();
             let (alice, bob) = (user("alice"), user("bob"));
             observe(&m, &bob, 0, 1.0, 0);
             observe(&m, &bob, 1, 1.0, 0);
@@ -787,7 +793,8 @@ mod tests {
             regularisation: reg,
             negative_sampling: NegativeSampling::Gram,
             ..small(k, negatives)
-        });
+        })
+        .unwrap();
         let (alice, bob) = (user("alice"), user("bob"));
         for item in 0..10 {
             observe(&m, &bob, item, 1.0, 0);
@@ -841,13 +848,15 @@ mod tests {
         let uniform = OnlineMf::new(MfConfig {
             negative_sampling: NegativeSampling::Uniform,
             ..small(8, 4)
-        });
+        })
+        .unwrap();
         let all_sampled = OnlineMf::new(MfConfig {
             negative_sampling: NegativeSampling::Gram,
             gram_samples: 4,
             ..small(8, 4)
-        });
-        let gram_only = OnlineMf::new(small(8, 4));
+        })
+        .unwrap();
+        let gram_only = OnlineMf::new(small(8, 4)).unwrap();
         let users: Vec<UserId> = (0..5).map(|u| user(&format!("u{u}"))).collect();
         for n in 0..500u32 {
             for m in [&uniform, &all_sampled, &gram_only] {
@@ -867,7 +876,8 @@ mod tests {
         let m = OnlineMf::new(MfConfig {
             gram_refresh_events: 1_000_000,
             ..small(8, 4)
-        });
+        })
+        .unwrap();
         let u = user("u");
         for n in 0..400u32 {
             observe(&m, &u, n / 2, 1.0, i64::from(n));
@@ -885,7 +895,8 @@ mod tests {
         let m = OnlineMf::new(MfConfig {
             fold_in_half_life_ms: 0,
             ..small(8, 4)
-        });
+        })
+        .unwrap();
         let users: Vec<UserId> = (0..40).map(|u| user(&format!("u{u}"))).collect();
         let mut rng = SplitMix::new(3);
         let mut ts = 0;
@@ -949,7 +960,8 @@ mod tests {
             popularity_half_life_ms: day,
             popular_refresh_events: 1,
             ..small(4, 0)
-        });
+        })
+        .unwrap();
         let u = user("u");
         let t0 = 1_700_000_000_000;
         observe(&m, &u, 0, 2.0, t0);
@@ -977,7 +989,8 @@ mod tests {
             popular_cache: 2,
             popular_refresh_events: 1,
             ..small(4, 0)
-        });
+        })
+        .unwrap();
         let u = user("u");
         for item in 0..10u32 {
             for _ in 0..=item {
@@ -991,7 +1004,7 @@ mod tests {
 
     #[test]
     fn forget_user_drops_the_learners_vector() {
-        let m = OnlineMf::new(small(4, 1));
+        let m = OnlineMf::new(small(4, 1)).unwrap();
         let u = user("gone");
         observe(&m, &u, 0, 1.0, 0);
         assert_eq!(m.learner_users(), 1);
@@ -1004,7 +1017,7 @@ mod tests {
     #[test]
     fn replay_is_deterministic() {
         let run = || {
-            let m = OnlineMf::new(small(8, 4));
+            let m = OnlineMf::new(small(8, 4)).unwrap();
             for e in 0..500u32 {
                 observe(&m, &user(&format!("u{}", e % 7)), e % 13, 1.0, i64::from(e));
             }
@@ -1017,7 +1030,7 @@ mod tests {
 
     #[test]
     fn concurrent_observe_and_read_do_not_panic() {
-        let m = OnlineMf::new(small(16, 4));
+        let m = OnlineMf::new(small(16, 4)).unwrap();
         let retriever = crate::ExactRetriever::for_model(&m);
         std::thread::scope(|s| {
             for t in 0..4u32 {
@@ -1069,7 +1082,7 @@ mod tests {
 
     #[test]
     fn export_then_import_restores_scores_and_popularity() {
-        let a = OnlineMf::new(small(4, 8));
+        let a = OnlineMf::new(small(4, 8)).unwrap();
         let alice = user("alice");
         for i in 0..200u32 {
             a.observe(&Observation {
@@ -1081,7 +1094,7 @@ mod tests {
         }
         let state = a.export().unwrap();
         assert_eq!(state.items.len(), 10);
-        let b = OnlineMf::new(small(4, 8));
+        let b = OnlineMf::new(small(4, 8)).unwrap();
         b.import(&state).unwrap();
         for i in 0..10 {
             assert_eq!(a.item_vector(i), b.item_vector(i));
@@ -1104,7 +1117,7 @@ mod tests {
             warm_start_learning_rate: 0.02,
             ..small(2, 4)
         };
-        let m = OnlineMf::new(config.clone());
+        let m = OnlineMf::new(config.clone()).unwrap();
         assert_eq!(m.learning_rate(), 0.1);
         assert_eq!(m.export().unwrap().batch_origin, None);
         m.load_item_factors(&[1.0, 0.0, 0.0, 1.0]);
@@ -1112,11 +1125,11 @@ mod tests {
         // A snapshot of it keeps the origin, and a model restored from it the rate.
         let warm = m.export().unwrap();
         assert!(warm.batch_origin.is_some());
-        let restored = OnlineMf::new(config.clone());
+        let restored = OnlineMf::new(config.clone()).unwrap();
         restored.import(&warm).unwrap();
         assert_eq!(restored.learning_rate(), 0.02);
         // Rolling back to a version learnt from scratch restores the configured rate.
-        let cold = OnlineMf::new(config).export().unwrap();
+        let cold = OnlineMf::new(config).unwrap().export().unwrap();
         restored.import(&cold).unwrap();
         assert_eq!(restored.learning_rate(), 0.1);
         assert_eq!(restored.export().unwrap().batch_origin, None);
@@ -1124,7 +1137,7 @@ mod tests {
 
     #[test]
     fn starts_from_batch_item_factors() {
-        let m = OnlineMf::new(small(2, 4));
+        let m = OnlineMf::new(small(2, 4)).unwrap();
         // Items 0 and 2 loaded; item 1 (all zero) skipped; a wrong length loads nothing.
         assert_eq!(m.load_item_factors(&[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]), 2);
         assert_eq!(m.load_item_factors(&[1.0, 0.0, 0.0]), 0);

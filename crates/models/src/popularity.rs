@@ -22,9 +22,10 @@ use reflex_core::{ItemIdx, Scored};
 use crate::factors::{CHUNK_ITEMS, ItemFactors};
 use crate::topk::TopK;
 
-/// `log2(2^a + 2^b)`.
+/// `log2(2^a + 2^b)`: how one event's `log2` weight adds to an item's stored popularity
+/// (here and in the batch [`crate::TrainingSet`], so both keep the same figure).
 #[inline]
-fn log_add_exp2(a: f64, b: f64) -> f64 {
+pub(crate) fn log_add_exp2(a: f64, b: f64) -> f64 {
     if a == f64::NEG_INFINITY {
         return b;
     }

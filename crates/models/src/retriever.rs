@@ -291,7 +291,8 @@ mod tests {
         let model = OnlineMf::new(MfConfig {
             factors: 8,
             ..MfConfig::default()
-        });
+        })
+        .unwrap();
         let u = UserId::parse("u", "user_id").unwrap();
         for item in 0..200 {
             model.observe(&Observation {

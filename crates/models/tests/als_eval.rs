@@ -21,7 +21,7 @@ fn als_beats_popularity_on_movielens_100k_leave_last_out() {
         online: true,
         ..BaselineOptions::default()
     };
-    let (report, model) = baseline_eval(&data, &options);
+    let (report, model) = baseline_eval(&data, &options).unwrap();
     println!(
         "ML-100K leave-last-out ({:.1} s):\n{report}",
         start.elapsed().as_secs_f64()

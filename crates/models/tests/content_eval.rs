@@ -31,7 +31,8 @@ fn blending_content_keeps_mf_quality_and_serves_cold_items_on_movielens_100k() {
         &ContentConfig::default(),
         &[0.3],
         &EvalOptions::default(),
-    );
+    )
+    .unwrap();
     println!("ML-100K content evaluation:\n{report}");
     assert_eq!(report.events, 100_000);
     assert_eq!(report.cold_events, data.items as u64);

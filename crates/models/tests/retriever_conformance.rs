@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use reflex_core::hash::{GOLDEN_GAMMA, finalise};
 use reflex_core::{ItemIdx, Retriever, Scored};
 use reflex_models::{
     AnnConfig, AnnRetriever, ExactRetriever, HybridRetriever, ItemFactors, Quantization,
@@ -20,16 +21,14 @@ use reflex_models::{
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/// Deterministic pseudo-random numbers (SplitMix64), so every run sees the same data.
+/// Deterministic pseudo-random numbers (textbook SplitMix64 over the workspace's
+/// finaliser), so every run sees the same data.
 struct Gen(u64);
 
 impl Gen {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
+        finalise(self.0)
     }
 
     fn uniform(&mut self) -> f32 {

@@ -16,7 +16,7 @@ fn streaming_eval_beats_popularity_on_movielens_100k() {
     }
     let data = read_movielens_100k(&file).unwrap();
     assert_eq!(data.ratings.len(), 100_000);
-    let report = streaming_eval(&data, &MfConfig::default(), &EvalOptions::default());
+    let report = streaming_eval(&data, &MfConfig::default(), &EvalOptions::default()).unwrap();
     println!("ML-100K streaming HR@10: {report}");
     assert_eq!(report.events, 100_000);
     // Measured with the defaults: MF 0.1566, popularity 0.0786 (2.0x). The baseline must be

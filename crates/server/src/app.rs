@@ -108,7 +108,7 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
 pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Engine>> {
     config.validate()?;
     let items = Arc::new(ItemIndex::new());
-    let model = OnlineMf::new(config.model.clone());
+    let model = OnlineMf::new(config.model.clone()).context("building the model")?;
     // Built empty before the replay; its background thread indexes items as they come.
     let retriever = Arc::new(
         HybridRetriever::for_model(&model, config.retrieval.clone())

@@ -59,7 +59,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         online: !args.offline_only,
         ..BaselineOptions::default()
     };
-    let (report, _) = baseline_eval(&data, &options);
+    let (report, _) = baseline_eval(&data, &options)?;
     if args.json {
         #[derive(Serialize)]
         struct Out<'a> {

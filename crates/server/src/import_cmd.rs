@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use reflex_core::engine::EventOutcome;
+use reflex_core::hash;
 use reflex_core::{EventKind, RawEvent, RawKind};
 use serde::Serialize;
 
@@ -339,26 +340,14 @@ pub fn parse_kind(label: &str) -> Result<(RawKind, String), String> {
     Ok((kind, String::new()))
 }
 
-/// FNV-1a over `bytes` from `basis`, finished with a SplitMix64 mix.
-fn hash64(bytes: &[u8], basis: u64) -> u64 {
-    let mut h = basis;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
 /// The event id of a row without one: `imp-` and a 128-bit hash of user, item, kind
 /// label and timestamp (ms), so the same row always gets the same id.
 pub fn derived_event_id(user: &str, item: &str, kind: &str, timestamp_ms: i64) -> String {
     let key = format!("{user}\u{1f}{item}\u{1f}{kind}\u{1f}{timestamp_ms}");
     format!(
         "imp-{:016x}{:016x}",
-        hash64(key.as_bytes(), 0xcbf2_9ce4_8422_2325),
-        hash64(key.as_bytes(), 0x6c62_272e_07bb_0142)
+        hash::hash_from(hash::FNV_OFFSET, key.as_bytes()),
+        hash::hash_from(0x6c62_272e_07bb_0142, key.as_bytes())
     )
 }
 

@@ -288,12 +288,12 @@ pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainRep
         let als = als.clone();
         move || {
             let matrix = set.matrix();
-            let model = reflex_models::als::fit(&matrix, &als);
-            (model, matrix.nnz(), set)
+            let model = reflex_models::als::fit(&matrix, &als)?;
+            anyhow::Ok((model, matrix.nnz(), set))
         }
     })
     .await
-    .context("the fitting task failed")?;
+    .context("the fitting task failed")??;
     let fit_secs = fit_started.elapsed().as_secs_f64();
 
     let stored = set.to_stored(&model, "als");
