@@ -310,21 +310,15 @@ pub async fn serve(
     let models = WhenReady::<ModelServiceServer<Reflex>>::new(startup.clone());
     let set_health = |status: tonic_health::ServingStatus| {
         let health = health.clone();
-        async move {
-            for name in [
-                "",
-                <EventServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <RecommendServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <CatalogServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <ProfileServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-                <ModelServiceServer<Reflex> as tonic::server::NamedService>::NAME,
-            ] {
-                health.set_service_status(name, status).await;
-            }
-        }
+        async move { set_readiness(&health, status).await }
     };
     // The reporter starts with "" SERVING; nothing is served before recovery.
     set_health(tonic_health::ServingStatus::NotServing).await;
+    // Liveness asks only whether the process answers: a store outage (a full disk,
+    // Redis down) turns readiness NOT_SERVING, and a restart would not fix it.
+    health
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
 
     let otlp_metrics = config.telemetry.otlp_endpoint.clone().map(|endpoint| {
         tokio::spawn(crate::otlp_metrics::run(
@@ -524,10 +518,55 @@ pub async fn serve(
     if !*stop.borrow() {
         set_health(tonic_health::ServingStatus::Serving).await;
     }
+    // Readiness follows whether the store takes writes (a full disk, a store that
+    // stopped writing, an unreachable backend), checked every second.
+    let readiness = {
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let stop = stop.clone();
+        let reporter = health.clone();
+        tokio::spawn(async move {
+            let mut writable = true;
+            let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let health = engine.sink_health().await;
+                if let Some(disk) = health.disk {
+                    let gauge = |kind: &str, bytes: u64| {
+                        metrics
+                            .store_disk_bytes
+                            .with_label_values(&[kind])
+                            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    };
+                    gauge("free", disk.free_bytes);
+                    gauge("total", disk.total_bytes);
+                    gauge("floor", disk.floor_bytes);
+                }
+                let now_writable = health.unwritable.is_none();
+                metrics.store_writable.set(i64::from(now_writable));
+                if now_writable == writable || *stop.borrow() {
+                    continue;
+                }
+                writable = now_writable;
+                match &health.unwritable {
+                    Some(why) => {
+                        warn!(reason = %why, "the store refuses writes: readiness NOT_SERVING");
+                        set_readiness(&reporter, tonic_health::ServingStatus::NotServing).await;
+                    }
+                    None => {
+                        info!("the store takes writes again: readiness SERVING");
+                        set_readiness(&reporter, tonic_health::ServingStatus::Serving).await;
+                    }
+                }
+            }
+        })
+    };
     on_progress(Progress::Ready, addr, metrics_addr);
     info!(%addr, ?metrics_addr, auth = keys.is_some(), "reflex serving");
 
     let result = serving.await;
+    readiness.abort();
     maintenance.abort();
     learner.abort();
     if let Some(follower) = follower {
@@ -562,6 +601,36 @@ pub async fn serve(
 }
 
 /// Stops the OTLP metrics export and the `/metrics` endpoint.
+/// The gRPC health service name that liveness probes ask: SERVING for as long as the
+/// process answers, whatever the store's state (readiness reports that).
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// Sets the readiness of the server (`""`) and of every API service.
+async fn set_readiness(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    use proto::catalog_service_server::CatalogServiceServer;
+    use proto::event_service_server::EventServiceServer;
+    use proto::model_service_server::ModelServiceServer;
+    use proto::profile_service_server::ProfileServiceServer;
+    use proto::recommend_service_server::RecommendServiceServer;
+    use tonic::server::NamedService;
+    for name in [
+        "",
+        <EventServiceServer<Reflex> as NamedService>::NAME,
+        <RecommendServiceServer<Reflex> as NamedService>::NAME,
+        <CatalogServiceServer<Reflex> as NamedService>::NAME,
+        <ProfileServiceServer<Reflex> as NamedService>::NAME,
+        <ModelServiceServer<Reflex> as NamedService>::NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// How often readiness asks the store whether it takes writes.
+const STORE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The accepted connections of the gRPC listener, with Nagle's algorithm off.
 ///
 /// A response leaves in two writes (headers and message, then the trailers); with Nagle on,

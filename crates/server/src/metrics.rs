@@ -12,7 +12,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -92,6 +92,11 @@ pub struct Metrics {
     /// Items in the checked exact answers (`kind="wanted"`) and, of those, in the
     /// retriever's own answers (`kind="found"`): recall = rate(found) / rate(wanted).
     pub recall_items: IntCounterVec,
+    /// The store's local disk by `kind`: `free`, `total`, and `floor` (the free space
+    /// below which ingest is refused); absent for backends without a local disk.
+    pub store_disk_bytes: IntGaugeVec,
+    /// 1 while the store takes writes, 0 while it refuses them (readiness follows it).
+    pub store_writable: IntGauge,
 }
 
 impl Metrics {
@@ -225,8 +230,24 @@ impl Metrics {
         for kind in ["wanted", "found"] {
             recall_items.with_label_values(&[kind]);
         }
+        let store_disk_bytes = IntGaugeVec::new(
+            Opts::new(
+                "reflex_store_disk_bytes",
+                "The store's local disk: free, total, and the floor below which ingest is refused",
+            ),
+            &["kind"],
+        )?;
+        let store_writable = IntGauge::new(
+            "reflex_store_writable",
+            "1 while the store takes writes, 0 while it refuses them (readiness follows it)",
+        )?;
+        store_writable.set(1);
+        registry.register(Box::new(store_disk_bytes.clone()))?;
+        registry.register(Box::new(store_writable.clone()))?;
         // Registered by `watch_recall`, once there is a retriever to read.
         Ok(Arc::new(Self {
+            store_disk_bytes,
+            store_writable,
             registry,
             ingest_events,
             ingest_batch_seconds,

@@ -3,10 +3,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Engine;
 use crate::error::Result;
+use crate::traits::SinkHealth;
 
 /// Counters since start-up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,7 +23,38 @@ impl Engine {
         self.backends.sink.maintain().await?;
         self.repair_profiles().await?;
         self.checkpoint().await?;
+        self.trim_log().await?;
         Ok(())
+    }
+
+    /// Log retention: hands the sink the last position no recovery needs any more, the
+    /// older of the durable profile checkpoint and the newest model version (recovery
+    /// replays the log after both). Nothing is trimmed before the first model version, nor
+    /// when other replicas follow the log. Returns what the sink dropped.
+    pub async fn trim_log(&self) -> Result<u64> {
+        if self.follows_log {
+            return Ok(0);
+        }
+        let Some(model_seq) = self.backends.models.list().await?.last().map(|v| v.log_seq) else {
+            return Ok(0);
+        };
+        let covered = match self.backends.profiles.durable_seq().await? {
+            Some(profiles_seq) => profiles_seq.min(model_seq),
+            None => model_seq,
+        };
+        if covered == 0 {
+            return Ok(0);
+        }
+        let dropped = self.backends.sink.trim(covered).await?;
+        if dropped > 0 {
+            debug!(dropped, through = covered, "event log trimmed");
+        }
+        Ok(dropped)
+    }
+
+    /// Whether the event sink can record events now (readiness), and its disk.
+    pub async fn sink_health(&self) -> SinkHealth {
+        self.backends.sink.health().await
     }
 
     /// Rebuilds the retriever's index from the current vectors on a blocking thread,
