@@ -10,6 +10,7 @@ mod batch;
 mod bench;
 mod content;
 mod demo;
+mod disk;
 mod ingest;
 mod models;
 mod operations;

@@ -303,6 +303,7 @@ pub async fn serve(
     // The API services exist from the start and answer UNAVAILABLE until the engine is
     // recovered and they are set.
     let startup = Startup::new(config.limits.retry_pushback_ms);
+    crate::convert::set_retry_pushback_ms(config.limits.retry_pushback_ms);
     let events = WhenReady::<EventServiceServer<Reflex>>::new(startup.clone());
     let recommend = WhenReady::<RecommendServiceServer<Reflex>>::new(startup.clone());
     let catalog = WhenReady::<CatalogServiceServer<Reflex>>::new(startup.clone());

@@ -4,6 +4,8 @@
 //! Protobuf messages are destructured exhaustively, so a new API field fails to compile
 //! until it is handled here.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prost_types::Timestamp;
 use reflex_core::engine::{Recommendation, RequestFilter, ScoredItem, SimilarSpace, Source};
 use reflex_core::profile::Profile;
@@ -13,7 +15,18 @@ use tonic::{Code, Status};
 
 use crate::proto;
 
-/// Maps a core error to a gRPC status; the only place the mapping is made.
+/// The retry advice (`grpc-retry-pushback-ms`) every `UNAVAILABLE` answer carries:
+/// `limits.retry_pushback_ms`, set once at start-up by [`set_retry_pushback_ms`].
+static RETRY_PUSHBACK_MS: AtomicU64 = AtomicU64::new(100);
+
+/// Sets the retry advice of `UNAVAILABLE` answers (a full disk, a backend down).
+pub fn set_retry_pushback_ms(ms: u64) {
+    RETRY_PUSHBACK_MS.store(ms, Ordering::Relaxed);
+}
+
+/// Maps a core error to a gRPC status; the only place the mapping is made. An
+/// `UNAVAILABLE` status carries retry advice (`grpc-retry-pushback-ms`), so clients back
+/// off and retry instead of treating it as a bug.
 pub fn status(err: Error) -> Status {
     let code = match err.code() {
         ErrorCode::InvalidArgument => Code::InvalidArgument,
@@ -25,7 +38,16 @@ pub fn status(err: Error) -> Status {
     if code == Code::Internal {
         tracing::error!(error = %err, "internal error");
     }
-    Status::new(code, err.to_string())
+    let mut status = Status::new(code, err.to_string());
+    if code == Code::Unavailable
+        && let Ok(v) = RETRY_PUSHBACK_MS
+            .load(Ordering::Relaxed)
+            .to_string()
+            .parse()
+    {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
 }
 
 fn millis(ts: &Timestamp) -> TimestampMs {
