@@ -278,7 +278,7 @@ pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainRep
     als.validate()
         .map_err(|e| anyhow::anyhow!("invalid ALS settings: {e}"))?;
 
-    let crate::app::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
+    let reflex_storage::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
     let weights = &config.engine.weights;
     let mut set = TrainingSet::new(config.model.popularity_half_life_ms);
     let started = Instant::now();

@@ -18,7 +18,9 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::cql::{MODEL_CHUNK, MODEL_SEQUENCE, Statements};
-use super::{MAX_CAS_ATTEMPTS, ScyllaStore, ScyllaStoreError, backoff, prepare_error, ttl_seconds};
+use super::store::{
+    MAX_CAS_ATTEMPTS, ScyllaStore, ScyllaStoreError, backoff, prepare_error, ttl_seconds,
+};
 
 /// Name of the rollback record's row.
 const ROLLBACKS: &str = "models";
