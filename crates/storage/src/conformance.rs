@@ -438,7 +438,8 @@ pub async fn sink_forgets_ids_after_the_window(stores: &Stores, setup: &Setup) -
     Ok(())
 }
 
-fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
+/// An update applying `event` (weight 1) at log position `seq`, ingested at `now_ms`.
+pub fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
     ProfileUpdate {
         seq,
         event,

@@ -13,6 +13,7 @@
 //!   `redis`) and its [`RedisConfig`]
 //! - [`scylla`]: the ScyllaDB backend (LWT dedupe and sequence numbers, compare-and-set
 //!   profile rows), `ScyllaStore` (cargo feature `scylla`) and its [`ScyllaConfig`]
+//! - `remote` (with either shared backend): what the Redis and Scylla backends share
 //! - `conformance` (tests, or the `conformance` feature): backend-agnostic cases every
 //!   backend must pass and the `conformance_suite!` macro that runs them; `testing`: a
 //!   real `redis-server` on a free port for tests
@@ -31,6 +32,8 @@ pub mod config;
 pub mod conformance;
 pub mod embedded;
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "scylla"))]
+mod remote;
 pub mod scylla;
 pub mod stores;
 #[cfg(any(test, feature = "conformance"))]

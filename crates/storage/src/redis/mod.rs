@@ -39,7 +39,8 @@ mod profiles;
 mod scripts;
 #[cfg(feature = "redis")]
 mod store;
-#[cfg(all(test, feature = "redis"))]
+#[cfg(feature = "redis")]
+#[cfg(test)]
 mod tests;
 
 pub use config::RedisConfig;

@@ -11,6 +11,7 @@ use reflex_core::types::now_ms;
 use reflex_core::{EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId};
 
 use super::store::{RedisStore, redis_error, reply_error};
+use crate::remote::by_user;
 
 impl RedisStore {
     async fn apply_user(&self, user: &UserId, updates: &[&ProfileUpdate<'_>]) -> Result<()> {
@@ -54,17 +55,8 @@ impl ProfileStore for RedisStore {
     }
 
     async fn apply(&self, updates: &[ProfileUpdate<'_>]) -> Result<()> {
-        // Group by user, keeping each user's events in order; users' scripts go out at
-        // once and are pipelined.
-        let mut by_user: Vec<(&UserId, Vec<&ProfileUpdate<'_>>)> = Vec::new();
-        let mut index: std::collections::HashMap<&UserId, usize> = std::collections::HashMap::new();
-        for u in updates {
-            let slot = *index.entry(&u.event.user_id).or_insert_with(|| {
-                by_user.push((&u.event.user_id, Vec::new()));
-                by_user.len() - 1
-            });
-            by_user[slot].1.push(u);
-        }
+        // Each user's events in order; users' scripts go out at once and are pipelined.
+        let by_user = by_user(updates);
         future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
         // Confirmed: no longer pending.
         let seqs: Vec<Value> = updates.iter().map(|u| Value::from(u.seq as i64)).collect();

@@ -15,6 +15,7 @@ use tracing::info;
 
 use super::RedisConfig;
 use super::scripts;
+use crate::remote::{connect_within, password_from_env};
 use crate::stores::Connections;
 
 /// Errors of the Redis backend that are not Redis's own.
@@ -92,12 +93,7 @@ impl RedisStore {
         let mut redis_config = Config::from_url(&config.url)
             .map_err(|e| Error::invalid("store.redis.url", e.to_string()))?;
         if let Some(var) = &config.password_env {
-            let password = std::env::var(var).map_err(|_| {
-                Error::invalid(
-                    "store.redis.password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
+            let password = password_from_env(var, "store.redis.password_env")?;
             redis_config.password = Some(password);
         }
         let command_timeout = Duration::from_millis(config.command_timeout_ms);
@@ -112,18 +108,9 @@ impl RedisStore {
             .build_pool(config.pool_size)
             .map_err(|e| Error::invalid("store.redis", e.to_string()))?;
         pool.init().await.map_err(|e| redis_error(context, e))?;
-        tokio::time::timeout(
-            Duration::from_millis(config.connect_timeout_ms),
-            pool.wait_for_connect(),
-        )
-        .await
-        .map_err(|_| {
-            Error::unavailable(
-                context,
-                format!("no connection within {} ms", config.connect_timeout_ms),
-            )
-        })?
-        .map_err(|e| redis_error(context, e))?;
+        connect_within(config.connect_timeout_ms, context, pool.wait_for_connect())
+            .await?
+            .map_err(|e| redis_error(context, e))?;
 
         let prefix = &config.prefix;
         let store = Self {

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use fred::prelude::{ClientLike, KeysInterface};
 use reflex_core::{
-    Appended, ErrorCode, EventKind, EventSink, LogRecord, ProfilePolicy, ProfileStore,
-    ProfileUpdate, Seq,
+    Appended, ErrorCode, EventKind, EventSink, LogRecord, ProfilePolicy, ProfileStore, Seq,
 };
 
 use super::*;
-use crate::conformance::{self, Setup, event, user, view};
+use crate::conformance::{self, Setup, event, update, user, view};
 use crate::testing::RedisServer;
 use crate::{Backend, StoreConfig, Stores};
 
@@ -75,15 +74,7 @@ async fn every_profile_key_carries_the_ttl_and_keys_share_the_users_slot() {
     };
     let e = event("ttl-1", "ttl-user", "shoe", EventKind::Purchase, 1_000);
     let now = reflex_core::types::now_ms();
-    store
-        .apply(&[ProfileUpdate {
-            seq: 1,
-            event: &e,
-            weight: 1.0,
-            now_ms: now,
-        }])
-        .await
-        .unwrap();
+    store.apply(&[update(1, &e, now)]).await.unwrap();
     let client = fred::prelude::Builder::from_config(
         fred::prelude::Config::from_url(&server.url()).unwrap(),
     )
@@ -228,12 +219,7 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
         unreachable!()
     };
     store
-        .apply(&[ProfileUpdate {
-            seq: seqs[0],
-            event: e1,
-            weight: 1.0,
-            now_ms: reflex_core::types::now_ms(),
-        }])
+        .apply(&[update(seqs[0], e1, reflex_core::types::now_ms())])
         .await
         .unwrap();
     assert_eq!(store.unapplied(-1_000, 10).await.unwrap(), [seqs[1]]);

@@ -36,14 +36,9 @@ impl CatalogStore for ScyllaStore {
 
     async fn get(&self, item: &ItemId) -> Result<Option<Item>> {
         let context = "reading a catalog item from scylla";
-        let result = self
-            .exec(&self.st.select_item, (item.as_str(),), context)
+        let row: Option<ItemRow> = self
+            .first_row(&self.st.select_item, (item.as_str(),), context)
             .await?;
-        let row: Option<ItemRow> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
         row.map(|r| r.into_item().map_err(|e| Error::storage(context, e)))
             .transpose()
     }
@@ -82,14 +77,9 @@ impl CatalogStore for ScyllaStore {
 
     async fn version(&self) -> Result<u64> {
         let context = "reading the scylla catalog version";
-        let result = self
-            .exec(&self.st.select_catalog_version, (), context)
+        let row: Option<(Option<Counter>,)> = self
+            .first_row(&self.st.select_catalog_version, (), context)
             .await?;
-        let row: Option<(Option<Counter>,)> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
         Ok(row
             .and_then(|(v,)| v)
             .map_or(0, |Counter(v)| v.max(0) as u64))

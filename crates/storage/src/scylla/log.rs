@@ -145,14 +145,9 @@ impl ScyllaStore {
         claim: i64,
         context: &str,
     ) -> Result<Option<bool>> {
-        let result = self
-            .exec(&self.st.select_dedupe_serial, (event_id,), context)
+        let row: Option<(Option<i64>, Option<i64>)> = self
+            .first_row(&self.st.select_dedupe_serial, (event_id,), context)
             .await?;
-        let row: Option<(Option<i64>, Option<i64>)> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
         Ok(row.map(|(_, holder)| holder == Some(claim)))
     }
 

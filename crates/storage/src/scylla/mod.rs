@@ -56,7 +56,8 @@ mod rows;
 mod schema;
 #[cfg(feature = "scylla")]
 mod store;
-#[cfg(all(test, feature = "scylla"))]
+#[cfg(feature = "scylla")]
+#[cfg(test)]
 mod tests;
 
 pub use config::{ConsistencyLevel, ReplicationClass, ScyllaConfig, SerialConsistencyLevel};

@@ -16,8 +16,6 @@
 //! unknown, a `SERIAL` read settles it: the row remembers its last 32 stamps, so the
 //! writer learns whether its write landed instead of applying the events twice.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use futures_util::{TryStreamExt, future};
 use reflex_core::types::now_ms;
@@ -28,6 +26,7 @@ use super::store::{
     MAX_CAS_ATTEMPTS, ScyllaStore, ScyllaStoreError, backoff, fresh_stamp, pager_error,
     row_stream_error, ttl_seconds,
 };
+use crate::remote::by_user;
 
 impl ScyllaStore {
     async fn profile_row(&self, user: &UserId, serial: bool) -> Result<Option<ProfileRow>> {
@@ -37,12 +36,7 @@ impl ScyllaStore {
         } else {
             &self.st.select_profile
         };
-        let result = self.exec(statement, (user.as_str(),), context).await?;
-        result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row::<ProfileRow>()
-            .map_err(|e| Error::storage(context, e))
+        self.first_row(statement, (user.as_str(),), context).await
     }
 
     async fn apply_user(&self, user: &UserId, updates: &[&ProfileUpdate<'_>]) -> Result<()> {
@@ -148,16 +142,8 @@ impl ProfileStore for ScyllaStore {
     }
 
     async fn apply(&self, updates: &[ProfileUpdate<'_>]) -> Result<()> {
-        // Group by user, keeping each user's events in order; users go concurrently.
-        let mut by_user: Vec<(&UserId, Vec<&ProfileUpdate<'_>>)> = Vec::new();
-        let mut index: HashMap<&UserId, usize> = HashMap::new();
-        for u in updates {
-            let slot = *index.entry(&u.event.user_id).or_insert_with(|| {
-                by_user.push((&u.event.user_id, Vec::new()));
-                by_user.len() - 1
-            });
-            by_user[slot].1.push(u);
-        }
+        // Each user's events in order; users go concurrently.
+        let by_user = by_user(updates);
         future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
         Ok(())
     }

@@ -12,6 +12,7 @@ use reflex_core::{Error, ProfilePolicy, Result, Seq};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
 use scylla::errors::{
     DbError, ExecutionError, NewSessionError, NextPageError, NextRowError, PagerExecutionError,
     PrepareError, RequestAttemptError, RequestError,
@@ -25,6 +26,7 @@ use tracing::{info, warn};
 
 use super::config::MAX_TTL_SECONDS;
 use super::{ScyllaConfig, cql, models, schema};
+use crate::remote::{connect_within, password_from_env};
 
 /// Attempts of one compare-and-set before giving up with `UNAVAILABLE`.
 pub(super) const MAX_CAS_ATTEMPTS: u32 = 100;
@@ -302,22 +304,11 @@ impl ScyllaStore {
             builder = builder.prefer_datacenter(dc.clone());
         }
         if let (Some(user), Some(var)) = (&config.username, &config.password_env) {
-            let password = std::env::var(var).map_err(|_| {
-                Error::invalid(
-                    "store.scylla.password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
+            let password = password_from_env(var, "store.scylla.password_env")?;
             builder = builder.user(user.clone(), password);
         }
-        let session = tokio::time::timeout(connect_timeout, builder.build())
-            .await
-            .map_err(|_| {
-                Error::unavailable(
-                    context,
-                    format!("no connection within {} ms", config.connect_timeout_ms),
-                )
-            })?
+        let session = connect_within(config.connect_timeout_ms, context, builder.build())
+            .await?
             .map_err(|e| session_error(context, e))?;
 
         schema::migrate(&session, &config).await?;
@@ -355,6 +346,24 @@ impl ScyllaStore {
             .execute_unpaged(statement, values)
             .await
             .map_err(|e| exec_error(context, e))
+    }
+
+    /// Runs `statement` and decodes the first row it returns, if any.
+    pub(super) async fn first_row<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        context: &str,
+    ) -> Result<Option<R>>
+    where
+        R: for<'frame> DeserializeRow<'frame, 'frame>,
+    {
+        self.exec(statement, values, context)
+            .await?
+            .into_rows_result()
+            .map_err(|e| Error::storage(context, e))?
+            .maybe_first_row()
+            .map_err(|e| Error::storage(context, e))
     }
 
     /// Runs a conditional statement; `Ok(None)` when its outcome is unknown (timeout).
@@ -431,12 +440,8 @@ impl ScyllaStore {
         } else {
             &self.st.select_sequence
         };
-        let result = self.exec(statement, (name,), context).await?;
-        let row: Option<(Option<i64>, Option<i64>)> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
+        let row: Option<(Option<i64>, Option<i64>)> =
+            self.first_row(statement, (name,), context).await?;
         Ok(row.and_then(|(value, owner)| value.map(|v| (v, owner))))
     }
 }

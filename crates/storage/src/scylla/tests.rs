@@ -6,14 +6,12 @@
 use std::sync::Arc;
 
 use reflex_core::types::now_ms;
-use reflex_core::{
-    Appended, EventKind, EventSink, LogRecord, ProfilePolicy, ProfileStore, ProfileUpdate,
-};
+use reflex_core::{Appended, EventKind, EventSink, LogRecord, ProfilePolicy, ProfileStore};
 
 use super::cql::LOG_BUCKET;
 use super::store::fresh_stamp;
 use super::*;
-use crate::conformance::{self, Setup, event, user, view};
+use crate::conformance::{self, Setup, event, update, user, view};
 use crate::{Backend, StoreConfig, Stores};
 
 const SKIPPED: &str =
@@ -77,15 +75,7 @@ async fn profile_rows_carry_the_ttl_left_until_touched_plus_ttl() {
     };
     let e = event("ttl-1", "ttl-user", "shoe", EventKind::Purchase, 1_000);
     let now = now_ms();
-    store
-        .apply(&[ProfileUpdate {
-            seq: 1,
-            event: &e,
-            weight: 1.0,
-            now_ms: now,
-        }])
-        .await
-        .unwrap();
+    store.apply(&[update(1, &e, now)]).await.unwrap();
     let result = store
         .session
         .query_unpaged(
@@ -154,15 +144,7 @@ async fn erased_profiles_start_again_at_version_one() {
         let store = Arc::clone(&store);
         async move {
             let e = event(id, "again-u", "x", EventKind::View, 1);
-            store
-                .apply(&[ProfileUpdate {
-                    seq: 1,
-                    event: &e,
-                    weight: 1.0,
-                    now_ms: now_ms(),
-                }])
-                .await
-                .unwrap();
+            store.apply(&[update(1, &e, now_ms())]).await.unwrap();
         }
     };
     apply("again-1").await;
