@@ -117,46 +117,60 @@ macro_rules! __conformance_case {
         #[ignore = $why]
         fn $case() {}
     };
-    (sink_assigns_increasing_positions [sink_assigns_increasing_positions: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (sink_assigns_increasing_positions
+        [sink_assigns_increasing_positions: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip sink_assigns_increasing_positions $why);
     };
-    (sink_dedupes_within_and_across_calls [sink_dedupes_within_and_across_calls: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (sink_dedupes_within_and_across_calls
+        [sink_dedupes_within_and_across_calls: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip sink_dedupes_within_and_across_calls $why);
     };
-    (sink_reads_in_pages [sink_reads_in_pages: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (sink_reads_in_pages
+        [sink_reads_in_pages: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip sink_reads_in_pages $why);
     };
-    (sink_records_each_id_once_under_concurrency [sink_records_each_id_once_under_concurrency: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (sink_records_each_id_once_under_concurrency
+        [sink_records_each_id_once_under_concurrency: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip sink_records_each_id_once_under_concurrency $why);
     };
-    (sink_forgets_ids_after_the_window [sink_forgets_ids_after_the_window: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (sink_forgets_ids_after_the_window
+        [sink_forgets_ids_after_the_window: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip sink_forgets_ids_after_the_window $why);
     };
-    (profiles_apply_get_erase [profiles_apply_get_erase: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (profiles_apply_get_erase
+        [profiles_apply_get_erase: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip profiles_apply_get_erase $why);
     };
-    (profiles_expire_after_ttl [profiles_expire_after_ttl: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (profiles_expire_after_ttl
+        [profiles_expire_after_ttl: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip profiles_expire_after_ttl $why);
     };
-    (profiles_are_atomic_per_user [profiles_are_atomic_per_user: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (profiles_are_atomic_per_user
+        [profiles_are_atomic_per_user: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip profiles_are_atomic_per_user $why);
     };
-    (profiles_apply_each_position_once [profiles_apply_each_position_once: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (profiles_apply_each_position_once
+        [profiles_apply_each_position_once: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip profiles_apply_each_position_once $why);
     };
-    (profiles_match_the_reference [profiles_match_the_reference: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (profiles_match_the_reference
+        [profiles_match_the_reference: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip profiles_match_the_reference $why);
     };
-    (catalog_round_trips [catalog_round_trips: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (catalog_round_trips
+        [catalog_round_trips: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip catalog_round_trips $why);
     };
-    (catalog_version_tracks_changes [catalog_version_tracks_changes: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (catalog_version_tracks_changes
+        [catalog_version_tracks_changes: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip catalog_version_tracks_changes $why);
     };
-    (models_round_trip [models_round_trip: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (models_round_trip
+        [models_round_trip: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip models_round_trip $why);
     };
-    (lease_is_exclusive [lease_is_exclusive: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+    (lease_is_exclusive
+        [lease_is_exclusive: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
         $crate::__conformance_case!(@skip lease_is_exclusive $why);
     };
     // The first skipped name is another case: look at the rest.
