@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use reflex_core::{Backends, CatalogStore, Engine, EventSink, ItemIndex, ModelStore, ProfileStore};
+use reflex_core::{Backends, Engine, ItemIndex};
 use reflex_models::{ContentEmbeddings, HybridRetriever, OnlineMf};
-use reflex_storage::{EmbeddedStore, RedisStore, ScyllaStore};
+use reflex_storage::Stores;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -16,7 +16,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::instrumented::Instrumented;
 use crate::metrics::Metrics;
 use crate::middleware::{
@@ -31,75 +31,14 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection (and its streams) is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The storage half of the engine's backends.
-pub struct Stores {
-    /// The event log.
-    pub sink: Arc<dyn EventSink>,
-    /// User profiles.
-    pub profiles: Arc<dyn ProfileStore>,
-    /// Catalog items.
-    pub catalog: Arc<dyn CatalogStore>,
-    /// Model versions and the learner lease.
-    pub models: Arc<dyn ModelStore>,
-    /// The Redis store, when it is the backend: its connections outlive the handles
-    /// above and are closed through it when a start-up attempt gives up on it.
-    pub redis: Option<Arc<RedisStore>>,
-}
-
-impl Stores {
-    /// Every storage role filled by one backend.
-    fn all_in<S: EventSink + ProfileStore + CatalogStore + ModelStore>(store: Arc<S>) -> Self {
-        Self {
-            sink: store.clone(),
-            profiles: store.clone(),
-            catalog: store.clone(),
-            models: store,
-            redis: None,
-        }
-    }
-}
-
 /// Opens (or connects to) the backend `config.store` names; one backend fills every
 /// storage role.
 pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
-    Ok(match config.store.backend {
-        Backend::Embedded => {
-            let store = EmbeddedStore::open(config.store.embedded.clone(), config.profiles.clone())
-                .with_context(|| {
-                    format!(
-                        "opening the embedded store in {} (is another process using it?)",
-                        config.store.embedded.data_dir.display()
-                    )
-                })?;
-            Stores::all_in(store)
-        }
-        Backend::Redis => {
-            let store = RedisStore::connect(config.store.redis.clone(), config.profiles.clone())
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to redis at {}",
-                        config.store.redis.url_redacted()
-                    )
-                })?;
-            Stores {
-                redis: Some(store.clone()),
-                ..Stores::all_in(store)
-            }
-        }
-        Backend::Scylla => {
-            let store = ScyllaStore::connect(config.store.scylla.clone(), config.profiles.clone())
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to scylla at {} (keyspace {})",
-                        config.store.scylla.contact_points.join(","),
-                        config.store.scylla.keyspace
-                    )
-                })?;
-            Stores::all_in(store)
-        }
-    })
+    config
+        .store
+        .open(&config.profiles)
+        .await
+        .with_context(|| config.store.opening())
 }
 
 /// Builds the backends named by `config` (each decorated to record its latency and
@@ -115,21 +54,14 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
             .context("building the item index")?,
     );
     let stores = open_stores(config).await?;
-    let Stores {
-        sink,
-        profiles,
-        catalog,
-        models,
-        redis,
-    } = stores;
     let backends = Backends {
-        sink: Instrumented::new(sink, metrics.clone()),
-        profiles: Instrumented::new(profiles, metrics.clone()),
-        catalog: Instrumented::new(catalog, metrics.clone()),
+        sink: Instrumented::new(stores.sink.clone(), metrics.clone()),
+        profiles: Instrumented::new(stores.profiles.clone(), metrics.clone()),
+        catalog: Instrumented::new(stores.catalog.clone(), metrics.clone()),
         model,
         retriever,
         items,
-        models,
+        models: stores.models.clone(),
     };
     let mut engine =
         Engine::new(backends, config.engine.clone()).with_quality(config.quality.clone());
@@ -147,9 +79,7 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         Ok(replayed) => replayed,
         Err(err) => {
             // A failed start may be retried: close this attempt's connections.
-            if let Some(redis) = redis {
-                redis.quit().await;
-            }
+            stores.close().await;
             return Err(err).context("replaying the event log");
         }
     };

@@ -9,7 +9,6 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use reflex_core::{EngineConfig, ProfilePolicy, QualityConfig};
 use reflex_models::MfConfig;
-use reflex_storage::{EmbeddedConfig, RedisConfig, ScyllaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::MetricsConfig;
@@ -207,58 +206,9 @@ impl TlsConfig {
     }
 }
 
-/// Which backend holds profiles, the event log and the catalog.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// The backend in use.
-    pub backend: Backend,
-    /// Settings of the embedded backend.
-    pub embedded: EmbeddedConfig,
-    /// Settings of the Redis backend.
-    pub redis: RedisConfig,
-    /// Settings of the ScyllaDB backend.
-    pub scylla: ScyllaConfig,
-    /// With a shared backend, how often the model reads the shared event log for the
-    /// events of every replica, in ms.
-    pub follow_interval_ms: u64,
-    /// With a shared backend that cannot be reached at start-up, the longest wait
-    /// between attempts to open it, in ms (the first wait is 100 ms, then doubling).
-    pub connect_retry_max_ms: u64,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            backend: Backend::default(),
-            embedded: EmbeddedConfig::default(),
-            redis: RedisConfig::default(),
-            scylla: ScyllaConfig::default(),
-            follow_interval_ms: 10,
-            connect_retry_max_ms: 5_000,
-        }
-    }
-}
-
-/// Available backends.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// Durable local storage in a data directory (one replica).
-    #[default]
-    Embedded,
-    /// Redis (standalone or Cluster), shared by many replicas.
-    Redis,
-    /// A ScyllaDB (or Cassandra) cluster, shared by many replicas.
-    Scylla,
-}
-
-impl Backend {
-    /// Whether several replicas share the backend, so each must follow the shared log.
-    pub fn is_shared(self) -> bool {
-        matches!(self, Self::Redis | Self::Scylla)
-    }
-}
+/// The `store` section (which backend holds profiles, the event log and the catalog, and
+/// the settings of each) lives with the backends, which open it.
+pub use reflex_storage::{Backend, StoreConfig};
 
 /// Settings given as command-line flags, which win over everything else.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -327,25 +277,6 @@ fn validate_quality(quality: &QualityConfig) -> Result<(), String> {
     }
     at_least("min_events", quality.min_events, 1)?;
     at_least("max_scored_per_sec", quality.max_scored_per_sec, 1)
-}
-
-// moves to reflex-storage with StoreConfig
-impl StoreConfig {
-    /// Checks the settings of the selected backend, naming keys in full
-    /// (`store.redis.prefix`).
-    pub fn validate(&self) -> Result<(), reflex_core::Error> {
-        match self.backend {
-            // The embedded backend names its keys within its own section.
-            Backend::Embedded => self.embedded.validate().map_err(|err| match err {
-                reflex_core::Error::InvalidArgument { field, reason } => {
-                    reflex_core::Error::invalid(format!("store.embedded.{field}"), reason)
-                }
-                other => other,
-            }),
-            Backend::Redis => self.redis.validate(),
-            Backend::Scylla => self.scylla.validate(),
-        }
-    }
 }
 
 /// Errors loading the configuration.

@@ -249,7 +249,7 @@ pub async fn train(args: &TrainArgs, config: &Config) -> anyhow::Result<TrainRep
     );
     let als = args.als.to_config(server_factors)?;
 
-    let crate::app::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
+    let reflex_storage::Stores { sink, models, .. } = crate::app::open_stores(config).await?;
     let weights = &config.engine.weights;
     let mut set = TrainingSet::new(config.model.popularity_half_life_ms);
     let started = Instant::now();

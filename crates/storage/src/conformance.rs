@@ -1,10 +1,14 @@
-//! Backend-agnostic cases every storage backend must pass, written once and run against
-//! each backend's own test module (enable the `conformance` feature to use them from
-//! another crate).
+//! Backend-agnostic cases every storage backend must pass, written once, and
+//! [`conformance_suite!`](crate::conformance_suite), which runs them all against one
+//! backend (enable the `conformance` feature to use them from another crate).
 //!
-//! Each case takes the trait object under test, uses ids of its own (prefixed by the
-//! case's name) so cases can share one backend, panics on a broken expectation and
-//! returns backend errors as `Err`.
+//! Each case takes the [`Stores`] under test and the [`Setup`] they were built with,
+//! uses ids of its own (prefixed by the case's name) so cases can share one backend,
+//! panics on a broken expectation and returns backend errors as `Err`. A new case is a
+//! function here plus a line in the macro's list (and an arm in `__conformance_case!`).
+//!
+//! Where the suite runs: `embedded/tests.rs`, `redis/tests.rs`, `scylla/tests.rs`, and
+//! the in-memory backend of reflex-core at the end of this file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,9 +16,196 @@ use std::time::Duration;
 
 use reflex_core::types::now_ms;
 use reflex_core::{
-    Appended, CatalogStore, Event, EventId, EventKind, EventSink, Item, ItemId, LogRecord,
-    ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+    Appended, ErrorCode, Event, EventId, EventKind, Item, ItemId, LogRecord, ProfilePolicy,
+    ProfileUpdate, Result, Seq, UserId,
 };
+
+use crate::{StoreConfig, Stores};
+
+/// How a case wants its fresh store built; a backend's `backend` function (see
+/// [`conformance_suite!`](crate::conformance_suite)) honours every field.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// The profile policy the store keeps profiles by.
+    pub policy: ProfilePolicy,
+    /// A dedupe window (ms) instead of the backend's default, for the case that waits
+    /// for it to pass.
+    pub dedupe_window_ms: Option<i64>,
+}
+
+impl Setup {
+    /// The default setup with a dedupe window of 50 ms.
+    pub fn short_dedupe_window() -> Self {
+        Self {
+            dedupe_window_ms: Some(50),
+            ..Self::default()
+        }
+    }
+}
+
+/// Runs every conformance case against one backend: expands to a module
+/// `conformance_suite` holding one `#[tokio::test]` per case (the calling crate needs
+/// `tokio` with its test macros).
+///
+/// - `backend`: an async function (or closure) `Fn(Setup) -> Option<(G, Stores)>` that
+///   builds a fresh, empty store as the [`Setup`] asks. `G` is kept for as long as the
+///   case runs (a temporary directory, a `redis-server`). `None` means the backend is not
+///   available here (say why on stderr): the case then passes without running.
+/// - `skip`: the cases this backend does not run, each with the reason, which the test
+///   report shows (`ignored, <reason>`). A name that is not a case does not compile.
+///
+/// ```ignore
+/// reflex_storage::conformance_suite! {
+///     backend: fresh,
+///     skip: {
+///         lease_is_exclusive: "one process: every lease is granted",
+///     },
+/// }
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    (backend: $backend:expr, skip: { $($skip:ident: $why:literal),* $(,)? } $(,)?) => {
+        mod conformance_suite {
+            #[allow(unused_imports)]
+            use super::*;
+
+            // Every skipped name must be a case.
+            const _: () = { $( let _ = $crate::conformance::$skip; )* };
+
+            $crate::__conformance_case!(sink_assigns_increasing_positions [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(sink_dedupes_within_and_across_calls [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(sink_reads_in_pages [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(sink_records_each_id_once_under_concurrency
+                [$($skip: $why,)*] [(flavor = "multi_thread", worker_threads = 4)]
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(sink_forgets_ids_after_the_window [$($skip: $why,)*] []
+                $crate::conformance::Setup::short_dedupe_window(), $backend);
+            $crate::__conformance_case!(profiles_apply_get_erase [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(profiles_expire_after_ttl [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(profiles_are_atomic_per_user
+                [$($skip: $why,)*] [(flavor = "multi_thread", worker_threads = 4)]
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(profiles_apply_each_position_once [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(profiles_match_the_reference [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(catalog_round_trips [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(catalog_version_tracks_changes [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(models_round_trip [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+            $crate::__conformance_case!(lease_is_exclusive [$($skip: $why,)*] []
+                $crate::conformance::Setup::default(), $backend);
+        }
+    };
+}
+
+/// One case of [`conformance_suite!`](crate::conformance_suite): its test, or an ignored
+/// test giving the reason when the skip list names it. macro_rules cannot compare two
+/// names it was given, so each case has an arm that spells its own name.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_case {
+    (@skip $case:ident $why:literal) => {
+        #[test]
+        #[ignore = $why]
+        fn $case() {}
+    };
+    (sink_assigns_increasing_positions
+        [sink_assigns_increasing_positions: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip sink_assigns_increasing_positions $why);
+    };
+    (sink_dedupes_within_and_across_calls
+        [sink_dedupes_within_and_across_calls: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip sink_dedupes_within_and_across_calls $why);
+    };
+    (sink_reads_in_pages
+        [sink_reads_in_pages: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip sink_reads_in_pages $why);
+    };
+    (sink_records_each_id_once_under_concurrency
+        [sink_records_each_id_once_under_concurrency: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip sink_records_each_id_once_under_concurrency $why);
+    };
+    (sink_forgets_ids_after_the_window
+        [sink_forgets_ids_after_the_window: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip sink_forgets_ids_after_the_window $why);
+    };
+    (profiles_apply_get_erase
+        [profiles_apply_get_erase: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip profiles_apply_get_erase $why);
+    };
+    (profiles_expire_after_ttl
+        [profiles_expire_after_ttl: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip profiles_expire_after_ttl $why);
+    };
+    (profiles_are_atomic_per_user
+        [profiles_are_atomic_per_user: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip profiles_are_atomic_per_user $why);
+    };
+    (profiles_apply_each_position_once
+        [profiles_apply_each_position_once: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip profiles_apply_each_position_once $why);
+    };
+    (profiles_match_the_reference
+        [profiles_match_the_reference: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip profiles_match_the_reference $why);
+    };
+    (catalog_round_trips
+        [catalog_round_trips: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip catalog_round_trips $why);
+    };
+    (catalog_version_tracks_changes
+        [catalog_version_tracks_changes: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip catalog_version_tracks_changes $why);
+    };
+    (models_round_trip
+        [models_round_trip: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip models_round_trip $why);
+    };
+    (lease_is_exclusive
+        [lease_is_exclusive: $why:literal, $($_r:tt)*] $($_t:tt)*) => {
+        $crate::__conformance_case!(@skip lease_is_exclusive $why);
+    };
+    // The first skipped name is another case: look at the rest.
+    ($case:ident [$_s:ident: $_w:literal, $($rest:tt)*] $($t:tt)*) => {
+        $crate::__conformance_case!($case [$($rest)*] $($t)*);
+    };
+    // Not skipped: the test.
+    ($case:ident [] [$($attr:tt)*] $setup:expr, $backend:expr) => {
+        #[tokio::test $($attr)*]
+        async fn $case() {
+            let setup: $crate::conformance::Setup = $setup;
+            let Some((_guard, stores)) = ($backend)(setup.clone()).await else {
+                return;
+            };
+            if let Err(e) = $crate::conformance::$case(&stores, &setup).await {
+                panic!("{} failed: {e}", stringify!($case));
+            }
+        }
+    };
+}
+
+/// Opening `config`, whose backend is at an address where nothing listens (and which
+/// gives up connecting after a short timeout), fails with `UNAVAILABLE` within seconds
+/// instead of hanging. Not a case of the suite: it needs no server. Returns the error for
+/// the backend's own checks.
+pub async fn opening_nothing_is_unavailable(config: StoreConfig) -> reflex_core::Error {
+    let started = std::time::Instant::now();
+    let err = match config.open(&ProfilePolicy::default()).await {
+        Ok(_) => panic!("{} succeeded with nothing there", config.opening()),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    err
+}
 
 /// An event with the given ids, kind and event time.
 pub fn event(event_id: &str, user: &str, item: &str, kind: EventKind, timestamp_ms: i64) -> Event {
@@ -90,7 +281,8 @@ fn event_id_of(record: &LogRecord) -> Option<&str> {
 
 /// Every record gets a position after the previous end, strictly increasing, and reads
 /// back as it was written.
-pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<()> {
+pub async fn sink_assigns_increasing_positions(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let sink = &*stores.sink;
     let before = sink.last_seq().await?;
     let records = vec![
         view("positions-1", "positions-u"),
@@ -126,7 +318,8 @@ pub async fn sink_assigns_increasing_positions(sink: &dyn EventSink) -> Result<(
 
 /// An event id seen earlier in the same call or in an earlier call is a duplicate and
 /// is not recorded again; erase records are never duplicates.
-pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Result<()> {
+pub async fn sink_dedupes_within_and_across_calls(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let sink = &*stores.sink;
     let before = sink.last_seq().await?;
     let first = sink
         .append(&[
@@ -165,7 +358,8 @@ pub async fn sink_dedupes_within_and_across_calls(sink: &dyn EventSink) -> Resul
 }
 
 /// Reading in pages of any size yields every record once, in order.
-pub async fn sink_reads_in_pages(sink: &dyn EventSink) -> Result<()> {
+pub async fn sink_reads_in_pages(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let sink = &*stores.sink;
     let before = sink.last_seq().await?;
     let records: Vec<LogRecord> = (0..25)
         .map(|i| view(&format!("paging-{i}"), "paging-u"))
@@ -191,14 +385,18 @@ pub async fn sink_reads_in_pages(sink: &dyn EventSink) -> Result<()> {
 
 /// Many concurrent appends of overlapping event ids record every id exactly once, at
 /// distinct positions.
-pub async fn sink_records_each_id_once_under_concurrency(sink: Arc<dyn EventSink>) -> Result<()> {
+pub async fn sink_records_each_id_once_under_concurrency(
+    stores: &Stores,
+    _setup: &Setup,
+) -> Result<()> {
+    let sink = &stores.sink;
     const TASKS: usize = 16;
     const BATCHES: usize = 10;
     const BATCH: usize = 50;
     const IDS: usize = 400;
     let mut tasks = Vec::new();
     for t in 0..TASKS {
-        let sink = Arc::clone(&sink);
+        let sink = Arc::clone(sink);
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             for b in 0..BATCHES {
@@ -237,12 +435,12 @@ pub async fn sink_records_each_id_once_under_concurrency(sink: Arc<dyn EventSink
     Ok(())
 }
 
-/// An event id is new again once the dedupe window (`window`, as the backend was
-/// configured) has passed and maintenance ran.
-pub async fn sink_forgets_ids_after_the_window(
-    sink: &dyn EventSink,
-    window: Duration,
-) -> Result<()> {
+/// An event id is new again once the dedupe window (`setup.dedupe_window_ms`, as the
+/// backend was configured) has passed and maintenance ran.
+pub async fn sink_forgets_ids_after_the_window(stores: &Stores, setup: &Setup) -> Result<()> {
+    let sink = &*stores.sink;
+    let window_ms = present(setup.dedupe_window_ms, "a short dedupe window in the setup");
+    let window = Duration::from_millis(window_ms.unsigned_abs());
     let first = sink.append(&[view("window-a", "window-u")]).await?;
     assert!(matches!(first.as_slice(), [Appended::At(_)]));
     let again = sink.append(&[view("window-a", "window-u")]).await?;
@@ -254,7 +452,8 @@ pub async fn sink_forgets_ids_after_the_window(
     Ok(())
 }
 
-fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
+/// An update applying `event` (weight 1) at log position `seq`, ingested at `now_ms`.
+pub fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
     ProfileUpdate {
         seq,
         event,
@@ -264,7 +463,8 @@ fn update(seq: Seq, event: &Event, now_ms: i64) -> ProfileUpdate<'_> {
 }
 
 /// Applies change profiles in order; erase forgets them.
-pub async fn profiles_apply_get_erase(store: &dyn ProfileStore) -> Result<()> {
+pub async fn profiles_apply_get_erase(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let store = &*stores.profiles;
     let alice = user("profiles-alice");
     let bob = user("profiles-bob");
     assert_eq!(store.get(&alice).await?, None);
@@ -299,12 +499,10 @@ pub async fn profiles_apply_get_erase(store: &dyn ProfileStore) -> Result<()> {
     Ok(())
 }
 
-/// A profile untouched for longer than the TTL of `policy` (as the store was built) is
-/// gone, and the next event starts a fresh one.
-pub async fn profiles_expire_after_ttl(
-    store: &dyn ProfileStore,
-    policy: &ProfilePolicy,
-) -> Result<()> {
+/// A profile untouched for longer than the TTL of `setup.policy` (as the store was built)
+/// is gone, and the next event starts a fresh one.
+pub async fn profiles_expire_after_ttl(stores: &Stores, setup: &Setup) -> Result<()> {
+    let (store, policy) = (&*stores.profiles, &setup.policy);
     let carol = user("expiry-carol");
     let long_ago = now_ms() - policy.ttl_ms - 60_000;
     let old = event("x-1", "expiry-carol", "lamp", EventKind::View, 1_000);
@@ -327,12 +525,13 @@ pub async fn profiles_expire_after_ttl(
 }
 
 /// Concurrent applies to one user lose no update.
-pub async fn profiles_are_atomic_per_user(store: Arc<dyn ProfileStore>) -> Result<()> {
+pub async fn profiles_are_atomic_per_user(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let store = &stores.profiles;
     const TASKS: usize = 8;
     const EACH: usize = 200;
     let mut tasks = Vec::new();
     for t in 0..TASKS {
-        let store = Arc::clone(&store);
+        let store = Arc::clone(store);
         tasks.push(tokio::spawn(async move {
             for i in 0..EACH {
                 let e = event(
@@ -372,7 +571,8 @@ fn item(name: &str, title: &str, available: bool) -> Item {
 }
 
 /// Upsert, get, replace, delete and load-all round-trip items unchanged.
-pub async fn catalog_round_trips(catalog: &dyn CatalogStore) -> Result<()> {
+pub async fn catalog_round_trips(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let catalog = &*stores.catalog;
     let a = item("catalog-a", "A", true);
     let b = item("catalog-b", "B", false);
     catalog.upsert(&[a.clone(), b.clone()]).await?;
@@ -400,13 +600,11 @@ pub async fn catalog_round_trips(catalog: &dyn CatalogStore) -> Result<()> {
 
 /// The stored profile equals the reference [`Profile::apply`] on the same events, given
 /// in several batches with late events, explicit and derived sessions, repeat purchases
-/// and custom kinds. `policy` is the store's.
+/// and custom kinds. `setup.policy` is the store's.
 ///
 /// [`Profile::apply`]: reflex_core::Profile::apply
-pub async fn profiles_match_the_reference(
-    store: &dyn ProfileStore,
-    policy: &ProfilePolicy,
-) -> Result<()> {
+pub async fn profiles_match_the_reference(stores: &Stores, setup: &Setup) -> Result<()> {
+    let (store, policy) = (&*stores.profiles, &setup.policy);
     let name = "reference-erin";
     let now = now_ms();
     let custom = id(EventKind::custom("wishlist", "kind"));
@@ -491,7 +689,8 @@ fn version(reason: &str, log_seq: Seq) -> reflex_core::ModelVersion {
 /// Saved versions get increasing ids, list back oldest first with their metadata, load
 /// back byte for byte; rollbacks are recorded; pruning keeps the newest and the version
 /// the last rollback installed.
-pub async fn models_round_trip(store: &dyn reflex_core::ModelStore) -> Result<()> {
+pub async fn models_round_trip(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let store = &*stores.models;
     assert!(store.list().await?.is_empty());
     assert_eq!(store.rollbacks().await?, reflex_core::Rollbacks::default());
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -522,7 +721,8 @@ pub async fn models_round_trip(store: &dyn reflex_core::ModelStore) -> Result<()
 
 /// One holder at a time: the holder renews, others are refused until it releases or its
 /// lease (of `ttl`) runs out.
-pub async fn lease_is_exclusive(store: &dyn reflex_core::ModelStore) -> Result<()> {
+pub async fn lease_is_exclusive(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let store = &*stores.models;
     let ttl = 200;
     assert!(store.acquire_lease("learner", "a", ttl).await?);
     assert!(
@@ -552,7 +752,8 @@ pub async fn lease_is_exclusive(store: &dyn reflex_core::ModelStore) -> Result<(
 /// Applying the same log positions again changes nothing. For stores that re-apply
 /// unconfirmed updates ([`ProfileStore::unapplied`]); the embedded store never re-applies
 /// (start-up replays only after its checkpoint) and does not run this case.
-pub async fn profiles_apply_each_position_once(store: &dyn ProfileStore) -> Result<()> {
+pub async fn profiles_apply_each_position_once(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let store = &*stores.profiles;
     let events: Vec<Event> = (0..3)
         .map(|i| {
             event(
@@ -581,7 +782,8 @@ pub async fn profiles_apply_each_position_once(store: &dyn ProfileStore) -> Resu
 
 /// Every catalog change bumps the version replicas watch; a delete of nothing does not.
 /// For stores shared by replicas (a store one process uses keeps 0 and skips this case).
-pub async fn catalog_version_tracks_changes(catalog: &dyn CatalogStore) -> Result<()> {
+pub async fn catalog_version_tracks_changes(stores: &Stores, _setup: &Setup) -> Result<()> {
+    let catalog = &*stores.catalog;
     let v0 = catalog.version().await?;
     let item = item("v-item", "V", true);
     catalog.upsert(std::slice::from_ref(&item)).await?;
@@ -593,4 +795,29 @@ pub async fn catalog_version_tracks_changes(catalog: &dyn CatalogStore) -> Resul
     assert!(!catalog.delete(&item.item_id).await?);
     assert_eq!(catalog.version().await?, v2, "no change, no bump");
     Ok(())
+}
+
+/// The in-memory backend of reflex-core (its `testing` feature), the engine's own unit
+/// tests' store, passes the same suite.
+#[cfg(test)]
+mod memory {
+    use reflex_core::testing::MemoryStore;
+
+    use super::Setup;
+    use crate::Stores;
+
+    /// A fresh store for a case (the default dedupe window is a week, as embedded).
+    async fn for_case(setup: Setup) -> Option<((), Stores)> {
+        let window = setup.dedupe_window_ms.unwrap_or(7 * 24 * 3600 * 1000);
+        Some(((), Stores::all_in(MemoryStore::with(setup.policy, window))))
+    }
+
+    crate::conformance_suite! {
+        backend: for_case,
+        skip: {
+            // Like the embedded store, replay starts after the last checkpoint, so
+            // nothing is re-applied and applies need not be idempotent per position.
+            profiles_apply_each_position_once: "never re-applies: replay starts after its checkpoint",
+        },
+    }
 }

@@ -62,7 +62,7 @@ impl EmbeddedConfig {
     pub fn validate(&self) -> Result<()> {
         if self.dedupe_window_ms < 0 {
             return Err(Error::invalid(
-                "dedupe_window_ms",
+                "store.embedded.dedupe_window_ms",
                 format!("is {}, must not be negative", self.dedupe_window_ms),
             ));
         }
@@ -73,7 +73,10 @@ impl EmbeddedConfig {
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(Error::invalid("data_dir", "must not be empty"));
+            return Err(Error::invalid(
+                "store.embedded.data_dir",
+                "must not be empty",
+            ));
         }
         Ok(())
     }

@@ -15,7 +15,8 @@ use reflex_core::{
 use tempfile::TempDir;
 
 use super::*;
-use crate::conformance::{self, event, user, view};
+use crate::Stores;
+use crate::conformance::{self, Setup, event, user, view};
 
 fn config(dir: &Path) -> EmbeddedConfig {
     EmbeddedConfig::in_dir(dir)
@@ -31,95 +32,28 @@ fn fresh() -> (TempDir, Arc<EmbeddedStore>) {
     (dir, store)
 }
 
-mod conformance_suite {
-    use super::*;
-
-    #[tokio::test]
-    async fn sink_assigns_increasing_positions() {
-        let (_dir, store) = fresh();
-        conformance::sink_assigns_increasing_positions(&*store)
-            .await
-            .unwrap();
+/// A fresh store in a temporary directory for a conformance case, as `setup` asks.
+async fn for_case(setup: Setup) -> Option<(TempDir, Stores)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    if let Some(window) = setup.dedupe_window_ms {
+        config.dedupe_window_ms = window;
     }
+    let store = EmbeddedStore::open(config, setup.policy).unwrap();
+    Some((dir, Stores::all_in(store)))
+}
 
-    #[tokio::test]
-    async fn sink_dedupes_within_and_across_calls() {
-        let (_dir, store) = fresh();
-        conformance::sink_dedupes_within_and_across_calls(&*store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn sink_reads_in_pages() {
-        let (_dir, store) = fresh();
-        conformance::sink_reads_in_pages(&*store).await.unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn sink_records_each_id_once_under_concurrency() {
-        let (_dir, store) = fresh();
-        conformance::sink_records_each_id_once_under_concurrency(store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn sink_forgets_ids_after_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = EmbeddedConfig {
-            dedupe_window_ms: 50,
-            ..config(dir.path())
-        };
-        let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
-        conformance::sink_forgets_ids_after_the_window(&*store, Duration::from_millis(50))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_apply_get_erase() {
-        let (_dir, store) = fresh();
-        conformance::profiles_apply_get_erase(&*store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_expire_after_ttl() {
-        let (_dir, store) = fresh();
-        conformance::profiles_expire_after_ttl(&*store, &ProfilePolicy::default())
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn profiles_are_atomic_per_user() {
-        let (_dir, store) = fresh();
-        conformance::profiles_are_atomic_per_user(store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_match_the_reference() {
-        let (_dir, store) = fresh();
-        conformance::profiles_match_the_reference(&*store, &ProfilePolicy::default())
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn models_round_trip() {
-        let (_dir, store) = fresh();
-        conformance::models_round_trip(&*store).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn catalog_round_trips() {
-        let (_dir, store) = fresh();
-        conformance::catalog_round_trips(&*store).await.unwrap();
-    }
+crate::conformance_suite! {
+    backend: for_case,
+    skip: {
+        // One process is the only learner: every lease is granted (the trait allows it).
+        lease_is_exclusive: "a store one process uses grants every lease",
+        // Start-up replays the log after the last checkpoint, so nothing is re-applied
+        // and applies need not be idempotent per position.
+        profiles_apply_each_position_once: "never re-applies: replay starts after its checkpoint",
+        // No other replica watches the catalog: the version stays 0.
+        catalog_version_tracks_changes: "one process: no replica watches the catalog version",
+    },
 }
 
 #[tokio::test]
@@ -368,7 +302,9 @@ async fn a_checkpoint_that_fails_or_is_dropped_leaves_its_profiles_dirty() {
 async fn the_catalog_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    conformance::catalog_round_trips(&*store).await.unwrap();
+    conformance::catalog_round_trips(&Stores::all_in(store.clone()), &Setup::default())
+        .await
+        .unwrap();
     let before = store.load_all().await.unwrap();
     drop(store);
     let store = open(dir.path());

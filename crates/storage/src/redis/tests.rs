@@ -5,20 +5,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reflex_core::{ErrorCode, EventKind, EventSink, ProfilePolicy, ProfileStore, ProfileUpdate};
+use fred::prelude::{ClientLike, KeysInterface};
+use reflex_core::{
+    Appended, ErrorCode, EventKind, EventSink, LogRecord, ProfilePolicy, ProfileStore, Seq,
+};
 
 use super::*;
-use crate::conformance::{self, event, user, view};
+use crate::conformance::{self, Setup, event, update, user, view};
 use crate::testing::RedisServer;
+use crate::{Backend, StoreConfig, Stores};
+
+/// A fresh `redis-server`, or `None` (after saying so) when it is not installed.
+fn server() -> Option<RedisServer> {
+    let server = RedisServer::start();
+    if server.is_none() {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+    }
+    server
+}
 
 /// A fresh server and a store on it, or `None` (after saying so) without `redis-server`.
 async fn fresh_with(
     config: impl FnOnce(&mut RedisConfig),
 ) -> Option<(RedisServer, Arc<RedisStore>)> {
-    let Some(server) = RedisServer::start() else {
-        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return None;
-    };
+    let server = server()?;
     let mut c = RedisConfig::new(server.url(), "test");
     config(&mut c);
     let store = RedisStore::connect(c, ProfilePolicy::default())
@@ -31,130 +41,30 @@ async fn fresh() -> Option<(RedisServer, Arc<RedisStore>)> {
     fresh_with(|_| {}).await
 }
 
-mod conformance_suite {
-    use super::*;
-
-    #[tokio::test]
-    async fn sink_assigns_increasing_positions() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::sink_assigns_increasing_positions(&*store)
-            .await
-            .unwrap();
+/// A fresh server and the stores opened on it as the server opens them, for a
+/// conformance case as `setup` asks.
+async fn for_case(setup: Setup) -> Option<(RedisServer, Stores)> {
+    let server = server()?;
+    let mut config = StoreConfig {
+        backend: Backend::Redis,
+        redis: RedisConfig::new(server.url(), "test"),
+        ..StoreConfig::default()
+    };
+    if let Some(window) = setup.dedupe_window_ms {
+        config.redis.dedupe_window_ms = window;
     }
+    let stores = config.open(&setup.policy).await.unwrap();
+    assert!(
+        stores.connections.is_some(),
+        "redis has connections to close"
+    );
+    Some((server, stores))
+}
 
-    #[tokio::test]
-    async fn sink_dedupes_within_and_across_calls() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::sink_dedupes_within_and_across_calls(&*store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn sink_reads_in_pages() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::sink_reads_in_pages(&*store).await.unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn sink_records_each_id_once_under_concurrency() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::sink_records_each_id_once_under_concurrency(store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn sink_forgets_ids_after_the_window() {
-        let Some((_server, store)) = fresh_with(|c| c.dedupe_window_ms = 50).await else {
-            return;
-        };
-        conformance::sink_forgets_ids_after_the_window(&*store, Duration::from_millis(50))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_apply_get_erase() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::profiles_apply_get_erase(&*store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_expire_after_ttl() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::profiles_expire_after_ttl(&*store, &ProfilePolicy::default())
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn profiles_are_atomic_per_user() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::profiles_are_atomic_per_user(store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_apply_each_position_once() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::profiles_apply_each_position_once(&*store)
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn profiles_match_the_reference() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::profiles_match_the_reference(&*store, &ProfilePolicy::default())
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn models_round_trip() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::models_round_trip(&*store).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn lease_is_exclusive() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::lease_is_exclusive(&*store).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn catalog_round_trips() {
-        let Some((_server, store)) = fresh().await else {
-            return;
-        };
-        conformance::catalog_round_trips(&*store).await.unwrap();
-    }
+crate::conformance_suite! {
+    backend: for_case,
+    // Redis is shared by replicas and re-applies unconfirmed updates: it runs every case.
+    skip: {},
 }
 
 #[tokio::test]
@@ -164,15 +74,7 @@ async fn every_profile_key_carries_the_ttl_and_keys_share_the_users_slot() {
     };
     let e = event("ttl-1", "ttl-user", "shoe", EventKind::Purchase, 1_000);
     let now = reflex_core::types::now_ms();
-    store
-        .apply(&[ProfileUpdate {
-            seq: 1,
-            event: &e,
-            weight: 1.0,
-            now_ms: now,
-        }])
-        .await
-        .unwrap();
+    store.apply(&[update(1, &e, now)]).await.unwrap();
     let client = fred::prelude::Builder::from_config(
         fred::prelude::Config::from_url(&server.url()).unwrap(),
     )
@@ -282,26 +184,15 @@ async fn unavailable_while_redis_is_down_and_fine_when_it_returns() {
 
 #[tokio::test]
 async fn connecting_to_nothing_is_unavailable_not_a_hang() {
-    let config = RedisConfig {
-        connect_timeout_ms: 300,
-        ..RedisConfig::new("redis://127.0.0.1:1", "nothing")
+    let config = StoreConfig {
+        backend: Backend::Redis,
+        redis: RedisConfig {
+            connect_timeout_ms: 300,
+            ..RedisConfig::new("redis://127.0.0.1:1", "nothing")
+        },
+        ..StoreConfig::default()
     };
-    let started = std::time::Instant::now();
-    let err = RedisStore::connect(config, ProfilePolicy::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10));
-}
-
-#[tokio::test]
-async fn catalog_changes_bump_the_version_replicas_watch() {
-    let Some((_server, store)) = fresh().await else {
-        return;
-    };
-    conformance::catalog_version_tracks_changes(&*store)
-        .await
-        .unwrap();
+    conformance::opening_nothing_is_unavailable(config).await;
 }
 
 #[tokio::test]
@@ -328,12 +219,7 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
         unreachable!()
     };
     store
-        .apply(&[ProfileUpdate {
-            seq: seqs[0],
-            event: e1,
-            weight: 1.0,
-            now_ms: reflex_core::types::now_ms(),
-        }])
+        .apply(&[update(seqs[0], e1, reflex_core::types::now_ms())])
         .await
         .unwrap();
     assert_eq!(store.unapplied(-1_000, 10).await.unwrap(), [seqs[1]]);

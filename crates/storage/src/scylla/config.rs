@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use reflex_core::{Error, Result};
+#[cfg(feature = "scylla")]
 use scylla::statement::{Consistency, SerialConsistency};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,7 @@ impl ConsistencyLevel {
     }
 
     /// The driver's value.
+    #[cfg(feature = "scylla")]
     pub fn to_driver(self) -> Consistency {
         match self {
             Self::Any => Consistency::Any,
@@ -157,6 +159,7 @@ impl SerialConsistencyLevel {
     }
 
     /// The driver's value for the Paxos phase.
+    #[cfg(feature = "scylla")]
     pub fn to_driver(self) -> SerialConsistency {
         match self {
             Self::Serial => SerialConsistency::Serial,
@@ -165,6 +168,7 @@ impl SerialConsistencyLevel {
     }
 
     /// The driver's value for a linearizable read.
+    #[cfg(feature = "scylla")]
     pub fn to_read_consistency(self) -> Consistency {
         match self {
             Self::Serial => Consistency::Serial,
@@ -493,14 +497,6 @@ mod tests {
             "LOCAL-QUORUM".parse::<ConsistencyLevel>(),
             Ok(ConsistencyLevel::LocalQuorum)
         );
-        assert_eq!(
-            ConsistencyLevel::LocalQuorum.to_driver(),
-            Consistency::LocalQuorum
-        );
-        assert_eq!(
-            ConsistencyLevel::EachQuorum.to_driver(),
-            Consistency::EachQuorum
-        );
         let err = "serial".parse::<ConsistencyLevel>().unwrap_err();
         assert!(err.contains("local_quorum"), "{err}");
 
@@ -513,6 +509,19 @@ mod tests {
             Ok(SerialConsistencyLevel::LocalSerial)
         );
         assert!("quorum".parse::<SerialConsistencyLevel>().is_err());
+    }
+
+    #[test]
+    #[cfg(feature = "scylla")]
+    fn levels_map_to_the_drivers_values() {
+        assert_eq!(
+            ConsistencyLevel::LocalQuorum.to_driver(),
+            Consistency::LocalQuorum
+        );
+        assert_eq!(
+            ConsistencyLevel::EachQuorum.to_driver(),
+            Consistency::EachQuorum
+        );
         assert_eq!(
             SerialConsistencyLevel::LocalSerial.to_driver(),
             SerialConsistency::LocalSerial

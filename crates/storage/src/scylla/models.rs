@@ -18,7 +18,9 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::cql::{MODEL_CHUNK, MODEL_SEQUENCE, Statements};
-use super::{MAX_CAS_ATTEMPTS, ScyllaStore, ScyllaStoreError, backoff, prepare_error, ttl_seconds};
+use super::store::{
+    MAX_CAS_ATTEMPTS, ScyllaStore, ScyllaStoreError, backoff, prepare_error, ttl_seconds,
+};
 
 /// Name of the rollback record's row.
 const ROLLBACKS: &str = "models";
@@ -93,14 +95,9 @@ fn decode_version(bytes: &[u8], context: &str) -> Result<ModelVersion> {
 
 impl ScyllaStore {
     async fn version_meta(&self, id: u64, context: &str) -> Result<Option<ModelVersion>> {
-        let result = self
-            .exec(&self.models.select_version, (id as i64,), context)
+        let row: Option<(Option<Vec<u8>>,)> = self
+            .first_row(&self.models.select_version, (id as i64,), context)
             .await?;
-        let row: Option<(Option<Vec<u8>>,)> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
         row.and_then(|(meta,)| meta)
             .map(|meta| decode_version(&meta, context))
             .transpose()
@@ -198,14 +195,9 @@ impl ModelStore for ScyllaStore {
 
     async fn rollbacks(&self) -> Result<Rollbacks> {
         let context = "reading the rollback record in scylla";
-        let result = self
-            .exec(&self.models.select_rollbacks, (ROLLBACKS,), context)
+        let row: Option<(Option<i64>, Option<i64>)> = self
+            .first_row(&self.models.select_rollbacks, (ROLLBACKS,), context)
             .await?;
-        let row: Option<(Option<i64>, Option<i64>)> = result
-            .into_rows_result()
-            .map_err(|e| Error::storage(context, e))?
-            .maybe_first_row()
-            .map_err(|e| Error::storage(context, e))?;
         Ok(row.map_or(Rollbacks::default(), |(g, v)| Rollbacks {
             generation: g.unwrap_or(0).max(0) as u64,
             version: v.unwrap_or(0).max(0) as u64,

@@ -1,0 +1,169 @@
+//! The event log in Redis: [`EventSink`] for [`RedisStore`], a stream trimmed by length
+//! at append and by age at maintenance.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::{ClientLike, KeysInterface, StreamsInterface, Value};
+use reflex_core::types::now_ms;
+use reflex_core::{Appended, EventSink, LogRecord, Result, Seq};
+
+use super::store::{RedisStore, decode, encode, redis_error, reply_error};
+
+impl RedisStore {
+    /// Drops log records ingested longer ago than `log_max_age_ms`: finds the first young
+    /// record by binary search over sequence numbers, then trims everything before it.
+    async fn trim_by_age(&self) -> Result<()> {
+        let context = "trimming the redis event log";
+        let cutoff = now_ms() - self.config.log_max_age_ms;
+        let client = self.pool.next();
+        let first: Vec<(String, Vec<(String, Bytes)>)> = client
+            .xrange(&self.log_key, "-", "+", Some(1))
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        let Some((first_id, _)) = first.first() else {
+            return Ok(());
+        };
+        let mut lo =
+            parse_stream_id(first_id).ok_or_else(|| reply_error(context, first_id.clone()))?;
+        let mut hi = self.last_seq().await? + 1;
+        // Invariant: every record before `lo` is old; the one at `hi` (or the end) is young.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let page: Vec<(String, Vec<(String, Bytes)>)> = client
+                .xrange(&self.log_key, format!("{mid}-0"), "+", Some(1))
+                .await
+                .map_err(|e| redis_error(context, e))?;
+            let Some((id, fields)) = page.first() else {
+                hi = mid;
+                continue;
+            };
+            let seq = parse_stream_id(id).ok_or_else(|| reply_error(context, id.clone()))?;
+            let ingested = fields
+                .iter()
+                .find(|(f, _)| f == "t")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+                .ok_or_else(|| reply_error(context, "log entry without its time"))?;
+            if ingested < cutoff {
+                lo = seq + 1;
+            } else {
+                hi = mid.min(seq);
+            }
+        }
+        let _: Value = client
+            .custom(
+                fred::cmd!("XTRIM"),
+                vec![
+                    Value::from(self.log_key.as_str()),
+                    Value::from("MINID"),
+                    Value::from(format!("{lo}-0")),
+                ],
+            )
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        Ok(())
+    }
+}
+
+fn parse_stream_id(id: &str) -> Option<Seq> {
+    id.split_once('-')?.0.parse().ok()
+}
+
+#[async_trait]
+impl EventSink for RedisStore {
+    async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
+        let context = "appending to the redis event log";
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keys = Vec::with_capacity(3 + records.len());
+        keys.push(self.log_key.clone());
+        keys.push(self.seq_key.clone());
+        keys.push(self.shared_key("pending"));
+        let mut args: Vec<Value> = Vec::with_capacity(2 + records.len() * 3);
+        args.push(Value::from(self.config.dedupe_window_ms));
+        args.push(Value::from(self.config.log_max_len as i64));
+        for record in records {
+            match record {
+                LogRecord::Event {
+                    event, ingested_ms, ..
+                } => {
+                    keys.push(self.dedupe_key(event.event_id.as_str()));
+                    args.push(Value::from("1"));
+                    args.push(Value::from(*ingested_ms));
+                }
+                LogRecord::Erase { erased_ms, .. } => {
+                    args.push(Value::from("0"));
+                    args.push(Value::from(*erased_ms));
+                }
+            }
+            args.push(Value::Bytes(Bytes::from(encode(record, context)?)));
+        }
+        let reply = self
+            .run(&self.append, keys, args)
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        let Value::Array(seqs) = reply else {
+            return Err(reply_error(context, format!("{reply:?}")));
+        };
+        if seqs.len() != records.len() {
+            return Err(reply_error(
+                context,
+                format!("{} results for {} records", seqs.len(), records.len()),
+            ));
+        }
+        seqs.into_iter()
+            .map(|v| match v.as_u64() {
+                Some(0) => Ok(Appended::Duplicate),
+                Some(seq) => Ok(Appended::At(seq)),
+                None => Err(reply_error(context, format!("{v:?}"))),
+            })
+            .collect()
+    }
+
+    async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>> {
+        let context = "reading the redis event log";
+        if limit == 0 || after == Seq::MAX {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<(String, Vec<(String, Bytes)>)> = self
+            .pool
+            .next()
+            .xrange(
+                &self.log_key,
+                format!("({after}-0"),
+                "+",
+                Some(limit as u64),
+            )
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let seq = parse_stream_id(&id).ok_or_else(|| reply_error(context, id.clone()))?;
+                let payload = fields
+                    .iter()
+                    .find(|(f, _)| f == "r")
+                    .ok_or_else(|| reply_error(context, format!("log entry {id} has no record")))?;
+                Ok((seq, decode(&payload.1, context)?))
+            })
+            .collect()
+    }
+
+    async fn last_seq(&self) -> Result<Seq> {
+        let seq: Option<u64> = self
+            .pool
+            .next()
+            .get(&self.seq_key)
+            .await
+            .map_err(|e| redis_error("reading the redis log position", e))?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn maintain(&self) -> Result<()> {
+        // Dedupe keys expire by themselves; only age-bounded logs need work.
+        if self.config.log_max_age_ms > 0 {
+            self.trim_by_age().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! Profiles in Redis: [`ProfileStore`] for [`RedisStore`], each user's keys changed by
+//! one Lua script per batch, which mirrors [`Profile::apply`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface, Value};
+use futures_util::{TryStreamExt, future};
+use reflex_core::profile::{Interaction, Session};
+use reflex_core::types::now_ms;
+use reflex_core::{EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId};
+
+use super::store::{RedisStore, redis_error, reply_error};
+use crate::remote::by_user;
+
+impl RedisStore {
+    async fn apply_user(&self, user: &UserId, updates: &[&ProfileUpdate<'_>]) -> Result<()> {
+        let mut args: Vec<Value> = Vec::with_capacity(4 + updates.len() * 7);
+        args.push(Value::from(self.policy.max_recent as i64));
+        args.push(Value::from(self.policy.max_purchased as i64));
+        args.push(Value::from(self.policy.session_gap_ms));
+        args.push(Value::from(self.policy.ttl_ms));
+        for u in updates {
+            let e = u.event;
+            args.push(Value::from(u.seq as i64));
+            args.push(Value::from(e.timestamp_ms));
+            args.push(Value::from(u.now_ms));
+            args.push(Value::from(u.weight.to_string()));
+            args.push(Value::from(e.kind.label()));
+            args.push(Value::from(e.item_id.as_str()));
+            args.push(Value::from(e.session_id.as_deref().unwrap_or("")));
+        }
+        self.run(&self.apply, self.user_keys(user).into(), args)
+            .await
+            .map_err(|e| redis_error("applying events to a profile in redis", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProfileStore for RedisStore {
+    async fn get(&self, user: &UserId) -> Result<Option<Profile>> {
+        let context = "reading a profile from redis";
+        let reply = self
+            .run(&self.get, self.user_keys(user).into(), Vec::new())
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        match reply {
+            Value::Null => Ok(None),
+            Value::Array(parts) => profile_from_reply(user, parts)
+                .map(Some)
+                .map_err(|what| reply_error(context, what)),
+            other => Err(reply_error(context, format!("{other:?}"))),
+        }
+    }
+
+    async fn apply(&self, updates: &[ProfileUpdate<'_>]) -> Result<()> {
+        // Each user's events in order; users' scripts go out at once and are pipelined.
+        let by_user = by_user(updates);
+        future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
+        // Confirmed: no longer pending.
+        let seqs: Vec<Value> = updates.iter().map(|u| Value::from(u.seq as i64)).collect();
+        if !seqs.is_empty() {
+            let _: u64 = self
+                .pool
+                .next()
+                .zrem(self.shared_key("pending"), seqs)
+                .await
+                .map_err(|e| redis_error("confirming profile updates in redis", e))?;
+        }
+        Ok(())
+    }
+
+    async fn unapplied(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Seq>> {
+        let context = "reading unconfirmed profile updates in redis";
+        let key = self.shared_key("pending");
+        let client = self.pool.next();
+        let now = now_ms();
+        // Positions older than the dedupe window are beyond repair (and likely trimmed).
+        let _: u64 = client
+            .zremrangebyscore(&key, "-inf", (now - self.config.dedupe_window_ms) as f64)
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        let seqs: Vec<u64> = client
+            .zrangebyscore(
+                &key,
+                "-inf",
+                (now - older_than_ms) as f64,
+                false,
+                Some((0, limit as i64)),
+            )
+            .await
+            .map_err(|e| redis_error(context, e))?;
+        Ok(seqs)
+    }
+
+    async fn erase(&self, user: &UserId) -> Result<bool> {
+        let removed: u64 = self
+            .pool
+            .next()
+            .del(self.user_keys(user).to_vec())
+            .await
+            .map_err(|e| redis_error("erasing a profile in redis", e))?;
+        Ok(removed > 0)
+    }
+
+    async fn count(&self) -> Result<usize> {
+        let pattern = format!("{}:p:*", self.config.prefix);
+        let client = self.pool.next();
+        let keys = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern, Some(1000), None)
+                .try_fold(0usize, |n, _| future::ready(Ok(n + 1)))
+                .await
+        } else {
+            client
+                .scan_buffered(pattern, Some(1000), None)
+                .try_fold(0usize, |n, _| future::ready(Ok(n + 1)))
+                .await
+        };
+        keys.map_err(|e| redis_error("counting profiles in redis", e))
+    }
+}
+
+/// Builds a profile from the GET script's reply; `Err` describes what was malformed.
+fn profile_from_reply(user: &UserId, parts: Vec<Value>) -> std::result::Result<Profile, String> {
+    let mut parts = parts.into_iter();
+    let (Some(Value::Array(fields)), Some(recent), Some(purchased)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return Err("profile reply is not three arrays".into());
+    };
+    let text = |v: &Value| {
+        v.as_str()
+            .map(|s| s.into_owned())
+            .ok_or_else(|| format!("{v:?} is not text"))
+    };
+    let int = |v: &Value| v.as_i64().ok_or_else(|| format!("{v:?} is not an integer"));
+    let item = |s: &str| ItemId::parse(s, "item_id").map_err(|e| e.to_string());
+
+    let mut p = Profile::new(user.clone());
+    let (mut sid, mut sst, mut slt, mut sn) = (None, 0, 0, 0);
+    for pair in fields.chunks_exact(2) {
+        let name = text(&pair[0])?;
+        let value = &pair[1];
+        match name.as_str() {
+            "v" => p.version = int(value)? as u64,
+            "ls" => p.last_seen_ms = int(value)?,
+            "t" => p.touched_ms = int(value)?,
+            "sid" => sid = Some(text(value)?),
+            "sst" => sst = int(value)?,
+            "slt" => slt = int(value)?,
+            "sn" => sn = int(value)?,
+            "as" => {} // log positions applied lately, for idempotence
+            counter => {
+                let label = counter
+                    .strip_prefix("c:")
+                    .ok_or_else(|| format!("unknown profile field {counter}"))?;
+                let kind =
+                    EventKind::from_label(label).ok_or_else(|| format!("unknown kind {label}"))?;
+                let n = int(value)? as u64;
+                match (kind.builtin_index(), kind) {
+                    (Some(i), _) => p.counts[i] = n,
+                    (None, EventKind::Custom(name)) => p.custom_counts.push((name, n)),
+                    (None, _) => {}
+                }
+            }
+        }
+    }
+    p.custom_counts.sort();
+    p.session = sid.map(|sid| Session {
+        session_id: Arc::from(sid),
+        started_ms: sst,
+        last_event_ms: slt,
+        events: sn as u32,
+    });
+    for entry in recent.into_array() {
+        let entry = text(&entry)?;
+        let mut f = entry.splitn(4, '\u{1f}');
+        let (Some(ts), Some(weight), Some(kind), Some(id)) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            return Err(format!("malformed recent entry {entry:?}"));
+        };
+        p.recent.push_back(Interaction {
+            item_id: item(id)?,
+            kind: EventKind::from_label(kind).ok_or_else(|| format!("unknown kind {kind}"))?,
+            timestamp_ms: ts.parse().map_err(|_| format!("bad time in {entry:?}"))?,
+            weight: weight
+                .parse()
+                .map_err(|_| format!("bad weight in {entry:?}"))?,
+        });
+    }
+    for id in purchased.into_array() {
+        p.purchased.push_back(item(&text(&id)?)?);
+    }
+    Ok(p)
+}

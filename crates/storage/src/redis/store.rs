@@ -1,0 +1,217 @@
+//! The Redis store itself: its pool of connections, the scripts it loads, its key names,
+//! and how Redis errors map to Reflex's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind, LuaInterface, Pool,
+    ReconnectPolicy, Value,
+};
+use fred::types::scripts::Script;
+use reflex_core::{Error, ProfilePolicy, Result, UserId};
+use tracing::info;
+
+use super::RedisConfig;
+use super::scripts;
+use crate::remote::{connect_within, password_from_env};
+use crate::stores::Connections;
+
+/// Errors of the Redis backend that are not Redis's own.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    /// Redis answered with something the scripts never write.
+    #[error("unexpected reply: {0}")]
+    Reply(String),
+    /// A stored record or item could not be decoded.
+    #[error("undecodable value: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Profiles, event log, dedupe window and catalog in Redis. Cheap to share: the pool's
+/// connections are used by every caller concurrently.
+pub struct RedisStore {
+    pub(super) pool: Pool,
+    pub(super) config: RedisConfig,
+    pub(super) policy: ProfilePolicy,
+    pub(super) append: Script,
+    pub(super) apply: Script,
+    pub(super) get: Script,
+    pub(super) catalog_upsert: Script,
+    pub(super) catalog_delete: Script,
+    pub(super) model_save: Script,
+    pub(super) lease_acquire: Script,
+    pub(super) lease_release: Script,
+    pub(super) record_rollback: Script,
+    pub(super) log_key: String,
+    pub(super) seq_key: String,
+    pub(super) catalog_key: String,
+    pub(super) catalog_version_key: String,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a Redis client error: connection trouble is `UNAVAILABLE` (retrying may work),
+/// anything else a storage error.
+pub(super) fn redis_error(context: &str, e: FredError) -> Error {
+    match e.kind() {
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Routing
+        | ErrorKind::Cluster
+        | ErrorKind::Backpressure => Error::unavailable(context, e),
+        _ if e.details().starts_with("LOADING")
+            || e.details().starts_with("BUSY")
+            || e.details().starts_with("TRYAGAIN")
+            || e.details().starts_with("CLUSTERDOWN")
+            || e.details().starts_with("MASTERDOWN") =>
+        {
+            Error::unavailable(context, e)
+        }
+        _ => Error::storage(context, e),
+    }
+}
+
+pub(super) fn reply_error(context: &str, what: impl Into<String>) -> Error {
+    Error::storage(context, RedisStoreError::Reply(what.into()))
+}
+
+impl RedisStore {
+    /// Connects to Redis as `config` says and loads the scripts. Fails with `UNAVAILABLE`
+    /// when Redis cannot be reached within `connect_timeout_ms`.
+    pub async fn connect(config: RedisConfig, policy: ProfilePolicy) -> Result<Arc<Self>> {
+        config.validate()?;
+        let context = "connecting to redis";
+        let mut redis_config = Config::from_url(&config.url)
+            .map_err(|e| Error::invalid("store.redis.url", e.to_string()))?;
+        if let Some(var) = &config.password_env {
+            let password = password_from_env(var, "store.redis.password_env")?;
+            redis_config.password = Some(password);
+        }
+        let command_timeout = Duration::from_millis(config.command_timeout_ms);
+        let pool = Builder::from_config(redis_config)
+            .with_performance_config(|perf| perf.default_command_timeout = command_timeout)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = Duration::from_millis(config.connect_timeout_ms);
+                conn.internal_command_timeout = command_timeout;
+                conn.max_command_attempts = 2;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_pool(config.pool_size)
+            .map_err(|e| Error::invalid("store.redis", e.to_string()))?;
+        pool.init().await.map_err(|e| redis_error(context, e))?;
+        connect_within(config.connect_timeout_ms, context, pool.wait_for_connect())
+            .await?
+            .map_err(|e| redis_error(context, e))?;
+
+        let prefix = &config.prefix;
+        let store = Self {
+            log_key: format!("{{{prefix}}}:log"),
+            seq_key: format!("{{{prefix}}}:seq"),
+            catalog_key: format!("{{{prefix}}}:catalog"),
+            catalog_version_key: format!("{{{prefix}}}:catalog:v"),
+            catalog_upsert: Script::from_lua(scripts::CATALOG_UPSERT),
+            catalog_delete: Script::from_lua(scripts::CATALOG_DELETE),
+            model_save: Script::from_lua(scripts::MODEL_SAVE),
+            lease_acquire: Script::from_lua(scripts::LEASE_ACQUIRE),
+            lease_release: Script::from_lua(scripts::LEASE_RELEASE),
+            record_rollback: Script::from_lua(scripts::RECORD_ROLLBACK),
+            append: Script::from_lua(scripts::APPEND),
+            apply: Script::from_lua(scripts::APPLY),
+            get: Script::from_lua(scripts::GET),
+            pool,
+            config,
+            policy,
+        };
+        for script in [
+            &store.append,
+            &store.apply,
+            &store.get,
+            &store.catalog_upsert,
+            &store.catalog_delete,
+            &store.model_save,
+            &store.lease_acquire,
+            &store.lease_release,
+            &store.record_rollback,
+        ] {
+            script
+                .load(store.pool.next())
+                .await
+                .map_err(|e| redis_error("loading redis scripts", e))?;
+        }
+        info!(url = %store.config.url_redacted(), prefix = %store.config.prefix, "redis store connected");
+        Ok(Arc::new(store))
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Closes every connection.
+    pub async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+
+    /// A key in the shared `{prefix}` slot.
+    pub(super) fn shared_key(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.config.prefix)
+    }
+
+    pub(super) fn dedupe_key(&self, event_id: &str) -> String {
+        format!("{{{}}}:dd:{event_id}", self.config.prefix)
+    }
+
+    pub(super) fn user_keys(&self, user: &UserId) -> [String; 3] {
+        let p = &self.config.prefix;
+        [
+            format!("{p}:p:{{{user}}}"),
+            format!("{p}:r:{{{user}}}"),
+            format!("{p}:b:{{{user}}}"),
+        ]
+    }
+
+    /// Runs a loaded script, loading it again when Redis forgot it (restart, failover,
+    /// `SCRIPT FLUSH`).
+    pub(super) async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> std::result::Result<Value, FredError> {
+        let client = self.pool.next();
+        match client
+            .evalsha(script.sha1().clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                script.load(client).await?;
+                client.evalsha(script.sha1().clone(), keys, args).await
+            }
+            result => result,
+        }
+    }
+}
+
+pub(super) fn encode<T: serde::Serialize>(value: &T, context: &str) -> Result<Vec<u8>> {
+    postcard::to_allocvec(value).map_err(|e| Error::storage(context, RedisStoreError::Decode(e)))
+}
+
+pub(super) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8], context: &str) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::storage(context, RedisStoreError::Decode(e)))
+}
+
+#[async_trait]
+impl Connections for RedisStore {
+    async fn close(&self) {
+        self.quit().await;
+    }
+}
