@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use reflex_core::traits::BoxFuture;
 use reflex_core::{
     Appended, CatalogStore, EventSink, Item, ItemId, LogRecord, Profile, ProfileStore,
-    ProfileUpdate, Result, Seq, UserId,
+    ProfileUpdate, Result, Seq, SinkHealth, UserId,
 };
 
 use crate::metrics::Metrics;
@@ -56,6 +56,14 @@ impl EventSink for Instrumented<dyn EventSink> {
 
     async fn maintain(&self) -> Result<()> {
         self.timed("maintain", self.inner.maintain()).await
+    }
+
+    async fn trim(&self, through: Seq) -> Result<u64> {
+        self.timed("trim_log", self.inner.trim(through)).await
+    }
+
+    async fn health(&self) -> SinkHealth {
+        self.inner.health().await
     }
 }
 

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::{ClientLike, KeysInterface, StreamsInterface, Value};
 use reflex_core::types::now_ms;
-use reflex_core::{Appended, EventSink, LogRecord, Result, Seq};
+use reflex_core::{Appended, EventSink, LogRecord, Result, Seq, SinkHealth};
 
 use super::store::{RedisStore, decode, encode, redis_error, reply_error};
 
@@ -157,6 +157,18 @@ impl EventSink for RedisStore {
             .await
             .map_err(|e| redis_error("reading the redis log position", e))?;
         Ok(seq.unwrap_or(0))
+    }
+
+    /// Readiness: the log's position can be read (one `GET`), so Redis answers. A Redis
+    /// that is down turns readiness NOT_SERVING, never liveness.
+    async fn health(&self) -> SinkHealth {
+        match self.last_seq().await {
+            Ok(_) => SinkHealth::default(),
+            Err(err) => SinkHealth {
+                unwritable: Some(err.to_string()),
+                disk: None,
+            },
+        }
     }
 
     async fn maintain(&self) -> Result<()> {
