@@ -133,7 +133,7 @@ async fn start_engine(
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut on_waiting: impl FnMut(),
 ) -> anyhow::Result<Option<Arc<Engine>>> {
-    let max_wait = Duration::from_millis(config.store.connect_retry_max_ms).max(FIRST_RETRY);
+    let max_wait = Duration::from_millis(config.store.connect_retry_max_ms);
     let mut wait = FIRST_RETRY;
     let mut attempt = 1u64;
     loop {
@@ -413,7 +413,7 @@ pub async fn serve(
     let follower = config.store.backend.is_shared().then(|| {
         let engine = engine.clone();
         let metrics = metrics.clone();
-        let every = Duration::from_millis(config.store.follow_interval_ms.max(1));
+        let every = Duration::from_millis(config.store.follow_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

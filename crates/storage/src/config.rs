@@ -110,6 +110,21 @@ impl StoreConfig {
     /// backend's own `validate`). The settings of backends not chosen are not checked.
     pub fn validate(&self) -> Result<()> {
         self.backend.check_compiled_in()?;
+        if self.follow_interval_ms == 0 {
+            return Err(Error::invalid(
+                "store.follow_interval_ms",
+                "must be at least 1 (ms between reads of the shared log)",
+            ));
+        }
+        if self.connect_retry_max_ms < 100 {
+            return Err(Error::invalid(
+                "store.connect_retry_max_ms",
+                format!(
+                    "must be at least 100 (the first wait), got {}",
+                    self.connect_retry_max_ms
+                ),
+            ));
+        }
         match self.backend {
             Backend::Embedded => self.embedded.validate(),
             Backend::Redis => self.redis.validate(),
