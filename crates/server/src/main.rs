@@ -103,7 +103,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => {
             reflex_server::bench::run(*args, cli.config.as_deref(), flags).await
         }
-        Command::Eval(args) => reflex_server::eval_cmd::run(*args),
+        Command::Eval(args) => {
+            reflex_server::eval_cmd::run(*args, cli.config.as_deref(), &flags).await
+        }
         Command::Import(args) => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, true)?;

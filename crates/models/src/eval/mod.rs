@@ -26,10 +26,13 @@
 //! - [`streaming`]: the prequential streaming evaluation and the learning throughput
 //! - [`offline`]: the leave-last-out split and the offline figures of ALS and popularity
 //! - [`baseline`]: the whole baseline evaluation, and online learning continuing from it
+//! - [`protocol`]: next-item and next-basket splits, their figures (repeat and new items
+//!   apart) and the popularity and "buy it again" baselines
 
 pub mod baseline;
 pub mod data;
 pub mod offline;
+pub mod protocol;
 pub mod streaming;
 
 pub use baseline::{
