@@ -44,6 +44,6 @@ pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, LogRecord,
     Observation, OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever, Scored,
-    SinkHealth,
+    SignalCandidate, SignalEvent, SignalModel, SignalSource, SinkHealth,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, Seq, UserId};

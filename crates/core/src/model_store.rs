@@ -64,6 +64,11 @@ pub struct StoredModel {
     /// origin (see [`StoredModel::origin`]).
     #[serde(default, deserialize_with = "lenient_last_field")]
     pub batch_origin: Option<String>,
+    /// The behaviour signals ([`crate::SignalModel::export`]), when the engine has them.
+    /// Added after `batch_origin`, decoded as leniently: older snapshots read as `None`
+    /// and leave the running signals as they are when installed.
+    #[serde(default, deserialize_with = "lenient_last_field")]
+    pub signals: Option<Vec<u8>>,
 }
 
 impl StoredModel {

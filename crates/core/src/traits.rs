@@ -16,7 +16,7 @@ use crate::profile::Profile;
 // `Seq` lives in `types`, so `model_store` needs no import from here; re-exported for
 // the paths that name it through this module.
 pub use crate::types::Seq;
-use crate::types::{Event, ItemId, TimestampMs, UserId};
+use crate::types::{Event, EventKind, ItemId, TimestampMs, UserId};
 
 /// A boxed future, for work a backend hands back to be finished off the hot path.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -267,6 +267,83 @@ pub trait OnlineModel: Send + Sync + 'static {
             self.version()
         )))
     }
+}
+
+/// One accepted event, as the behaviour signals learn from it.
+#[derive(Clone, Copy, Debug)]
+pub struct SignalEvent<'a> {
+    /// Who.
+    pub user: &'a UserId,
+    /// What.
+    pub item: ItemIdx,
+    /// What the user did.
+    pub kind: &'a EventKind,
+    /// Event time.
+    pub timestamp_ms: TimestampMs,
+    /// Whether the shared statistics learn from it: `false` for a user held out of
+    /// learning, whose own history is still kept (it is their data, as the profile is).
+    pub learn: bool,
+}
+
+/// Which signal proposed a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalSource {
+    /// The user's own earlier item, likely wanted again.
+    Repeat,
+    /// What tends to follow the user's latest items.
+    Sequence,
+}
+
+/// A candidate item a [`SignalModel`] proposes for a user.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SignalCandidate {
+    /// The item.
+    pub item: ItemIdx,
+    /// The estimated probability that the user's next interaction is with it.
+    pub probability: f32,
+    /// Which signal proposed it.
+    pub source: SignalSource,
+}
+
+/// Behaviour signals learnt online from every accepted event: what each user comes back
+/// to ("buy it again", learnt per item from everyone's repurchases) and what follows what
+/// (next-item co-occurrence). Their scores are probabilities estimated from counts, so
+/// they rank together with each other and with the share the model's own candidates
+/// deserve ([`SignalModel::novelty`]). Time is event time: the model's clock is the
+/// latest event time it has seen.
+pub trait SignalModel: Send + Sync + 'static {
+    /// Learns from one accepted event.
+    fn observe(&self, event: &SignalEvent<'_>);
+
+    /// Drops everything kept about the user (profile erase).
+    fn forget_user(&self, user: &UserId);
+
+    /// The user's best `k` candidates passing `filter`, most probable first.
+    fn candidates(
+        &self,
+        user: &UserId,
+        k: usize,
+        filter: &dyn Fn(ItemIdx) -> bool,
+    ) -> Vec<SignalCandidate>;
+
+    /// The estimated probability that the user's next interaction is with an item new
+    /// to them, which the candidates of other models share.
+    fn novelty(&self, user: &UserId) -> f32;
+
+    /// Whether people buy `item` again, so a purchase of it is no reason to leave it out
+    /// ([`PurchasedPolicy::Auto`](crate::engine::PurchasedPolicy::Auto)).
+    fn rebought(&self, item: ItemIdx) -> bool;
+
+    /// Items that most often follow `item`, best first ("bought together"), with the
+    /// share of `item`'s followers each one is.
+    fn related(&self, item: ItemIdx, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
+
+    /// Everything learnt, encoded, items named through `id_of`.
+    fn export(&self, id_of: &dyn Fn(ItemIdx) -> Option<ItemId>) -> Result<Vec<u8>>;
+
+    /// Replaces everything learnt with what [`export`](Self::export) wrote, items
+    /// numbered through `intern`.
+    fn import(&self, bytes: &[u8], intern: &dyn Fn(&ItemId) -> ItemIdx) -> Result<()>;
 }
 
 /// The content model: items described by embeddings supplied with catalog items (computed

@@ -237,6 +237,9 @@ impl TrainingSet {
             events: self.events,
             latest_ms: self.latest_ms.max(0),
             batch_origin: None,
+            // A batch fit carries no behaviour signals: installing it keeps the running
+            // ones.
+            signals: None,
         }
     }
 }

@@ -182,6 +182,8 @@ fn source(source: Source) -> proto::Source {
         Source::Content => proto::Source::Content,
         Source::Popular => proto::Source::Popular,
         Source::Similar => proto::Source::Similar,
+        Source::Repeat => proto::Source::Repeat,
+        Source::Sequence => proto::Source::Sequence,
     }
 }
 

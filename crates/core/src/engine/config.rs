@@ -17,8 +17,9 @@ pub struct EngineConfig {
     pub weights: KindWeights,
     /// Bot and noise rules.
     pub bot_filter: BotFilterConfig,
-    /// Drop purchased items from recommendations unless the request says otherwise.
-    pub exclude_purchased: bool,
+    /// Which purchased items recommendations leave out unless the request says otherwise
+    /// (`true`, `false` or `"auto"`).
+    pub exclude_purchased: PurchasedPolicy,
     /// Drop every recently seen item unless the request says otherwise.
     pub exclude_seen: bool,
     /// Most items one request may ask for.
@@ -39,11 +40,84 @@ impl Default for EngineConfig {
             max_future_ms: EventLimits::default().max_future_ms,
             weights: KindWeights::default(),
             bot_filter: BotFilterConfig::default(),
-            exclude_purchased: true,
+            exclude_purchased: PurchasedPolicy::Auto,
             exclude_seen: false,
             max_count: 500,
             cache_entries: 100_000,
             cache_ttl_ms: 1_000,
         }
+    }
+}
+
+/// Which items a user bought are left out of their recommendations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PurchasedPolicy {
+    /// Every one (`true`).
+    All,
+    /// None (`false`).
+    None,
+    /// What people do not buy again (a sofa) is left out; what they do (milk) comes back,
+    /// ranked by how likely the user is to want it now. Learnt from the event stream.
+    #[default]
+    Auto,
+}
+
+impl From<bool> for PurchasedPolicy {
+    fn from(exclude: bool) -> Self {
+        if exclude { Self::All } else { Self::None }
+    }
+}
+
+impl Serialize for PurchasedPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::All => s.serialize_bool(true),
+            Self::None => s.serialize_bool(false),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PurchasedPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PurchasedPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(v.into())
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "auto" => Ok(PurchasedPolicy::Auto),
+                    "true" => Ok(PurchasedPolicy::All),
+                    "false" => Ok(PurchasedPolicy::None),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PurchasedPolicy;
+
+    #[test]
+    fn the_purchased_policy_reads_booleans_and_auto() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            p: PurchasedPolicy,
+        }
+        let read = |s: &str| toml::from_str::<T>(s).map(|t| t.p);
+        assert_eq!(read("p = true").unwrap(), PurchasedPolicy::All);
+        assert_eq!(read("p = false").unwrap(), PurchasedPolicy::None);
+        assert_eq!(read("p = \"auto\"").unwrap(), PurchasedPolicy::Auto);
+        assert_eq!(read("p = \"TRUE\"").unwrap(), PurchasedPolicy::All);
+        let err = read("p = \"sometimes\"").unwrap_err().to_string();
+        assert!(err.contains("true, false or \"auto\""), "{err}");
     }
 }

@@ -9,7 +9,7 @@ use super::evaluation::Sample;
 use super::{Engine, EventOutcome};
 use crate::error::{Error, Result};
 use crate::profile::Profile;
-use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate};
+use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate, SignalEvent};
 use crate::types::{Event, RawEvent, UserId, now_ms};
 
 impl Engine {
@@ -104,6 +104,15 @@ impl Engine {
     pub(super) fn learn(&self, event: &Event, weight: f32, evaluate: bool) {
         let item = self.backends.items.intern(&event.item_id);
         let holdout = self.sampler.holdout(event.user_id.as_str());
+        if let Some(signals) = &self.signals {
+            signals.observe(&SignalEvent {
+                user: &event.user_id,
+                item,
+                kind: &event.kind,
+                timestamp_ms: event.timestamp_ms,
+                learn: !holdout,
+            });
+        }
         if evaluate
             && let Some(samples) = self.samples.get()
             && self.sampler.sampled(event.event_id.as_str())
@@ -135,6 +144,14 @@ impl Engine {
         self.events_applied.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Drops what the models keep about `user`.
+    pub(super) fn forget_user(&self, user: &UserId) {
+        self.backends.model.forget_user(user);
+        if let Some(signals) = &self.signals {
+            signals.forget_user(user);
+        }
+    }
+
     /// The user's profile.
     pub async fn profile(&self, user: &UserId) -> Result<Option<Profile>> {
         self.backends.profiles.get(user).await
@@ -151,7 +168,7 @@ impl Engine {
                 erased_ms: now_ms(),
             }])
             .await?;
-        self.backends.model.forget_user(user);
+        self.forget_user(user);
         self.backends.profiles.erase(user).await
     }
 }

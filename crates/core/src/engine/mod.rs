@@ -31,10 +31,12 @@ use crate::catalog::ItemIndex;
 use crate::filter::BotFilter;
 use crate::model_store::ModelStore;
 use crate::quality::{QualityConfig, QualityTracker, Sampler};
-use crate::traits::{CatalogStore, ContentModel, EventSink, OnlineModel, ProfileStore, Retriever};
+use crate::traits::{
+    CatalogStore, ContentModel, EventSink, OnlineModel, ProfileStore, Retriever, SignalModel,
+};
 use crate::types::{EventLimits, Seq};
 
-pub use self::config::EngineConfig;
+pub use self::config::{EngineConfig, PurchasedPolicy};
 use self::evaluation::Sample;
 use self::recommend::CacheKey;
 pub use self::types::{
@@ -98,6 +100,8 @@ pub struct Engine {
     learner: AtomicBool,
     /// The content model and its blend weight, when configured ([`Engine::with_content`]).
     content: Option<(Arc<dyn ContentModel>, f32)>,
+    /// Repeat and next-item signals, when configured.
+    signals: Option<Arc<dyn SignalModel>>,
 }
 
 /// Where the model stands in the shared log and the catalog (see [`Engine::follow`]).
@@ -136,6 +140,7 @@ impl Engine {
             samples: OnceLock::new(),
             learner: AtomicBool::new(false),
             content: None,
+            signals: None,
             cache,
             catalog_generation: AtomicU64::new(0),
         }
@@ -147,6 +152,14 @@ impl Engine {
     /// yet, and `SimilarItems` can search its space.
     pub fn with_content(mut self, content: Arc<dyn ContentModel>, weight: f32) -> Self {
         self.content = Some((content, weight));
+        self
+    }
+
+    /// Adds the behaviour signals: every accepted event teaches them, recommendations
+    /// rank their repeat and next-item candidates together with the model's, the
+    /// `auto` purchased policy asks them what people buy again, and snapshots keep them.
+    pub fn with_signals(mut self, signals: Arc<dyn SignalModel>) -> Self {
+        self.signals = Some(signals);
         self
     }
 

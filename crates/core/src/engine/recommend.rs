@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
-use super::{Engine, Recommendation, RequestFilter, ScoredItem, SimilarSpace, Source};
+use super::{
+    Engine, PurchasedPolicy, Recommendation, RequestFilter, ScoredItem, SimilarSpace, Source,
+};
 use crate::blend::{Candidate, Credit, blend};
 use crate::catalog::ItemIdx;
 use crate::error::{Error, Result};
@@ -274,11 +276,17 @@ impl Engine {
             .filter_map(|i| items.get(i.as_str()))
             .collect();
         if let Some(p) = profile {
-            if filter
+            let policy = filter
                 .exclude_purchased
-                .unwrap_or(self.config.exclude_purchased)
-            {
-                out.extend(p.purchased.iter().filter_map(|i| items.get(i.as_str())));
+                .map_or(self.config.exclude_purchased, PurchasedPolicy::from);
+            let bought = p.purchased.iter().filter_map(|i| items.get(i.as_str()));
+            match (policy, &self.signals) {
+                (PurchasedPolicy::None, _) => {}
+                // What people buy again stays; without signals nothing says what that is.
+                (PurchasedPolicy::Auto, Some(signals)) => {
+                    out.extend(bought.filter(|&idx| !signals.rebought(idx)));
+                }
+                (PurchasedPolicy::All | PurchasedPolicy::Auto, _) => out.extend(bought),
             }
             if filter.exclude_seen.unwrap_or(self.config.exclude_seen) {
                 out.extend(

@@ -91,7 +91,7 @@ impl Engine {
                             updates.clear();
                         }
                         if model_due {
-                            self.backends.model.forget_user(user_id);
+                            self.forget_user(user_id);
                         }
                         if profile_due {
                             self.backends.profiles.erase(user_id).await?;
@@ -134,6 +134,11 @@ impl Engine {
             batch_origin: stored.origin(&self.backends.model.version()),
         };
         self.backends.model.import(&state)?;
+        // A snapshot without signals (taken before they existed, or a batch fit) leaves
+        // the current ones as they are.
+        if let (Some(signals), Some(bytes)) = (&self.signals, &stored.signals) {
+            signals.import(bytes, &|id| items.intern(id))?;
+        }
         for item in &state.items {
             self.backends.retriever.upsert(item.item, &[]);
         }
@@ -175,7 +180,7 @@ impl Engine {
                         ..
                     } => self.learn(event, self.weight(event), true),
                     LogRecord::Event { filtered: true, .. } => {}
-                    LogRecord::Erase { user_id, .. } => self.backends.model.forget_user(user_id),
+                    LogRecord::Erase { user_id, .. } => self.forget_user(user_id),
                 }
             }
         }

@@ -42,6 +42,10 @@ pub enum Source {
     Popular,
     /// Nearest neighbours of an item.
     Similar,
+    /// The user's own earlier item, likely wanted again now.
+    Repeat,
+    /// What tends to follow the user's latest items (or a given item).
+    Sequence,
 }
 
 /// Which item space `SimilarItems` searches.

@@ -42,14 +42,26 @@ impl Engine {
         taken_by: &str,
         quality: Option<VersionQuality>,
     ) -> Result<ModelVersion> {
-        let (seq, state) = if self.follows_log {
+        let items = &self.backends.items;
+        let export_signals = || {
+            self.signals
+                .as_ref()
+                .map(|s| s.export(&|idx| items.id(idx).cloned()))
+                .transpose()
+        };
+        let (seq, state, signals) = if self.follows_log {
             let followed = self.followed.lock().await;
-            (followed.seq, self.backends.model.export())
+            (
+                followed.seq,
+                self.backends.model.export(),
+                export_signals()?,
+            )
         } else {
             let _gate = self.apply_gate.write().await;
             (
                 self.backends.sink.last_seq().await?,
                 self.backends.model.export(),
+                export_signals()?,
             )
         };
         let Some(state) = state else {
@@ -58,7 +70,6 @@ impl Engine {
                 self.backends.model.version()
             )));
         };
-        let items = &self.backends.items;
         let stored = StoredModel {
             kind: self.backends.model.version(),
             factors: state.factors as u32,
@@ -71,6 +82,7 @@ impl Engine {
             events: state.events,
             latest_ms: state.latest_ms,
             batch_origin: state.batch_origin,
+            signals,
         };
         let version = ModelVersion {
             id: 0,
