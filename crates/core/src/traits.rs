@@ -308,9 +308,8 @@ pub struct SignalCandidate {
 /// Behaviour signals learnt online from every accepted event: what each user comes back
 /// to ("buy it again", learnt per item from everyone's repurchases) and what follows what
 /// (next-item co-occurrence). Their scores are probabilities estimated from counts, so
-/// they rank together with each other and with the share the model's own candidates
-/// deserve ([`SignalModel::novelty`]). Time is event time: the model's clock is the
-/// latest event time it has seen.
+/// repeat and next-item candidates rank together on one scale. Time is event time: the
+/// model's clock is the latest event time it has seen.
 pub trait SignalModel: Send + Sync + 'static {
     /// Learns from one accepted event.
     fn observe(&self, event: &SignalEvent<'_>);
@@ -325,10 +324,6 @@ pub trait SignalModel: Send + Sync + 'static {
         k: usize,
         filter: &dyn Fn(ItemIdx) -> bool,
     ) -> Vec<SignalCandidate>;
-
-    /// The estimated probability that the user's next interaction is with an item new
-    /// to them, which the candidates of other models share.
-    fn novelty(&self, user: &UserId) -> f32;
 
     /// Whether people buy `item` again, so a purchase of it is no reason to leave it out
     /// ([`PurchasedPolicy::Auto`](crate::engine::PurchasedPolicy::Auto)).

@@ -22,6 +22,8 @@
 //!   embedding = decayed weighted mean of touched items), for blending and cold start
 //! - [`content_eval`]: streaming evaluation of content, MF and their blends on MovieLens
 //!   with genre embeddings, cold-start events reported apart
+//! - [`signals`]: [`Signals`], the `SignalModel`: repurchase ("buy it again") and
+//!   next-item co-occurrence, probabilities from counts learnt per event
 //! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
 //! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
@@ -50,6 +52,7 @@ pub mod mf;
 pub(crate) mod popularity;
 pub mod retriever;
 pub(crate) mod rng;
+pub mod signals;
 pub(crate) mod topk;
 
 pub use als::{AlsConfig, AlsModel, Confidence, Csr};
@@ -61,3 +64,4 @@ pub use error::ModelError;
 pub use factors::{ItemFactors, StoredVector};
 pub use mf::OnlineMf;
 pub use retriever::ExactRetriever;
+pub use signals::{Signals, SignalsConfig};

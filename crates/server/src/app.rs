@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use reflex_core::{Backends, Engine, ItemIndex};
-use reflex_models::{ContentEmbeddings, HybridRetriever, OnlineMf};
+use reflex_models::{ContentEmbeddings, HybridRetriever, OnlineMf, Signals};
 use reflex_storage::Stores;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -69,6 +69,11 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
         let content = ContentEmbeddings::new(config.content.clone(), config.retrieval.clone())
             .context("building the content index")?;
         engine = engine.with_content(Arc::new(content), config.content.blend_weight);
+    }
+    if config.signals.enabled {
+        let signals =
+            Signals::new(config.signals.clone()).context("building the behaviour signals")?;
+        engine = engine.with_signals(Arc::new(signals));
     }
     if config.store.backend.is_shared() {
         engine = engine.following_the_log();

@@ -54,6 +54,8 @@ pub struct Config {
     pub retrieval: reflex_models::AnnConfig,
     /// The content model over catalog embeddings (off while `content.dim` is 0).
     pub content: reflex_models::ContentConfig,
+    /// Repeat ("buy it again") and next-item signals learnt from every event.
+    pub signals: reflex_models::SignalsConfig,
     /// Model versions: scheduled snapshots, retention, the learner lease.
     pub versions: VersionsConfig,
     /// Continuous prequential evaluation, the holdout and the automatic rollback.
@@ -80,6 +82,7 @@ impl Default for Config {
             model: MfConfig::default(),
             retrieval: reflex_models::AnnConfig::default(),
             content: reflex_models::ContentConfig::default(),
+            signals: reflex_models::SignalsConfig::default(),
             versions: VersionsConfig::default(),
             quality: QualityConfig::default(),
         }
@@ -348,6 +351,7 @@ impl Config {
         section("model", self.model.validate());
         section("retrieval", self.retrieval.validate());
         section("content", self.content.validate());
+        section("signals", self.signals.validate());
         section("versions", self.versions.validate());
         section("quality", validate_quality(&self.quality));
         if let Err(err) = self.store.validate() {

@@ -11,7 +11,7 @@ use crate::blend::{Candidate, Credit, blend};
 use crate::catalog::ItemIdx;
 use crate::error::{Error, Result};
 use crate::profile::Profile;
-use crate::traits::{ContentModel, HistoryEntry, Scored};
+use crate::traits::{ContentModel, HistoryEntry, Scored, SignalSource};
 use crate::types::{ItemId, UserId};
 
 /// What a cached recommend answer depends on: an answer is reused only for the same
@@ -84,6 +84,29 @@ impl Engine {
             })
             .unwrap_or_default();
         let mut items = Vec::with_capacity(count);
+        // Repeat and next-item candidates first: their probabilities are estimated from
+        // counts, and where they know something they beat the model's guesses (see
+        // BENCHMARKS.md, "What shoppers do next"). The model fills what is left.
+        if let (Some(signals), Some(_)) = (&self.signals, &profile) {
+            for c in signals.candidates(user, count, &pass) {
+                if let Some(id) = self.backends.items.id(c.item) {
+                    items.push(ScoredItem {
+                        item_id: id.clone(),
+                        score: c.probability,
+                        source: match c.source {
+                            SignalSource::Repeat => Source::Repeat,
+                            SignalSource::Sequence => Source::Sequence,
+                        },
+                    });
+                }
+            }
+        }
+        let signalled: HashSet<ItemIdx> = items
+            .iter()
+            .filter_map(|s| self.backends.items.get(s.item_id.as_str()))
+            .collect();
+        let pass = |idx: ItemIdx| !signalled.contains(&idx) && pass(idx);
+        let wanted = count - items.len();
         let mf_vector = model.user_vector(&history);
         // A blend weight of 0 leaves content out of recommendations (it still serves
         // `SimilarItems`), so its search is not even run.
@@ -93,19 +116,20 @@ impl Engine {
             .filter(|(_, w)| *w > 0.0)
             .and_then(|(c, w)| Some((c.as_ref(), *w, c.user_vector(&history)?)));
         match (mf_vector, content) {
+            _ if wanted == 0 => {}
             (mf_vector, Some((content, weight, content_vector))) => {
                 let found = self.blended(
                     content,
                     weight,
                     mf_vector.as_deref(),
                     &content_vector,
-                    count,
+                    wanted,
                     &pass,
                 );
                 items.extend(found);
             }
             (Some(vector), None) => {
-                let found = self.backends.retriever.search(&vector, count, &pass);
+                let found = self.backends.retriever.search(&vector, wanted, &pass);
                 self.push_scored(&mut items, &found, Source::Mf);
             }
             (None, None) => {}
@@ -120,6 +144,7 @@ impl Engine {
             });
             self.push_scored(&mut items, &fill, Source::Popular);
         }
+        descending(&mut items);
         if let (Some(cache), Some(key)) = (&self.cache, key) {
             cache.insert(key, items.as_slice().into());
         }
@@ -336,6 +361,24 @@ impl Engine {
                 source,
             })
         }));
+    }
+}
+
+/// Makes the scores of a list ranked from several sources non-increasing, as the API
+/// promises (higher is better): each score is at most just below the one before it, so
+/// an item ranked after a more probable one never shows a higher score.
+fn descending(items: &mut [ScoredItem]) {
+    let mut prev = f32::INFINITY;
+    for item in items {
+        let in_order = item.score.partial_cmp(&prev) == Some(std::cmp::Ordering::Less);
+        if !in_order {
+            item.score = if prev.is_finite() {
+                prev.next_down()
+            } else {
+                prev
+            };
+        }
+        prev = item.score;
     }
 }
 
