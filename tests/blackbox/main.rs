@@ -14,6 +14,7 @@ mod disk;
 mod ingest;
 mod models;
 mod operations;
+mod quality;
 mod recommend;
 mod replicas;
 mod restart;

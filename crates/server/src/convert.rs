@@ -227,6 +227,7 @@ pub fn similar_space(space: i32) -> Result<SimilarSpace, Status> {
         Ok(proto::SimilarSpace::Unspecified) => Ok(SimilarSpace::Auto),
         Ok(proto::SimilarSpace::Mf) => Ok(SimilarSpace::Mf),
         Ok(proto::SimilarSpace::Content) => Ok(SimilarSpace::Content),
+        Ok(proto::SimilarSpace::Sequence) => Ok(SimilarSpace::Sequence),
         Err(_) => Err(Status::invalid_argument(format!(
             "invalid space: {space} is not a SimilarSpace value"
         ))),

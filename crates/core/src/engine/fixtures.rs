@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{Backends, Engine, EngineConfig, Recommendation};
 use crate::catalog::{Item, ItemIndex};
-use crate::testing::{CountingModel, MemoryStore, ScanRetriever};
+use crate::testing::{CountingModel, MemoryStore, RecallSignals, ScanRetriever};
 use crate::types::{EventKind, ItemId, RawEvent, RawKind, UserId, now_ms};
 
 /// One engine and the backends it runs on, kept so tests can look inside them.
@@ -62,6 +62,28 @@ impl Harness {
             model,
             items,
         }
+    }
+
+    /// The same engine with [`RecallSignals`] under which the items named in `rebought`
+    /// are bought again.
+    pub(super) fn with_signals(self, rebought: &[&str]) -> (Self, Arc<RecallSignals>) {
+        let signals = RecallSignals::new(self.items.clone(), rebought);
+        let Self {
+            engine,
+            store,
+            model,
+            items,
+        } = self;
+        let engine = engine.with_signals(signals.clone());
+        (
+            Self {
+                engine,
+                store,
+                model,
+                items,
+            },
+            signals,
+        )
     }
 
     /// Ingests `events`, asserting every one is accepted.

@@ -242,6 +242,30 @@ impl Engine {
                 .filter(|_| has_embedding())
                 .and_then(|c| c.item_vector(idx))
         };
+        if space == SimilarSpace::Sequence {
+            let Some(signals) = &self.signals else {
+                return Err(Error::invalid(
+                    "space",
+                    "the signals are off (set signals.enabled)",
+                ));
+            };
+            let mut excluded = self.excluded(None, filter);
+            excluded.insert(idx);
+            let pass = |i: ItemIdx| self.passes(i, &excluded, filter);
+            let found = signals.related(idx, count, &pass);
+            if found.is_empty() {
+                return Err(not_found());
+            }
+            let mut items = Vec::with_capacity(found.len());
+            self.push_scored(&mut items, &found, Source::Sequence);
+            return Ok(Recommendation {
+                items,
+                model_version: self.model_version(),
+                profile_version: 0,
+                degraded: false,
+                cached: false,
+            });
+        }
         let (vector, use_content) = match space {
             SimilarSpace::Mf => (self.backends.model.item_vector(idx), false),
             SimilarSpace::Content if content.is_none() => {
@@ -255,6 +279,8 @@ impl Engine {
                 Some(v) => (Some(v), false),
                 None => (content_vector(), true),
             },
+            // Answered above.
+            SimilarSpace::Sequence => (None, false),
         };
         let vector = vector.ok_or_else(not_found)?;
         let mut excluded = self.excluded(None, filter);
@@ -505,5 +531,54 @@ mod tests {
         let after_catalog = ask().await.unwrap();
         assert!(!after_catalog.cached);
         assert_eq!(ids(&after_catalog), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn signals_rank_first_the_model_fills_and_auto_keeps_what_is_bought_again() {
+        let (h, _signals) = shop().await.with_signals(&["milk"]);
+        h.engine
+            .upsert_items(vec![item("milk", true, &[]), item("sofa", true, &[])])
+            .await
+            .unwrap();
+        h.accept(vec![
+            raw("s", "alice", "sofa", RawKind::Purchase),
+            raw("m", "alice", "milk", RawKind::Purchase),
+        ])
+        .await;
+        let ask = |filter: RequestFilter| {
+            let engine = &h.engine;
+            async move { engine.recommend(&who("alice"), 10, &filter).await.unwrap() }
+        };
+
+        // Auto: the milk comes back (first, from the signals), the sofa does not.
+        let answer = ask(RequestFilter::default()).await;
+        assert_eq!(ids(&answer), ["milk", "a", "b", "c"]);
+        let sources: Vec<Source> = answer.items.iter().map(|i| i.source).collect();
+        assert_eq!(
+            sources,
+            [Source::Repeat, Source::Mf, Source::Mf, Source::Mf]
+        );
+        assert!(
+            answer.items.windows(2).all(|w| w[0].score > w[1].score),
+            "scores fall along the list: {:?}",
+            answer.items
+        );
+
+        // `true` leaves every purchase out; `false` lets the signals rank both.
+        let all = RequestFilter {
+            exclude_purchased: Some(true),
+            ..RequestFilter::default()
+        };
+        assert_eq!(ids(&ask(all).await), ["a", "b", "c"]);
+        let none = RequestFilter {
+            exclude_purchased: Some(false),
+            ..RequestFilter::default()
+        };
+        assert_eq!(ids(&ask(none).await), ["milk", "sofa", "a", "b", "c"]);
+
+        // Erasing the profile erases what the signals kept: nothing comes back.
+        assert!(h.engine.erase_profile(&who("alice")).await.unwrap());
+        let after = ask(RequestFilter::default()).await;
+        assert!(after.items.iter().all(|i| i.source != Source::Repeat));
     }
 }

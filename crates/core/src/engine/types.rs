@@ -58,6 +58,8 @@ pub enum SimilarSpace {
     Mf,
     /// The content embeddings (from the catalog).
     Content,
+    /// What people go on to after the item ("bought together"), from the signals.
+    Sequence,
 }
 
 /// One recommended item.

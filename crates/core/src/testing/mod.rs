@@ -9,13 +9,16 @@
 //!   crash
 //! - [`CountingModel`] and [`ScanRetriever`] (`model.rs`): an [`OnlineModel`] whose
 //!   item "vector" is the summed weight learnt on the item, and an exact scan over it
+//! - [`RecallSignals`] (`signals.rs`): a `SignalModel` proposing what each user bought
 //!
 //! None of this is for production: simplicity over speed.
 //!
 //! [`OnlineModel`]: crate::OnlineModel
 
 mod model;
+mod signals;
 mod store;
 
 pub use self::model::{CountingModel, ScanRetriever};
+pub use self::signals::RecallSignals;
 pub use self::store::MemoryStore;
