@@ -4,10 +4,11 @@
 //!
 //! `cargo run --release -p reflex-models --example learn_throughput -- [100k|1m]
 //! [CONFIG_JSON] [repeats]`, with the data folder from `REFLEX_DATA_DIR` (default
-//! `../shared/data` relative to the workspace). Each repeat learns a fresh model.
+//! `../shared/data` relative to the workspace). Each repeat learns a fresh model, first
+//! alone, then together with the behaviour signals (every online update of an event).
 
-use reflex_models::MfConfig;
 use reflex_models::eval::{EvalOptions, learn_throughput};
+use reflex_models::{MfConfig, SignalsConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,10 +20,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let repeats: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
     for run in 1..=repeats.max(1) {
-        let r = learn_throughput(&data, &config, &EvalOptions::default())?;
+        let r = learn_throughput(&data, &config, None, &EvalOptions::default())?;
+        let all = learn_throughput(
+            &data,
+            &config,
+            Some(&SignalsConfig::default()),
+            &EvalOptions::default(),
+        )?;
         println!(
-            "{which} run {run}: {} events in {:.3} s, {:.0} events/s (one thread)",
-            r.events, r.secs, r.events_per_sec
+            "{which} run {run}: {} events; MF alone {:.3} s, {:.0} events/s; MF and signals {:.3} s, {:.0} events/s (one thread)",
+            r.events, r.secs, r.events_per_sec, all.secs, all.events_per_sec
         );
     }
     Ok(())

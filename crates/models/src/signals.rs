@@ -145,17 +145,18 @@ struct ItemStats {
     followers: Vec<(ItemIdx, f32)>,
     /// Total weight counted as followed by something (M), including evicted followers.
     out_mass: f32,
-    /// Later baskets of earlier buyers (O).
-    chances: f32,
-    /// Of those, baskets that held it again (R).
-    repeats: f32,
 }
 
-/// One item: the first-interaction count is read for every candidate, so it is an
-/// atomic beside the locked rest.
+/// One item: the counters are atomics (read for every candidate, bumped for every item
+/// of a closing basket), the followers are locked.
 #[derive(Default)]
 struct ItemSlot {
+    /// First interactions of a user with it.
     firsts: AtomicU64,
+    /// Later baskets of earlier buyers (O).
+    chances: AtomicU64,
+    /// Of those, baskets that held it again (R).
+    repeats: AtomicU64,
     stats: Mutex<ItemStats>,
 }
 
@@ -186,8 +187,14 @@ struct UserSignals {
     repeats: u32,
     /// Latest items, newest last.
     recent: VecDeque<ItemIdx>,
-    /// Purchased items.
+    /// Purchased items, sorted by item.
     items: Vec<UserItem>,
+}
+
+impl UserSignals {
+    fn bought(&self, item: ItemIdx) -> bool {
+        self.items.binary_search_by_key(&item, |it| it.item).is_ok()
+    }
 }
 
 /// Counters over everyone.
@@ -269,11 +276,13 @@ impl Signals {
     }
 
     fn rebuy_rate(&self, item: ItemIdx, global: f32) -> f32 {
-        let (repeats, chances) = self.slot_if_any(item).map_or((0.0, 0.0), |s| {
-            let st = s.stats.lock();
-            (st.repeats, st.chances)
+        let (repeats, chances) = self.slot_if_any(item).map_or((0, 0), |s| {
+            (
+                s.repeats.load(Ordering::Relaxed),
+                s.chances.load(Ordering::Relaxed),
+            )
         });
-        (repeats + K_ITEM * global) / (chances + K_ITEM)
+        (repeats as f32 + K_ITEM * global) / (chances as f32 + K_ITEM)
     }
 
     /// Counts the basket `basket` of `user` as closed: every item they had bought before
@@ -281,12 +290,11 @@ impl Signals {
     fn close_basket(&self, user: &UserSignals, basket: u32) {
         let (mut chances, mut rebought) = (0u64, 0u64);
         for it in user.items.iter().filter(|it| it.first < basket) {
-            let again = it.last == basket;
-            let mut st = self.slot(it.item).stats.lock();
-            st.chances += 1.0;
+            let slot = self.slot(it.item);
+            slot.chances.fetch_add(1, Ordering::Relaxed);
             chances += 1;
-            if again {
-                st.repeats += 1.0;
+            if it.last == basket {
+                slot.repeats.fetch_add(1, Ordering::Relaxed);
                 rebought += 1;
             }
         }
@@ -320,7 +328,7 @@ impl Signals {
         }
         u.last_purchase_ms = u.last_purchase_ms.max(ts);
         let basket = u.baskets.saturating_sub(1);
-        let pos = u.items.iter().position(|it| it.item == item);
+        let pos = u.items.binary_search_by_key(&item, |it| it.item).ok();
         if u.purchases > 0 {
             let repeat = pos.is_some_and(|p| u.items[p].first < basket);
             u.eligible += 1;
@@ -346,15 +354,22 @@ impl Signals {
                         a.last.cmp(&b.last).then(a.evidence.total_cmp(&b.evidence))
                     })
                 {
-                    u.items.swap_remove(oldest);
+                    u.items.remove(oldest);
                 }
-                u.items.push(UserItem {
-                    item,
-                    first: basket,
-                    last: basket,
-                    evidence: 0.0,
-                    evidence_at: basket,
-                });
+                let at = u
+                    .items
+                    .binary_search_by_key(&item, |it| it.item)
+                    .unwrap_or_else(|at| at);
+                u.items.insert(
+                    at,
+                    UserItem {
+                        item,
+                        first: basket,
+                        last: basket,
+                        evidence: 0.0,
+                        evidence_at: basket,
+                    },
+                );
                 return new;
             }
         };
@@ -420,8 +435,7 @@ impl SignalModel for Signals {
         }
         let mut u = self.users.entry(event.user.clone()).or_default();
         let late = u.last_ms != 0 && ts < u.last_ms - self.config.basket_gap_ms;
-        let known =
-            u.items.iter().any(|it| it.item == event.item) || u.recent.contains(&event.item);
+        let known = u.bought(event.item) || u.recent.contains(&event.item);
         if purchase {
             self.observe_purchase(&mut u, event.item, ts, event.learn);
         }
@@ -513,7 +527,7 @@ impl SignalModel for Signals {
             let mine = (u.repeats as f32 + K_SHARE * share) / (u.eligible as f32 + K_SHARE);
             let scale = size * (1.0 - mine) / (1.0 - share).max(1e-6) / wsum;
             for (j, c) in weights {
-                if u.items.iter().any(|it| it.item == j) || !filter(j) {
+                if u.bought(j) || !filter(j) {
                     continue;
                 }
                 let q = self
@@ -578,7 +592,8 @@ impl SignalModel for Signals {
         for (idx, slot) in self.items.iter() {
             let st = slot.stats.lock().clone();
             let firsts = slot.firsts.load(Ordering::Relaxed);
-            if firsts == 0 && st.followers.is_empty() && st.chances == 0.0 {
+            let chances = slot.chances.load(Ordering::Relaxed);
+            if firsts == 0 && st.followers.is_empty() && chances == 0 {
                 continue;
             }
             let Some(me) = name(idx as ItemIdx) else {
@@ -594,8 +609,8 @@ impl SignalModel for Signals {
                 firsts,
                 followers,
                 out_mass: st.out_mass,
-                chances: st.chances,
-                repeats: st.repeats,
+                chances,
+                repeats: slot.repeats.load(Ordering::Relaxed),
             });
         }
         let mut users = Vec::with_capacity(self.users.len());
@@ -659,11 +674,12 @@ impl SignalModel for Signals {
         // Check everything before replacing anything.
         let mut items = Vec::with_capacity(stored.items.len());
         for it in &stored.items {
-            let followers = it
+            let mut followers = it
                 .followers
                 .iter()
                 .map(|&(j, c)| Ok((map(j)?, c)))
                 .collect::<Result<Vec<_>>>()?;
+            followers.sort_unstable_by_key(|f| f.0);
             items.push((map(it.item)?, it, followers));
         }
         let mut users = Vec::with_capacity(stored.users.len());
@@ -673,20 +689,23 @@ impl SignalModel for Signals {
             for it in &mut u.items {
                 it.item = map(it.item)?;
             }
+            u.items.sort_unstable_by_key(|it| it.item);
             users.push((user.clone(), u));
         }
         for slot in self.items.iter().map(|(_, s)| s) {
             slot.firsts.store(0, Ordering::Relaxed);
+            slot.chances.store(0, Ordering::Relaxed);
+            slot.repeats.store(0, Ordering::Relaxed);
             *slot.stats.lock() = ItemStats::default();
         }
         for (item, it, followers) in items {
             let slot = self.slot(item);
             slot.firsts.store(it.firsts, Ordering::Relaxed);
+            slot.chances.store(it.chances, Ordering::Relaxed);
+            slot.repeats.store(it.repeats, Ordering::Relaxed);
             *slot.stats.lock() = ItemStats {
                 followers,
                 out_mass: it.out_mass,
-                chances: it.chances,
-                repeats: it.repeats,
             };
         }
         self.users.clear();
@@ -733,8 +752,8 @@ struct StoredItem {
     firsts: u64,
     followers: Vec<(u32, f32)>,
     out_mass: f32,
-    chances: f32,
-    repeats: f32,
+    chances: u64,
+    repeats: u64,
 }
 
 #[cfg(test)]

@@ -4,12 +4,15 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, UserId};
+use reflex_core::{
+    EventKind, HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, SignalEvent,
+    SignalModel, UserId,
+};
 use serde::Serialize;
 
 use super::data::{Dataset, Weighting};
 use crate::error::ModelError;
-use crate::{ExactRetriever, MfConfig, OnlineMf};
+use crate::{ExactRetriever, MfConfig, OnlineMf, Signals, SignalsConfig};
 
 /// Settings of a streaming evaluation.
 #[derive(Clone, Debug)]
@@ -146,14 +149,18 @@ pub struct LearnReport {
 /// on the calling thread and nothing else: ids, item indices and observations are made
 /// before the clock starts, so the figure is the model's update cost (as a stream
 /// learner's `learn_one` loop would measure it), with no scoring in between to cool the
-/// caches. Refuses a `config` that [`MfConfig::validate`] refuses.
+/// caches. With `signals`, a fresh [`Signals`] learns every event in the same loop, so
+/// the figure is what all online updates of an event cost together. Refuses settings
+/// that [`MfConfig::validate`] or [`SignalsConfig::validate`] refuse.
 pub fn learn_throughput(
     data: &Dataset,
     config: &MfConfig,
+    signals: Option<&SignalsConfig>,
     options: &EvalOptions,
 ) -> Result<LearnReport, ModelError> {
     let order = options.replay_order(data);
     let model = OnlineMf::new(config.clone())?;
+    let signals = signals.map(|c| Signals::new(c.clone())).transpose()?;
     let user_ids: Vec<Option<UserId>> = (0..data.users)
         .map(|u| UserId::parse(&format!("u{u}"), "user_id").ok())
         .collect();
@@ -178,6 +185,7 @@ pub fn learn_throughput(
             ));
         }
     }
+    let kind = EventKind::Purchase;
     let start = Instant::now();
     for &(user, item, weight, timestamp_ms) in &events {
         if let Some(Some(user)) = user_ids.get(user) {
@@ -187,6 +195,15 @@ pub fn learn_throughput(
                 weight,
                 timestamp_ms,
             });
+            if let Some(signals) = &signals {
+                signals.observe(&SignalEvent {
+                    user,
+                    item,
+                    kind: &kind,
+                    timestamp_ms,
+                    learn: true,
+                });
+            }
         }
     }
     let secs = start.elapsed().as_secs_f64();
