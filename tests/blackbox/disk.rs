@@ -1,6 +1,7 @@
 //! A full disk under the embedded store: ingest refused with `UNAVAILABLE` and retry
-//! advice, readiness NOT_SERVING and liveness SERVING, recovery without a restart once
-//! space returns, and no acked event lost across a `kill -9`.
+//! advice below the free-space floor, a write that fails on the full disk itself (which
+//! stops fjall), readiness NOT_SERVING and liveness SERVING, recovery without a restart
+//! once space returns, and no acked event lost across a `kill -9`.
 //!
 //! The data directory is a small tmpfs, so the test needs root (CI runs as root); it says
 //! that it skipped otherwise.
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use reflex_server::proto;
 use reflex_server::proto::EventKind::View;
+use reflex_server::proto::catalog_service_client::CatalogServiceClient;
 use reflex_server::proto::event_service_client::EventServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -46,6 +48,39 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
+}
+
+/// Writes a file at `path` that takes every free byte left.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => return,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+}
+
+/// Upserts `count` catalog items with 1,000-byte titles: a write the free-space floor
+/// does not hold back, large enough to need room on the disk.
+async fn upsert(channel: &Channel, count: usize) -> Result<(), tonic::Status> {
+    let items = (0..count)
+        .map(|n| proto::Item {
+            item_id: format!("big-{n}"),
+            title: "t".repeat(1_000),
+            categories: vec!["big".into()],
+            available: Some(true),
+            embedding: vec![],
+        })
+        .collect();
+    CatalogServiceClient::new(channel.clone())
+        .upsert_items(proto::UpsertItemsRequest { items })
+        .await
+        .map(|_| ())
 }
 
 /// Bytes available on the filesystem of `path`, as `df` reports them.
@@ -161,7 +196,26 @@ async fn a_full_disk_refuses_ingest_until_space_returns_and_loses_nothing() {
     // Reads still work while writes are refused.
     assert_eq!(applied_events(&channel, "user-0").await, acked["user-0"]);
 
-    // Space returns: ingest and readiness come back by themselves.
+    // The disk fills up entirely (another process takes the rest): a write the floor
+    // lets through fails on the disk itself, and fjall then refuses every write.
+    let rest = tmpfs.path().join("rest");
+    fill_up(&rest);
+    let failed = upsert(&channel, 500).await.unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    let stopped = upsert(&channel, 1).await.unwrap_err();
+    assert_eq!(stopped.code(), Code::Unavailable, "{stopped:?}");
+    assert!(
+        stopped.message().contains("earlier write failed"),
+        "fjall refuses writes after the failed one: {stopped:?}"
+    );
+    let refused = ingest(&channel, 150, batch(150, users)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(check(&channel, "").await, ServingStatus::NotServing);
+    assert_eq!(check(&channel, "liveness").await, ServingStatus::Serving);
+
+    // Space returns: the store reopens its database, and ingest and readiness come back
+    // by themselves, without a restart.
+    std::fs::remove_file(&rest).unwrap();
     std::fs::remove_file(&filler).unwrap();
     let resumed = std::time::Instant::now();
     for sequence in 200.. {
@@ -186,6 +240,11 @@ async fn a_full_disk_refuses_ingest_until_space_returns_and_loses_nothing() {
         let events = batch(round, users);
         let ack = ingest(&channel, round, events.clone()).await.unwrap();
         record(&mut acked, &ack, &events);
+    }
+    // Writes other than ingest are taken again too, and nothing was applied twice.
+    upsert(&channel, 500).await.unwrap();
+    for (user, count) in &acked {
+        assert_eq!(applied_events(&channel, user).await, *count, "{user}");
     }
 
     // Every acked event survives a kill -9, applied once.

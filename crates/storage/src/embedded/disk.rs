@@ -4,8 +4,9 @@
 //! Ingest stops at the floor, before the disk is full, so the writes that keep the store
 //! healthy (profile checkpoints, compaction, model snapshots) still find room, and
 //! ingest resumes by itself as soon as space returns. A write that fails anyway (another
-//! process filled the disk) leaves fjall refusing every later write, which only a
-//! restart clears: the store then reports itself unwritable so readiness can say so.
+//! process filled the disk) leaves fjall refusing every later write: the store then
+//! reports itself unwritable so readiness can say so, and reopens the database once the
+//! free space is above the floor again (see `reopen.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -26,7 +27,7 @@ pub(super) struct DiskGuard {
     free_bytes: AtomicU64,
     total_bytes: AtomicU64,
     checked_ms: AtomicI64,
-    /// A write failed and fjall refuses every later one until the process restarts.
+    /// A write failed and fjall refuses every later one until the database is reopened.
     poisoned: AtomicBool,
 }
 
@@ -82,18 +83,31 @@ impl DiskGuard {
         }
     }
 
-    /// Notes a failed commit: after one, fjall accepts no other write.
+    /// Notes a failed commit: after one, fjall accepts no other write until the
+    /// database is reopened.
     pub(super) fn note_failed_commit(&self) {
-        self.poisoned.store(true, Ordering::Relaxed);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Notes that the database was reopened and takes writes again.
+    pub(super) fn note_reopened(&self) {
+        self.poisoned.store(false, Ordering::Release);
+    }
+
+    /// Whether a failed write stopped the database (and it is not reopened yet).
+    pub(super) fn stopped(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     /// Why the store cannot take writes now, if it cannot.
     pub(super) fn unwritable(&self) -> Option<String> {
-        if self.poisoned.load(Ordering::Relaxed) {
+        if self.stopped() {
             return Some(format!(
                 "a write to {} failed (see the log); the embedded store refuses writes until \
-                 the process restarts",
-                self.dir.display()
+                 it has reopened its database, which it does by itself once the disk has \
+                 more than store.embedded.min_free_bytes = {} free",
+                self.dir.display(),
+                mib(self.floor_bytes)
             ));
         }
         let free_bytes = self.free_bytes.load(Ordering::Relaxed);
@@ -134,11 +148,15 @@ pub(super) fn classify(context: &'static str, err: StoreError) -> Error {
     if is_disk_full(&err) {
         return Error::unavailable(format!("{context}: the data directory's disk is full"), err);
     }
-    if matches!(err, StoreError::Fjall(fjall::Error::Poisoned)) {
+    if matches!(
+        err,
+        StoreError::Fjall(fjall::Error::Poisoned) | StoreError::Reopening
+    ) {
         return Error::unavailable(
             format!(
                 "{context}: the embedded store refuses writes after an earlier write failed \
-                 (a full or failing disk); restart the process once the disk is fixed"
+                 (a full or failing disk) until it has reopened its database, which it does \
+                 by itself once the disk has room again"
             ),
             err,
         );

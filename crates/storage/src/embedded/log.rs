@@ -2,9 +2,11 @@
 //!
 //! Every append is one fjall write batch over `events` and `dedupe`, committed under one
 //! mutex with the configured durability, so positions are gap-free and the dedupe check
-//! sees every earlier append. A failed commit advances nothing and poisons the fjall
-//! database, which then refuses writes until the process restarts; if the failed batch
-//! did reach the journal, it is recovered then, and a client retrying it gets `duplicate`.
+//! sees every earlier append. A failed commit advances nothing and stops the fjall
+//! database, which refuses writes until the store reopens it (see `reopen.rs`); if the
+//! failed batch did reach the journal, reopening removes it again, so a client retrying
+//! it gets its events accepted, once. (A process restarted instead recovers the batch and
+//! replays it, and the retry gets `duplicate`.)
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -14,21 +16,22 @@ use async_trait::async_trait;
 use fjall::compaction::filter::{
     CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
 };
-use fjall::{Keyspace, OwnedWriteBatch};
+use fjall::{Keyspace, OwnedWriteBatch, PersistMode};
 use parking_lot::Mutex;
 use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq, SinkHealth};
-use tracing::debug;
+use tracing::{debug, error, warn};
 
 use super::{
-    DEDUPE_KEYSPACE, EmbeddedStore, Shared, StoreError, append_encoded, be_u64, decode, fault,
+    DEDUPE_KEYSPACE, EmbeddedStore, Handles, Shared, StoreError, append_encoded, be_u64, decode,
+    fault,
 };
 
 /// The append side's state.
 pub(super) struct LogState {
     /// The one serialisation point of appends, holding the position of the last committed
     /// record; advanced only after a commit succeeds.
-    writer: Mutex<Seq>,
+    pub(super) writer: Mutex<Seq>,
     /// Position of the last committed record, readable without the writer lock.
     last_seq: AtomicU64,
     /// The log's end as seen at each trim (time, position), oldest first: tells which
@@ -85,7 +88,11 @@ pub(super) fn last_seq_on_disk(events: &Keyspace) -> Result<Seq, StoreError> {
 }
 
 impl Shared {
-    fn append_blocking(&self, records: EncodedRecords) -> Result<Vec<Appended>, StoreError> {
+    fn append_blocking(
+        &self,
+        h: &Handles,
+        records: EncodedRecords,
+    ) -> Result<Vec<Appended>, StoreError> {
         let EncodedRecords { bytes, ends, ids } = &records;
         let now = now_ms();
         self.disk.admit(now)?;
@@ -94,7 +101,7 @@ impl Shared {
         let mut in_call: HashSet<&str, IdHashState> =
             HashSet::with_capacity_and_hasher(ends.len(), IdHashState::default());
         let mut writer = self.log.writer.lock();
-        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), 2 * ends.len())
+        let mut batch = OwnedWriteBatch::with_capacity(h.db.clone(), 2 * ends.len())
             .durability(Some(self.persist));
         let mut seq = *writer;
         let mut start = 0;
@@ -103,20 +110,18 @@ impl Shared {
             start = end;
             if let Some(id) = id {
                 let id = id.as_str();
-                if !in_call.insert(id) || self.recorded_within_window(id.as_bytes(), now)? {
+                if !in_call.insert(id) || self.recorded_within_window(h, id.as_bytes(), now)? {
                     outcomes.push(Appended::Duplicate);
                     continue;
                 }
-                batch.insert(&self.dedupe, id.as_bytes(), &now_bytes[..]);
+                batch.insert(&h.dedupe, id.as_bytes(), &now_bytes[..]);
             }
             seq += 1;
-            batch.insert(&self.events, &seq.to_be_bytes()[..], bytes);
+            batch.insert(&h.events, &seq.to_be_bytes()[..], bytes);
             outcomes.push(Appended::At(seq));
         }
         if seq != *writer {
-            batch
-                .commit()
-                .inspect_err(|_| self.disk.note_failed_commit())?;
+            self.commit(batch)?;
             *writer = seq;
             self.log.last_seq.store(seq, Ordering::Release);
         }
@@ -124,8 +129,13 @@ impl Shared {
     }
 
     /// Whether `id` was recorded no longer than the dedupe window before `now`.
-    fn recorded_within_window(&self, id: &[u8], now: TimestampMs) -> Result<bool, StoreError> {
-        match self.dedupe.get(id)? {
+    fn recorded_within_window(
+        &self,
+        h: &Handles,
+        id: &[u8],
+        now: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        match h.dedupe.get(id)? {
             None => Ok(false),
             Some(value) => {
                 let at = be_u64(&value, "dedupe entry", id)? as TimestampMs;
@@ -138,7 +148,7 @@ impl Shared {
     /// write batch per call, at most [`TRIM_BATCH`] of them, oldest first), and returns
     /// how many. It never takes the
     /// writer lock: appends only add positions above every trimmed one.
-    fn trim_blocking(&self, through: Seq) -> Result<u64, StoreError> {
+    fn trim_blocking(&self, h: &Handles, through: Seq) -> Result<u64, StoreError> {
         // The last record always stays: start-up finds the log's end from it, and a log
         // emptied entirely would number its next records from 1 again.
         let last = self.log.last_seq.load(Ordering::Acquire);
@@ -149,31 +159,73 @@ impl Shared {
         if through == 0 {
             return Ok(0);
         }
-        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), TRIM_BATCH)
-            .durability(Some(self.persist));
+        let mut batch =
+            OwnedWriteBatch::with_capacity(h.db.clone(), TRIM_BATCH).durability(Some(self.persist));
         let mut dropped = 0u64;
-        for guard in self.events.range(..=through.to_be_bytes()).take(TRIM_BATCH) {
+        for guard in h.events.range(..=through.to_be_bytes()).take(TRIM_BATCH) {
             let key = guard.key()?;
-            batch.remove(&self.events, key);
+            batch.remove(&h.events, key);
             dropped += 1;
         }
         if dropped > 0 {
-            batch.commit()?;
+            self.commit(batch)?;
         }
         Ok(dropped)
     }
 
-    fn read_blocking(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>, StoreError> {
+    fn read_blocking(
+        &self,
+        h: &Handles,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, LogRecord)>, StoreError> {
         let Some(first) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(limit.min(4096));
-        for guard in self.events.range(first.to_be_bytes()..).take(limit) {
+        for guard in h.events.range(first.to_be_bytes()..).take(limit) {
             let (key, value) = guard.into_inner()?;
             let seq = be_u64(&key, "log key", &key)?;
             out.push((seq, decode(&value, "log record", &key)?));
         }
         Ok(out)
+    }
+
+    /// Makes a reopened log end where the last acked append left it (`acked`): removes
+    /// the records after it, which only the append whose commit failed can have left in
+    /// the journal, together with their dedupe keys, in one fsynced batch; returns how
+    /// many. Their client was answered `UNAVAILABLE` and nothing applied them, so its
+    /// retry must find them absent.
+    pub(super) fn drop_unacked(&self, h: &Handles, acked: Seq) -> Result<u64, StoreError> {
+        let on_disk = last_seq_on_disk(&h.events)?;
+        if on_disk < acked {
+            // Every acked append reached the journal (at least the OS) before its ack, so
+            // this is a disk that lost data; positions go on after `acked` regardless,
+            // so none is given out twice.
+            error!(
+                acked,
+                on_disk, "the reopened event log ends before the last acked record"
+            );
+        }
+        if on_disk <= acked {
+            return Ok(0);
+        }
+        let mut batch = h.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut dropped = 0u64;
+        for guard in h.events.range((acked + 1).to_be_bytes()..) {
+            let (key, value) = guard.into_inner()?;
+            if let LogRecord::Event { event, .. } = decode(&value, "log record", &key)? {
+                batch.remove(&h.dedupe, event.event_id.as_str().as_bytes());
+            }
+            batch.remove(&h.events, key);
+            dropped += 1;
+        }
+        self.commit(batch)?;
+        warn!(
+            acked,
+            dropped, "removed the records of an append that failed but reached the journal"
+        );
+        Ok(dropped)
     }
 }
 
@@ -264,7 +316,7 @@ impl EventSink for EmbeddedStore {
             return Ok(Vec::new());
         }
         let encoded = EncodedRecords::new(records).map_err(fault(CONTEXT))?;
-        self.blocking(CONTEXT, move |s| s.append_blocking(encoded))
+        self.blocking(CONTEXT, move |s, h| s.append_blocking(h, encoded))
             .await
     }
 
@@ -272,8 +324,8 @@ impl EventSink for EmbeddedStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.blocking("reading the event log", move |s| {
-            s.read_blocking(after, limit)
+        self.blocking("reading the event log", move |s, h| {
+            s.read_blocking(h, after, limit)
         })
         .await
     }
@@ -284,8 +336,12 @@ impl EventSink for EmbeddedStore {
 
     async fn health(&self) -> SinkHealth {
         let shared = Arc::clone(&self.shared);
+        // Readiness asks about once a second, which also makes this the clock that
+        // reopens a stopped database once space returns, with no write needed to try.
         let disk = tokio::task::spawn_blocking(move || {
             let disk = shared.disk.refresh(now_ms());
+            shared.probe();
+            shared.heal();
             (shared.disk.unwritable(), disk)
         })
         .await;
@@ -299,15 +355,17 @@ impl EventSink for EmbeddedStore {
     }
 
     async fn trim(&self, through: Seq) -> Result<u64> {
-        self.blocking("trimming the event log", move |s| s.trim_blocking(through))
-            .await
+        self.blocking("trimming the event log", move |s, h| {
+            s.trim_blocking(h, through)
+        })
+        .await
     }
 
     /// Evicts expired profiles from memory (a scan of every profile), on the blocking
     /// pool. Dedupe keys need no pass: compaction expires them ([`DedupeExpiry`]).
     async fn maintain(&self) -> Result<()> {
         let evicted = self
-            .blocking("maintaining the embedded store", |s| {
+            .blocking("maintaining the embedded store", |s, _| {
                 Ok(s.profile_state.evict_expired(now_ms()))
             })
             .await?;

@@ -13,6 +13,10 @@
 //! Profiles live in memory and are written only by checkpoints; the event log is the
 //! durable record that start-up replays after `profiles_seq` (see [`reflex_core::Engine`]).
 //!
+//! A write that fails (a full disk) stops the fjall database for good; the store then
+//! reopens it in place once the disk has room again (see `reopen.rs`), keeping what lives
+//! in memory.
+//!
 //! [`LogRecord`]: reflex_core::LogRecord
 //! [`Profile`]: reflex_core::Profile
 //! [`Item`]: reflex_core::Item
@@ -23,12 +27,13 @@ mod disk;
 mod log;
 mod models;
 mod profiles;
+mod reopen;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fjall::config::PinningPolicy;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use arc_swap::ArcSwapOption;
+use fjall::{OwnedWriteBatch, PersistMode};
 use parking_lot::Mutex;
 use reflex_core::{Error, ProfilePolicy, Result};
 use serde::Serialize;
@@ -38,6 +43,7 @@ use tracing::info;
 pub use self::config::{Durability, EmbeddedConfig};
 use self::log::LogState;
 use self::profiles::ProfileState;
+use self::reopen::Handles;
 
 /// Name of the keyspace of dedupe keys, which the expiry filter is assigned to by name.
 const DEDUPE_KEYSPACE: &str = "dedupe";
@@ -59,18 +65,17 @@ pub struct EmbeddedStore {
 /// Everything the store's blocking work needs, behind one `Arc` so it can move onto the
 /// blocking thread pool.
 struct Shared {
-    db: Database,
-    events: Keyspace,
-    dedupe: Keyspace,
-    profiles: Keyspace,
-    meta: Keyspace,
-    items: Keyspace,
-    models: Keyspace,
+    /// The open database. Swapped whole when the store reopens after a failed write, so
+    /// an operation loads it once (one atomic load, no lock) and uses that copy
+    /// throughout; `None` while a reopen is under way.
+    handles: ArcSwapOption<Handles>,
+    /// Makes one reopen at a time and spaces out attempts; taken only on that cold path.
+    reopen: Mutex<reopen::Attempts>,
     /// How appends and catalog writes reach the disk.
     persist: PersistMode,
     dedupe_window_ms: i64,
     log_retention_ms: i64,
-    /// The free-space floor of ingest, and whether a failed write stopped the store.
+    /// The free-space floor of ingest, and whether a failed write stopped the database.
     disk: disk::DiskGuard,
     log: LogState,
     profile_state: ProfileState,
@@ -90,40 +95,12 @@ impl EmbeddedStore {
         let dir = &config.data_dir;
         let context = || format!("opening embedded store in {}", dir.display());
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(context(), e))?;
-        let expiry = log::DedupeExpiry::assigner(config.dedupe_window_ms);
-        let db = Database::builder(dir)
-            .with_compaction_filter_factories(expiry)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => Error::storage(context(), StoreError::Locked(dir.clone())),
-                other => Error::storage(context(), other),
-            })?;
-        let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| Error::storage(format!("opening keyspace {name}"), e))
-        };
-        let events = keyspace("events")?;
-        // Nearly every dedupe lookup is for a new id, answered by the tables' bloom
-        // filters alone; fjall pins only level 0's filters by default, so once the keys
-        // of the window reached deeper levels each lookup read and checksummed a filter
-        // block from disk, and ingest fell from 140k to 3k events/s. Pinned, the filters
-        // cost about 1.25 bytes per key of the window in memory. (fjall stores a
-        // keyspace's options when it creates it: a data directory made before this keeps
-        // its old policy.)
-        let dedupe = db
-            .keyspace(DEDUPE_KEYSPACE, || {
-                KeyspaceCreateOptions::default()
-                    .filter_block_pinning_policy(PinningPolicy::all(true))
-            })
-            .map_err(|e| Error::storage(format!("opening keyspace {DEDUPE_KEYSPACE}"), e))?;
-        let profiles = keyspace("profiles")?;
-        let meta = keyspace("meta")?;
-        let items = keyspace("items")?;
-        let models = keyspace("models")?;
-
-        let last_seq = log::last_seq_on_disk(&events).map_err(fault("reading the log's end"))?;
-        let profile_state =
-            ProfileState::load(&profiles, &meta, policy).map_err(fault("loading profiles"))?;
+        let handles = Handles::open(dir, config.dedupe_window_ms)
+            .map_err(|e| Error::storage(context(), e))?;
+        let last_seq =
+            log::last_seq_on_disk(&handles.events).map_err(fault("reading the log's end"))?;
+        let profile_state = ProfileState::load(&handles.profiles, &handles.meta, policy)
+            .map_err(fault("loading profiles"))?;
         info!(
             data_dir = %dir.display(),
             last_seq,
@@ -133,13 +110,8 @@ impl EmbeddedStore {
         );
         Ok(Arc::new(Self {
             shared: Arc::new(Shared {
-                db,
-                events,
-                dedupe,
-                profiles,
-                meta,
-                items,
-                models,
+                handles: ArcSwapOption::from_pointee(handles),
+                reopen: Mutex::new(reopen::Attempts::default()),
                 persist: config.durability.persist_mode(),
                 dedupe_window_ms: config.dedupe_window_ms,
                 log_retention_ms: config.log_retention_ms,
@@ -162,20 +134,28 @@ impl EmbeddedStore {
     async fn blocking<T, F>(&self, context: &'static str, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Shared, &Handles) -> Result<T, StoreError> + Send + 'static,
     {
         run_blocking(Arc::clone(&self.shared), context, work).await
     }
 }
 
 /// [`EmbeddedStore::blocking`] for work that owns its `Arc` (checkpoint futures).
+///
+/// A database stopped by a failed write is reopened first when it can be (see
+/// [`Shared::heal`]); `work` then gets the database as it is now, which stays open until
+/// `work` returns.
 async fn run_blocking<T, F>(shared: Arc<Shared>, context: &'static str, work: F) -> Result<T>
 where
     T: Send + 'static,
-    F: FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce(&Shared, &Handles) -> Result<T, StoreError> + Send + 'static,
 {
     let work = move || {
-        let result = work(&shared);
+        shared.heal();
+        let handles = shared.handles()?;
+        let result = work(&shared, &handles);
+        // Noted while `handles` is still held: a reopen waits for every holder of the
+        // old database, so this can never mark the new one stopped.
         if let Err(StoreError::Fjall(fjall::Error::Poisoned)) = &result {
             shared.disk.note_failed_commit();
         }
@@ -188,6 +168,17 @@ where
     }
 }
 
+impl Shared {
+    /// Commits `batch`; a failed commit stops the fjall database (it refuses every later
+    /// write), which is noted so that readiness says so and the store reopens it.
+    fn commit(&self, batch: OwnedWriteBatch) -> Result<(), StoreError> {
+        batch
+            .commit()
+            .inspect_err(|_| self.disk.note_failed_commit())?;
+        Ok(())
+    }
+}
+
 /// What can go wrong inside the embedded backend; the trait methods turn it into
 /// [`reflex_core::Error::Storage`] with the operation as context.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +187,15 @@ enum StoreError {
     Locked(PathBuf),
     #[error(transparent)]
     Fjall(#[from] fjall::Error),
+    #[error("opening keyspace {name}: {source}")]
+    Keyspace {
+        name: &'static str,
+        source: fjall::Error,
+    },
+    #[error("the database is being reopened after a failed write")]
+    Reopening,
+    #[error("the stopped database is still in use after {waited_ms} ms; reopening it later")]
+    StillInUse { waited_ms: u64 },
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use reflex_core::{ModelStore, ModelVersion, Result, Rollbacks};
 
-use super::{EmbeddedStore, Shared, StoreError, decode, encode};
+use super::{EmbeddedStore, Handles, Shared, StoreError, decode, encode};
 
 const ROLLBACKS_KEY: &[u8] = b"rollbacks";
 
@@ -19,8 +19,8 @@ fn key(prefix: u8, id: u64) -> [u8; 9] {
 }
 
 impl Shared {
-    fn versions_blocking(&self) -> Result<Vec<ModelVersion>, StoreError> {
-        self.models
+    fn versions_blocking(h: &Handles) -> Result<Vec<ModelVersion>, StoreError> {
+        h.models
             .prefix(b"v")
             .map(|guard| {
                 let (k, value) = guard.into_inner()?;
@@ -31,11 +31,12 @@ impl Shared {
 
     fn save_blocking(
         &self,
+        h: &Handles,
         mut version: ModelVersion,
         snapshot: Vec<u8>,
     ) -> Result<ModelVersion, StoreError> {
         let _writer = self.catalog_writer.lock();
-        let last = self
+        let last = h
             .models
             .prefix(b"v")
             .next_back()
@@ -46,82 +47,92 @@ impl Shared {
             None => 1,
         };
         version.bytes = snapshot.len() as u64;
-        let mut batch = self.db.batch().durability(Some(self.persist));
-        batch.insert(&self.models, key(b's', version.id), snapshot);
+        let mut batch = h.db.batch().durability(Some(self.persist));
+        batch.insert(&h.models, key(b's', version.id), snapshot);
         batch.insert(
-            &self.models,
+            &h.models,
             key(b'v', version.id),
             encode(&version, "model version")?,
         );
-        batch.commit()?;
+        self.commit(batch)?;
         Ok(version)
     }
 
-    fn rollbacks_blocking(&self) -> Result<Rollbacks, StoreError> {
-        match self.models.get(ROLLBACKS_KEY)? {
+    fn rollbacks_blocking(h: &Handles) -> Result<Rollbacks, StoreError> {
+        match h.models.get(ROLLBACKS_KEY)? {
             Some(v) => decode(&v, "rollbacks", ROLLBACKS_KEY),
             None => Ok(Rollbacks::default()),
         }
     }
 
-    fn prune_blocking(&self, keep: usize) -> Result<usize, StoreError> {
+    fn prune_blocking(&self, h: &Handles, keep: usize) -> Result<usize, StoreError> {
         let _writer = self.catalog_writer.lock();
-        let versions = self.versions_blocking()?;
-        let protected = self.rollbacks_blocking()?.version;
+        let versions = Self::versions_blocking(h)?;
+        let protected = Self::rollbacks_blocking(h)?.version;
         let excess = versions.len().saturating_sub(keep);
-        let mut batch = self.db.batch().durability(Some(self.persist));
+        let mut batch = h.db.batch().durability(Some(self.persist));
         let mut pruned = 0;
         for v in versions.iter().take(excess).filter(|v| v.id != protected) {
-            batch.remove(&self.models, key(b'v', v.id));
-            batch.remove(&self.models, key(b's', v.id));
+            batch.remove(&h.models, key(b'v', v.id));
+            batch.remove(&h.models, key(b's', v.id));
             pruned += 1;
         }
-        batch.commit()?;
+        self.commit(batch)?;
         Ok(pruned)
+    }
+
+    fn record_rollback_blocking(&self, h: &Handles, version: u64) -> Result<Rollbacks, StoreError> {
+        let _writer = self.catalog_writer.lock();
+        let mut r = Self::rollbacks_blocking(h)?;
+        r.generation += 1;
+        r.version = version;
+        let mut batch = h.db.batch().durability(Some(self.persist));
+        batch.insert(&h.models, ROLLBACKS_KEY, encode(&r, "rollbacks")?);
+        self.commit(batch)?;
+        Ok(r)
     }
 }
 
 #[async_trait]
 impl ModelStore for EmbeddedStore {
     async fn save(&self, version: ModelVersion, snapshot: Vec<u8>) -> Result<ModelVersion> {
-        self.blocking("saving a model version", move |s| {
-            s.save_blocking(version, snapshot)
+        self.blocking("saving a model version", move |s, h| {
+            s.save_blocking(h, version, snapshot)
         })
         .await
     }
 
     async fn list(&self) -> Result<Vec<ModelVersion>> {
-        self.blocking("listing model versions", |s| s.versions_blocking())
-            .await
+        self.blocking("listing model versions", |_, h| {
+            Shared::versions_blocking(h)
+        })
+        .await
     }
 
     async fn load(&self, id: u64) -> Result<Option<Vec<u8>>> {
-        self.blocking("loading a model version", move |s| {
-            Ok(s.models.get(key(b's', id))?.map(|v| v.to_vec()))
+        self.blocking("loading a model version", move |_, h| {
+            Ok(h.models.get(key(b's', id))?.map(|v| v.to_vec()))
         })
         .await
     }
 
     async fn prune(&self, keep: usize) -> Result<usize> {
-        self.blocking("pruning model versions", move |s| s.prune_blocking(keep))
-            .await
+        self.blocking("pruning model versions", move |s, h| {
+            s.prune_blocking(h, keep)
+        })
+        .await
     }
 
     async fn rollbacks(&self) -> Result<Rollbacks> {
-        self.blocking("reading the rollback record", |s| s.rollbacks_blocking())
-            .await
+        self.blocking("reading the rollback record", |_, h| {
+            Shared::rollbacks_blocking(h)
+        })
+        .await
     }
 
     async fn record_rollback(&self, version: u64) -> Result<Rollbacks> {
-        self.blocking("recording a rollback", move |s| {
-            let _writer = s.catalog_writer.lock();
-            let mut r = s.rollbacks_blocking()?;
-            r.generation += 1;
-            r.version = version;
-            let mut batch = s.db.batch().durability(Some(s.persist));
-            batch.insert(&s.models, ROLLBACKS_KEY, encode(&r, "rollbacks")?);
-            batch.commit()?;
-            Ok(r)
+        self.blocking("recording a rollback", move |s, h| {
+            s.record_rollback_blocking(h, version)
         })
         .await
     }

@@ -19,7 +19,7 @@ use reflex_core::{Profile, ProfilePolicy, ProfileStore, ProfileUpdate, Result, S
 use tracing::debug;
 
 use super::{
-    EmbeddedStore, PROFILES_SEQ_KEY, Shared, StoreError, append_encoded, be_u64, decode,
+    EmbeddedStore, Handles, PROFILES_SEQ_KEY, Shared, StoreError, append_encoded, be_u64, decode,
     run_blocking,
 };
 
@@ -69,17 +69,23 @@ impl ProfileState {
             };
             live.insert(slot.profile.user_id.clone(), slot);
         }
-        let durable_seq = match meta.get(PROFILES_SEQ_KEY)? {
-            Some(value) => be_u64(&value, "profiles_seq", PROFILES_SEQ_KEY)?,
-            None => 0,
-        };
         Ok(Self {
             policy,
             live,
             dirty: Mutex::new(Vec::new()),
-            durable_seq: AtomicU64::new(durable_seq),
+            durable_seq: AtomicU64::new(checkpoint_seq(meta)?),
             checkpoint_writer: Mutex::new(()),
         })
+    }
+
+    /// After the database was reopened: takes the checkpoint position on disk if it is
+    /// newer than the one known, as it is when a checkpoint's commit failed yet reached
+    /// the journal (its profiles stayed dirty and are written again). Profiles in memory
+    /// stay as they are: they hold every acked event, the disk only a checkpoint.
+    pub(super) fn reload_durable_seq(&self, meta: &Keyspace) -> Result<(), StoreError> {
+        self.durable_seq
+            .fetch_max(checkpoint_seq(meta)?, Ordering::AcqRel);
+        Ok(())
     }
 
     pub(super) fn len(&self) -> usize {
@@ -181,16 +187,29 @@ impl ProfileState {
     }
 }
 
+/// The log position the `profiles` keyspace is consistent with, 0 before any checkpoint.
+fn checkpoint_seq(meta: &Keyspace) -> Result<Seq, StoreError> {
+    match meta.get(PROFILES_SEQ_KEY)? {
+        Some(value) => be_u64(&value, "profiles_seq", PROFILES_SEQ_KEY),
+        None => Ok(0),
+    }
+}
+
 impl Shared {
     /// Writes one checkpoint in one fsynced batch: the changed profiles and `seq`.
-    fn write_checkpoint(&self, seq: Seq, changes: Vec<Change>) -> Result<(), StoreError> {
+    fn write_checkpoint(
+        &self,
+        h: &Handles,
+        seq: Seq,
+        changes: Vec<Change>,
+    ) -> Result<(), StoreError> {
         let state = &self.profile_state;
         let _one_at_a_time = state.checkpoint_writer.lock();
         let durable = state.durable_seq();
         if seq < durable {
             return Err(StoreError::StaleCheckpoint { seq, durable });
         }
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut batch = h.db.batch().durability(Some(PersistMode::SyncAll));
         let mut buf = Vec::with_capacity(1024);
         for (user, profile) in &changes {
             let key = user.as_str().as_bytes();
@@ -198,13 +217,13 @@ impl Shared {
                 Some(profile) => {
                     buf.clear();
                     append_encoded(&**profile, &mut buf, "profile")?;
-                    batch.insert(&self.profiles, key, &buf[..]);
+                    batch.insert(&h.profiles, key, &buf[..]);
                 }
-                None => batch.remove(&self.profiles, key),
+                None => batch.remove(&h.profiles, key),
             }
         }
-        batch.insert(&self.meta, PROFILES_SEQ_KEY, &seq.to_be_bytes()[..]);
-        batch.commit()?;
+        batch.insert(&h.meta, PROFILES_SEQ_KEY, &seq.to_be_bytes()[..]);
+        self.commit(batch)?;
         state.durable_seq.store(seq, Ordering::Release);
         Ok(())
     }
@@ -289,8 +308,8 @@ impl ProfileStore for EmbeddedStore {
         let shared = Arc::clone(&self.shared);
         Some(Box::pin(async move {
             let count = changes.len();
-            run_blocking(shared, "writing a profile checkpoint", move |s| {
-                s.write_checkpoint(seq, changes)
+            run_blocking(shared, "writing a profile checkpoint", move |s, h| {
+                s.write_checkpoint(h, seq, changes)
             })
             .await?;
             pending.written();

@@ -96,7 +96,8 @@ async fn compaction_drops_only_expired_dedupe_keys() {
     store.append(&old).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2_300)).await;
     store.append(&[view("new", "u")]).await.unwrap();
-    let dedupe = &store.shared.dedupe;
+    let handles = store.shared.handles().unwrap();
+    let dedupe = &handles.dedupe;
     assert_eq!(dedupe.len().unwrap(), 11);
     // Maintenance no longer scans the dedupe keys; compaction expires them.
     store.maintain().await.unwrap();
@@ -233,7 +234,7 @@ async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
     store.apply(&updates(&young, 2, now_ms())).await.unwrap();
     checkpoint(&store, 2).await;
     // The checkpoint deleted the expired profile instead of writing it.
-    assert_eq!(store.shared.profiles.len().unwrap(), 1);
+    assert_eq!(store.shared.handles().unwrap().profiles.len().unwrap(), 1);
     assert_eq!(store.count().await.unwrap(), 1);
 
     // An expired profile loaded from disk is evicted by maintenance.
@@ -250,7 +251,7 @@ async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
     store.maintain().await.unwrap();
     assert_eq!(store.count().await.unwrap(), 0);
     checkpoint(&store, 3).await;
-    assert_eq!(store.shared.profiles.len().unwrap(), 0);
+    assert_eq!(store.shared.handles().unwrap().profiles.len().unwrap(), 0);
 }
 
 #[tokio::test]
@@ -286,7 +287,7 @@ async fn a_checkpoint_that_fails_or_is_dropped_leaves_its_profiles_dirty() {
     checkpoint(&store, 2).await;
     // Landing after a newer checkpoint would undo it: refused, alice stays dirty.
     assert!(older.await.is_err());
-    assert_eq!(store.shared.profiles.len().unwrap(), 1);
+    assert_eq!(store.shared.handles().unwrap().profiles.len().unwrap(), 1);
     assert_eq!(store.shared.profile_state.pending(), 1);
 
     let dropped = store.capture_checkpoint(2).unwrap();
@@ -294,7 +295,7 @@ async fn a_checkpoint_that_fails_or_is_dropped_leaves_its_profiles_dirty() {
     drop(dropped);
     assert_eq!(store.shared.profile_state.pending(), 1);
     checkpoint(&store, 2).await;
-    assert_eq!(store.shared.profiles.len().unwrap(), 2);
+    assert_eq!(store.shared.handles().unwrap().profiles.len().unwrap(), 2);
     assert_eq!(store.shared.profile_state.pending(), 0);
 }
 
@@ -535,5 +536,198 @@ async fn trim_drops_covered_records_past_the_retention_but_never_the_last() {
     assert_eq!(
         store.append(&[view("t-11", "u")]).await.unwrap(),
         [Appended::At(12)]
+    );
+}
+
+/// The ids of the events among `records`, in order.
+fn ids_of<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Vec<String> {
+    records
+        .into_iter()
+        .filter_map(|record| match record {
+            LogRecord::Event { event, .. } => Some(event.event_id.as_str().to_owned()),
+            LogRecord::Erase { .. } => None,
+        })
+        .collect()
+}
+
+/// The ids of every event in the log, in log order, after checking that the positions
+/// run 1, 2, 3… without a gap.
+async fn logged_ids(store: &EmbeddedStore) -> Vec<String> {
+    let read = store.read(0, 1_000_000).await.unwrap();
+    let seqs: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (1..=read.len() as u64).collect::<Vec<_>>());
+    ids_of(read.iter().map(|(_, record)| record))
+}
+
+fn views_named(prefix: &str, n: usize) -> Vec<LogRecord> {
+    (0..n)
+        .map(|i| view(&format!("{prefix}-{i}"), "u"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_removes_the_records_of_a_failed_append_and_keeps_the_acked_ones() {
+    let (dir, store) = fresh();
+    let acked = views_named("acked", 3);
+    store.append(&acked).await.unwrap();
+    // What a commit that failed after reaching the journal leaves behind once fjall
+    // recovers it: a record past the acked end with its dedupe key, and a checkpoint
+    // position newer than the one the store knows.
+    let lost = view("lost", "u");
+    {
+        let h = store.shared.handles().unwrap();
+        let mut batch = h.db.batch();
+        let record = encode(&lost, "log record").unwrap();
+        batch.insert(&h.events, &4u64.to_be_bytes()[..], record);
+        batch.insert(&h.dedupe, "lost", &now_ms().to_be_bytes()[..]);
+        batch.insert(&h.meta, PROFILES_SEQ_KEY, &3u64.to_be_bytes()[..]);
+        batch.commit().unwrap();
+    }
+    store.shared.disk.note_failed_commit();
+    assert!(store.shared.disk.unwritable().is_some());
+
+    // The next call reopens the database: the client's retry is accepted, once, right
+    // after the acked records.
+    let retry = [lost, view("after", "u")];
+    assert_eq!(
+        store.append(&retry).await.unwrap(),
+        [Appended::At(4), Appended::At(5)]
+    );
+    assert!(!store.shared.disk.stopped());
+    assert_eq!(store.health().await.unwritable, None);
+    assert_eq!(store.durable_seq().await.unwrap(), Some(3));
+    let expected = ids_of(acked.iter().chain(&retry));
+    assert_eq!(logged_ids(&store).await, expected);
+
+    // A restart finds the same log and dedupe window.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_seq().await.unwrap(), 5);
+    assert_eq!(logged_ids(&store).await, expected);
+    assert_eq!(
+        store.append(&[view("lost", "u")]).await.unwrap(),
+        [Appended::Duplicate]
+    );
+}
+
+/// A tmpfs mounted for a test (which needs root), unmounted when dropped.
+struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size_mib: u32) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file that takes every free byte; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_stopped_by_a_full_disk_is_reopened_once_space_returns() {
+    let Some(tmpfs) = Tmpfs::mount(16) else {
+        eprintln!("SKIPPED: this test mounts a tmpfs, which needs root");
+        return;
+    };
+    // No floor, so that fjall's own write fails (the floor would refuse the append first)
+    // and the store is left to reopen a database fjall has stopped.
+    let config = EmbeddedConfig {
+        min_free_bytes: 0,
+        ..config(&tmpfs.path().join("data"))
+    };
+    let store = EmbeddedStore::open(config.clone(), ProfilePolicy::default()).unwrap();
+    let mut acked = views_named("before", 10);
+    store.append(&acked).await.unwrap();
+
+    let filler = tmpfs.fill();
+    // Small appends, until one needs a page the disk no longer has.
+    let mut failed = None;
+    for round in 0..10_000 {
+        let records = views_named(&format!("full-{round}"), 5);
+        match store.append(&records).await {
+            Ok(outcomes) => {
+                assert!(outcomes.iter().all(|o| matches!(o, Appended::At(_))));
+                acked.extend(records);
+            }
+            Err(err) => {
+                failed = Some((records, err));
+                break;
+            }
+        }
+    }
+    let (records, err) = failed.expect("an append fails on a full disk");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(
+        store.shared.disk.stopped(),
+        "fjall stops after a failed write"
+    );
+
+    // Space returns: the retry reopens the database, without a restart, and is accepted
+    // right after the acked records (whatever of it reached the journal was removed).
+    std::fs::remove_file(&filler).unwrap();
+    let last_acked = acked.len() as u64;
+    let started = std::time::Instant::now();
+    let outcomes = loop {
+        match store.append(&records).await {
+            Ok(outcomes) => break outcomes,
+            Err(err) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still refused 10 s after space returned: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let expected_at: Vec<_> = (1..=records.len() as u64)
+        .map(|i| Appended::At(last_acked + i))
+        .collect();
+    assert_eq!(outcomes, expected_at);
+    acked.extend(records);
+    assert_eq!(store.health().await.unwritable, None);
+    assert_eq!(logged_ids(&store).await, ids_of(&acked));
+
+    // A restart finds exactly the acked records, each once.
+    drop(store);
+    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
+    assert_eq!(store.last_seq().await.unwrap(), acked.len() as u64);
+    assert_eq!(logged_ids(&store).await, ids_of(&acked));
+    assert_eq!(
+        store.append(&acked[..1]).await.unwrap(),
+        [Appended::Duplicate]
     );
 }
