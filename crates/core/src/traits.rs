@@ -317,10 +317,14 @@ pub trait SignalModel: Send + Sync + 'static {
     /// Drops everything kept about the user (profile erase).
     fn forget_user(&self, user: &UserId);
 
-    /// The user's best `k` candidates passing `filter`, most probable first.
+    /// The user's best `k` candidates passing `filter`, most probable first. `recent`
+    /// is the user's latest items, most recent first, from their profile (which every
+    /// replica reads fresh, while the signals of a replica following a shared log may
+    /// lag): what follows them is proposed.
     fn candidates(
         &self,
         user: &UserId,
+        recent: &[ItemIdx],
         k: usize,
         filter: &dyn Fn(ItemIdx) -> bool,
     ) -> Vec<SignalCandidate>;

@@ -465,12 +465,11 @@ impl SignalModel for Signals {
     fn candidates(
         &self,
         user: &UserId,
+        recent: &[ItemIdx],
         k: usize,
         filter: &dyn Fn(ItemIdx) -> bool,
     ) -> Vec<SignalCandidate> {
-        let Some(u) = self.users.get(user).map(|u| u.clone()) else {
-            return Vec::new();
-        };
+        let u = self.users.get(user).map(|u| u.clone()).unwrap_or_default();
         let mut out: Vec<SignalCandidate> = Vec::new();
         let global_rate = self.global_rebuy_rate();
         for it in &u.items {
@@ -494,7 +493,7 @@ impl SignalModel for Signals {
         let (mut wsum, mut prior) = (0.0f32, 0.0f32);
         let mut w = 1.0f32;
         let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
-        for &source in u.recent.iter().rev().take(self.config.sources) {
+        for &source in recent.iter().take(self.config.sources) {
             if used.contains(&source) {
                 w *= self.config.source_decay;
                 continue;
@@ -787,8 +786,16 @@ mod tests {
         });
     }
 
+    /// The user's latest items, most recent first, as a profile would give them.
+    fn latest(s: &Signals, who: &str) -> Vec<ItemIdx> {
+        s.users
+            .get(&user(who))
+            .map(|u| u.recent.iter().rev().copied().collect())
+            .unwrap_or_default()
+    }
+
     fn ranked(s: &Signals, who: &str) -> Vec<(ItemIdx, SignalSource)> {
-        s.candidates(&user(who), 10, &|_| true)
+        s.candidates(&user(who), &latest(s, who), 10, &|_| true)
             .into_iter()
             .map(|c| (c.item, c.source))
             .collect()
@@ -821,7 +828,7 @@ mod tests {
         buy(&s, "new", 2, 80 * DAY);
         buy(&s, "new", 1, 80 * DAY + 1);
         buy(&s, "new", 3, 87 * DAY);
-        let got = s.candidates(&user("new"), 10, &|_| true);
+        let got = s.candidates(&user("new"), &latest(&s, "new"), 10, &|_| true);
         assert_eq!(
             (got[0].item, got[0].source),
             (1, SignalSource::Repeat),
@@ -859,7 +866,7 @@ mod tests {
         assert_eq!(related[0].item, 11);
         assert!(related[0].score > related[1].score);
         // The filter is obeyed.
-        let none = s.candidates(&user("me"), 10, &|i| i != 11);
+        let none = s.candidates(&user("me"), &latest(&s, "me"), 10, &|i| i != 11);
         assert!(none.iter().all(|c| c.item != 11));
     }
 
@@ -938,12 +945,12 @@ mod tests {
         .unwrap();
         for who in ["s3", "me"] {
             let a: Vec<_> = s
-                .candidates(&user(who), 10, &|_| true)
+                .candidates(&user(who), &latest(&s, who), 10, &|_| true)
                 .into_iter()
                 .map(|c| (c.item + 100, c.probability))
                 .collect();
             let b: Vec<_> = t
-                .candidates(&user(who), 10, &|_| true)
+                .candidates(&user(who), &latest(&t, who), 10, &|_| true)
                 .into_iter()
                 .map(|c| (c.item, c.probability))
                 .collect();

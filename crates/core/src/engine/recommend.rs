@@ -99,7 +99,13 @@ impl Engine {
         // fill in after it.
         let mut signalled: Vec<ScoredItem> = Vec::new();
         if let (Some(signals), Some(_)) = (&self.signals, &profile) {
-            for c in signals.candidates(user, count, &pass) {
+            // Negative feedback (a removal from the cart) proposes nothing.
+            let recent: Vec<ItemIdx> = history
+                .iter()
+                .filter(|h| h.weight > 0.0)
+                .map(|h| h.item)
+                .collect();
+            for c in signals.candidates(user, &recent, count, &pass) {
                 if let Some(id) = self.backends.items.id(c.item) {
                     signalled.push(ScoredItem {
                         item_id: id.clone(),

@@ -50,6 +50,7 @@ impl SignalModel for RecallSignals {
     fn candidates(
         &self,
         user: &UserId,
+        _recent: &[ItemIdx],
         k: usize,
         filter: &dyn Fn(ItemIdx) -> bool,
     ) -> Vec<SignalCandidate> {
