@@ -3,7 +3,7 @@
 //! throughput"; river's `learn_one` loop is the usual comparison).
 //!
 //! `cargo run --release -p reflex-models --example learn_throughput -- [100k|1m]
-//! [CONFIG_JSON] [repeats]`, with the data folder from `REFLEX_DATA_DIR` (default
+//! [CONFIG_JSON] [repeats] [SIGNALS_CONFIG_JSON]`, with the data folder from `REFLEX_DATA_DIR` (default
 //! `../shared/data` relative to the workspace). Each repeat learns a fresh model, first
 //! alone, then together with the behaviour signals (every online update of an event).
 
@@ -19,12 +19,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => MfConfig::default(),
     };
     let repeats: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let signals: SignalsConfig = match args.get(3) {
+        Some(json) if !json.is_empty() => serde_json::from_str(json)?,
+        _ => SignalsConfig::default(),
+    };
     for run in 1..=repeats.max(1) {
         let r = learn_throughput(&data, &config, None, &EvalOptions::default())?;
         let all = learn_throughput(
             &data,
             &config,
-            Some(&SignalsConfig::default()),
+            Some(&signals),
             &EvalOptions::default(),
         )?;
         println!(

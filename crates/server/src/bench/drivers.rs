@@ -295,9 +295,10 @@ impl RpcWorker {
                 match timeout(ANSWER_TIMEOUT, call).await {
                     Ok(Ok(answer)) => {
                         let answer = answer.get_ref();
-                        let personalised = answer.items.first().is_some_and(|i| {
-                            i.source() == proto::Source::Mf || i.source() == proto::Source::Content
-                        });
+                        let personalised = answer
+                            .items
+                            .first()
+                            .is_some_and(|i| i.source() != proto::Source::Popular);
                         stats.recommend(started.elapsed(), answer.degraded, personalised)
                     }
                     Ok(Err(status)) => stats.error("recommend", status.code()),

@@ -195,7 +195,7 @@ impl Report {
                 calls(out, "recommend", p.recommend_qps, &p.recommend_ms);
                 let _ = writeln!(
                     out,
-                    "             personalised (first item from a model): {:.1}%",
+                    "             personalised (first item not from the popular fallback): {:.1}%",
                     100.0 * p.recommend_personalised as f64 / p.recommend_ms.count as f64
                 );
             }
