@@ -118,7 +118,6 @@ impl Engine {
                 }
             }
         }
-        let mf_vector = model.user_vector(&history);
         // A blend weight of 0 leaves content out of recommendations (it still serves
         // `SimilarItems`), so its search is not even run.
         let content = self
@@ -159,6 +158,12 @@ impl Engine {
             .collect();
         let pass = |idx: ItemIdx| !proposed.contains(&idx) && pass(idx);
         let wanted = count - items.len();
+        // No fold-in when the signals filled the list.
+        let mf_vector = if wanted > 0 {
+            model.user_vector(&history)
+        } else {
+            None
+        };
         match (mf_vector, content) {
             _ if wanted == 0 => {}
             (mf_vector, Some((content, weight, content_vector))) => {
