@@ -80,6 +80,25 @@ async fn every_status_kind_over_one_stream() {
         .into_inner();
     assert_eq!(ack.sequence, 9);
     assert_eq!(statuses(&ack), vec![Duplicate, Accepted]);
+
+    // Timestamps whose nanos are out of range are rejected, naming the field; the rest
+    // of the batch goes through.
+    let mut batch = Vec::new();
+    for (n, nanos) in [-1, 1_000_000_000, i32::MAX].into_iter().enumerate() {
+        let mut e = event(&format!("n{n}"), "u3", "i1", View);
+        e.timestamp.as_mut().unwrap().nanos = nanos;
+        batch.push(e);
+    }
+    batch.push(event("n9", "u3", "i1", View));
+    let ack = stream.round_trip(batch).await;
+    assert_eq!(statuses(&ack), vec![Rejected, Rejected, Rejected, Accepted]);
+    assert!(
+        ack.results[..3]
+            .iter()
+            .all(|r| r.reason.contains("timestamp.nanos")),
+        "{:?}",
+        ack.results
+    );
 }
 
 #[tokio::test]

@@ -227,6 +227,9 @@ pub struct RawEvent {
     pub weight: Option<f64>,
     /// `None` when the client sent no timestamp.
     pub timestamp_ms: Option<TimestampMs>,
+    /// The nanoseconds field of a timestamp sent as seconds and nanos (protobuf), which
+    /// must be 0 to 999,999,999; `None` for timestamps sent otherwise.
+    pub timestamp_nanos: Option<i32>,
     /// Empty when the client sent none.
     pub session_id: String,
     /// See [`Event::value`].
@@ -288,6 +291,14 @@ impl RawEvent {
             return Err(Error::invalid(
                 "weight",
                 format!("must be finite and within ±{MAX_ABS_WEIGHT}"),
+            ));
+        }
+        if let Some(nanos) = self.timestamp_nanos
+            && !(0..1_000_000_000).contains(&nanos)
+        {
+            return Err(Error::invalid(
+                "timestamp.nanos",
+                format!("is {nanos}, expected 0 to 999999999"),
             ));
         }
         let timestamp_ms = match self.timestamp_ms {
@@ -528,6 +539,22 @@ mod tests {
         let mut r = raw();
         r.timestamp_ms = Some(NOW + 60_000);
         assert!(r.validate(&EventLimits::default(), NOW).is_ok());
+    }
+
+    #[test]
+    fn rejects_timestamp_nanos_out_of_range() {
+        for nanos in [-1, 1_000_000_000, i32::MAX, i32::MIN] {
+            let mut r = raw();
+            r.timestamp_nanos = Some(nanos);
+            let err = r.validate(&EventLimits::default(), NOW).unwrap_err();
+            assert!(err.to_string().contains(&nanos.to_string()), "{err}");
+            assert_eq!(field_of(err), "timestamp.nanos");
+        }
+        for nanos in [0, 999_999_999] {
+            let mut r = raw();
+            r.timestamp_nanos = Some(nanos);
+            assert!(r.validate(&EventLimits::default(), NOW).is_ok());
+        }
     }
 
     #[test]

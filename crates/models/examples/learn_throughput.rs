@@ -25,12 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for run in 1..=repeats.max(1) {
         let r = learn_throughput(&data, &config, None, &EvalOptions::default())?;
-        let all = learn_throughput(
-            &data,
-            &config,
-            Some(&signals),
-            &EvalOptions::default(),
-        )?;
+        let all = learn_throughput(&data, &config, Some(&signals), &EvalOptions::default())?;
         println!(
             "{which} run {run}: {} events; MF alone {:.3} s, {:.0} events/s; MF and signals {:.3} s, {:.0} events/s (one thread)",
             r.events, r.secs, r.events_per_sec, all.secs, all.events_per_sec

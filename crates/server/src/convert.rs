@@ -94,6 +94,7 @@ pub fn raw_event(event: proto::Event) -> RawEvent {
         custom_kind,
         weight,
         timestamp_ms: timestamp.as_ref().map(millis),
+        timestamp_nanos: timestamp.as_ref().map(|t| t.nanos),
         session_id,
         value,
         context,
