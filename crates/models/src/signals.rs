@@ -21,9 +21,10 @@
 //!   (weighted [`SignalsConfig::source_decay`] per position back) give
 //!   `P1(j) = Σ_s w_s·(C[s][j] + κ·q_j) / (M_s + κ) / Σ_s w_s`, with `q_j` the share of
 //!   first interactions that were with `j` and κ [`SignalsConfig::smoothing`]. It
-//!   becomes a basket-level figure like the repeat one: `S_u·(1 − π_u)/(1 − π)·P1(j)`,
-//!   with `S_u` the user's expected basket size and `π_u` the share of their events
-//!   that are repeats (both shrunk toward everyone's).
+//!   becomes a basket-level figure like the repeat one: the expected count
+//!   `λ = S_u·(1 − π_u)/(1 − π)·P1(j)`, with `S_u` the user's expected basket size and
+//!   `π_u` the share of their events that are repeats (both shrunk toward everyone's),
+//!   reported as the chance of at least one, `1 − e^(−λ)`.
 //!
 //! Measured (`reflex eval --protocol`, see BENCHMARKS.md), one set of defaults for
 //! every data set. Clock skew: an event older than the user's latest by more than a
@@ -535,7 +536,9 @@ impl SignalModel for Signals {
                     / firsts;
                 out.push(SignalCandidate {
                     item: j,
-                    probability: scale * (c + prior * q),
+                    // An expected count in the next basket; the chance of at least
+                    // one (Poisson), so it stays a probability beside the repeats.
+                    probability: -(-scale * (c + prior * q)).exp_m1(),
                     source: SignalSource::Sequence,
                 });
             }
