@@ -317,6 +317,10 @@ pub trait SignalModel: Send + Sync + 'static {
     /// Drops everything kept about the user (profile erase).
     fn forget_user(&self, user: &UserId);
 
+    /// Housekeeping, called periodically: forgetting users inactive for longer than the
+    /// model keeps them, so memory follows the active users.
+    fn maintain(&self) {}
+
     /// The user's best `k` candidates passing `filter`, most probable first. `recent`
     /// is the user's latest items, most recent first, from their profile (which every
     /// replica reads fresh, while the signals of a replica following a shared log may

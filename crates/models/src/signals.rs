@@ -84,6 +84,9 @@ pub struct SignalsConfig {
     pub max_followers: usize,
     /// Purchased items kept per user (the least recently bought goes first).
     pub max_user_items: usize,
+    /// A user with no event for this long (wall clock, as a profile's TTL counts) is
+    /// forgotten, in ms.
+    pub user_ttl_ms: i64,
 }
 
 impl Default for SignalsConfig {
@@ -99,6 +102,7 @@ impl Default for SignalsConfig {
             smoothing: 20.0,
             max_followers: 300,
             max_user_items: 200,
+            user_ttl_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }
@@ -116,6 +120,9 @@ impl SignalsConfig {
         unit("basket_decay", self.basket_decay)?;
         unit("pair_decay", self.pair_decay)?;
         unit("source_decay", self.source_decay)?;
+        if self.user_ttl_ms <= 0 {
+            return Err(format!("user_ttl_ms is {}, expected > 0", self.user_ttl_ms));
+        }
         if self.basket_gap_ms <= 0 {
             return Err(format!(
                 "basket_gap_ms is {}, expected > 0",
@@ -186,6 +193,8 @@ struct UserSignals {
     purchases: u32,
     eligible: u32,
     repeats: u32,
+    /// Wall-clock time of the latest event, to the maintenance tick.
+    touched_ms: i64,
     /// Latest items, newest last.
     recent: VecDeque<ItemIdx>,
     /// Purchased items, sorted by item.
@@ -220,6 +229,9 @@ pub struct Signals {
     items: boxcar::Vec<ItemSlot>,
     totals: Totals,
     clock_ms: AtomicI64,
+    /// Wall clock as of the last [`SignalModel::maintain`] (coarse: no clock read per
+    /// event).
+    wall_ms: AtomicI64,
 }
 
 impl Signals {
@@ -234,6 +246,7 @@ impl Signals {
             items: boxcar::Vec::new(),
             totals: Totals::default(),
             clock_ms: AtomicI64::new(i64::MIN),
+            wall_ms: AtomicI64::new(reflex_core::types::now_ms()),
         })
     }
 
@@ -245,6 +258,14 @@ impl Signals {
     /// Users held.
     pub fn users(&self) -> usize {
         self.users.len()
+    }
+
+    /// Forgets users untouched for longer than the TTL at wall-clock time `now_ms`.
+    fn expire(&self, now_ms: i64) {
+        self.wall_ms.store(now_ms, Ordering::Relaxed);
+        let horizon = now_ms.saturating_sub(self.config.user_ttl_ms);
+        // One shard locked at a time, never the whole map.
+        self.users.retain(|_, u| u.touched_ms >= horizon);
     }
 
     fn slot(&self, item: ItemIdx) -> &ItemSlot {
@@ -457,10 +478,15 @@ impl SignalModel for Signals {
             }
         }
         u.last_ms = u.last_ms.max(ts);
+        u.touched_ms = self.wall_ms.load(Ordering::Relaxed);
     }
 
     fn forget_user(&self, user: &UserId) {
         self.users.remove(user);
+    }
+
+    fn maintain(&self) {
+        self.expire(reflex_core::types::now_ms());
     }
 
     fn candidates(
@@ -911,6 +937,22 @@ mod tests {
         s.forget_user(&user("big"));
         assert!(ranked(&s, "big").is_empty());
         assert_eq!(s.users(), 0);
+    }
+
+    #[test]
+    fn users_inactive_past_the_ttl_are_forgotten() {
+        let s = Signals::new(SignalsConfig::default()).unwrap();
+        let start = reflex_core::types::now_ms();
+        // Event times do not matter (a replay of old data keeps everyone), the wall
+        // clock of the last event does.
+        buy(&s, "old", 1, 0);
+        s.expire(start + 20 * DAY);
+        buy(&s, "recent", 1, DAY);
+        s.expire(start + 25 * DAY);
+        assert_eq!(s.users(), 2, "nobody is past 30 days yet");
+        s.expire(start + 40 * DAY);
+        assert_eq!(s.users(), 1);
+        assert!(s.users.contains_key(&user("recent")));
     }
 
     #[test]

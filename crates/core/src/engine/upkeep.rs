@@ -20,6 +20,9 @@ impl Engine {
     /// Periodic housekeeping: checkpoint, dedupe expiry, rate-limiter pruning.
     pub async fn maintain(&self) -> Result<()> {
         self.bots.maintain();
+        if let Some(signals) = &self.signals {
+            signals.maintain();
+        }
         self.backends.sink.maintain().await?;
         self.repair_profiles().await?;
         self.checkpoint().await?;
