@@ -98,6 +98,9 @@ impl Engine {
         // know yet (a new item, found by its content) still surfaces; signals left over
         // fill in after it.
         let mut signalled: Vec<ScoredItem> = Vec::new();
+        // Every item the signals or the cold slots propose, which the model must not
+        // propose again.
+        let mut proposed: HashSet<ItemIdx> = HashSet::new();
         if let (Some(signals), Some(_)) = (&self.signals, &profile) {
             // Negative feedback (a removal from the cart) proposes nothing.
             let recent: Vec<ItemIdx> = history
@@ -107,6 +110,7 @@ impl Engine {
                 .collect();
             for c in signals.candidates(user, &recent, count, &pass) {
                 if let Some(id) = self.backends.items.id(c.item) {
+                    proposed.insert(c.item);
                     signalled.push(ScoredItem {
                         item_id: id.clone(),
                         score: c.probability,
@@ -131,31 +135,23 @@ impl Engine {
         if let Some((content, _, vector)) = &content
             && !signalled.is_empty()
         {
-            let taken: HashSet<&ItemId> = signalled.iter().map(|s| &s.item_id).collect();
             let found = content.search(vector, count / MODEL_SLOTS_PER, &|idx| {
-                self.backends
-                    .items
-                    .meta(idx)
-                    .is_some_and(|m| m.has_embedding)
-                    && model.item_vector(idx).is_none()
+                !proposed.contains(&idx)
                     && self
                         .backends
                         .items
-                        .id(idx)
-                        .is_some_and(|id| !taken.contains(id))
+                        .meta(idx)
+                        .is_some_and(|m| m.has_embedding)
                     && pass(idx)
+                    && model.item_vector(idx).is_none()
             });
+            proposed.extend(found.iter().map(|s| s.item));
             self.push_scored(&mut cold, &found, Source::Content);
         }
         let first = signalled.len().min(count - cold.len());
         let mut leftover = signalled.split_off(first);
         items.append(&mut signalled);
         items.append(&mut cold);
-        let proposed: HashSet<ItemIdx> = items
-            .iter()
-            .chain(&leftover)
-            .filter_map(|s| self.backends.items.get(s.item_id.as_str()))
-            .collect();
         let pass = |idx: ItemIdx| !proposed.contains(&idx) && pass(idx);
         let wanted = count - items.len();
         // No fold-in when the signals filled the list.
