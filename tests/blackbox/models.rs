@@ -315,3 +315,89 @@ async fn the_automatic_rollback_fires_on_a_deliberately_poisoned_stream() {
         "reflex_model_quality{metric=\"hr@10\",population=\"all\",window=\"cumulative\"}"
     ));
 }
+
+async fn refit(channel: &Channel, install_anyway: bool) -> proto::RefitResponse {
+    ModelServiceClient::new(channel.clone())
+        .refit(proto::RefitRequest { install_anyway })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_refit_is_judged_on_the_holdout_and_installed_only_when_it_ranks_better() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        // Half the shoppers are held out, so the judgement has users to rank.
+        ("REFLEX_QUALITY__HOLDOUT_RATIO", "0.5"),
+        ("REFLEX_REFIT__MIN_HOLDOUT_USERS", "10"),
+        // No scheduled refit: only the ones this test asks for.
+        ("REFLEX_REFIT__INTERVAL_MS", "0"),
+        // A gain no fit reaches unless the running model ranks nothing.
+        ("REFLEX_REFIT__MIN_GAIN", "1000"),
+    ];
+    let server = Reflex::start_with(dir.path(), &env);
+    let channel = server.channel().await;
+    upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
+    train(&channel).await;
+
+    let judged = refit(&channel, false).await;
+    assert!(
+        judged.holdout_users >= 10,
+        "about half of the 80 shoppers are held out: {judged:?}"
+    );
+    assert!(judged.events > 0 && judged.events < 80 * 16, "{judged:?}");
+    assert!(
+        judged.candidate_hit_rate_at_10 > 0.0,
+        "ALS learns the loyal categories: {judged:?}"
+    );
+    let better = judged.candidate_hit_rate_at_10 > judged.running_hit_rate_at_10 * 1001.0;
+    assert_eq!(
+        judged.outcome,
+        if better { "installed" } else { "kept" },
+        "{judged:?}"
+    );
+    let before = ModelServiceClient::new(channel.clone())
+        .list_versions(proto::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    if !better {
+        assert!(judged.version.is_none());
+        assert!(
+            before
+                .versions
+                .iter()
+                .all(|v| !v.reason.starts_with("refit")),
+            "nothing installed: {before:?}"
+        );
+    }
+
+    let installed = refit(&channel, true).await;
+    assert_eq!(installed.outcome, "installed", "{installed:?}");
+    let version = installed.version.expect("an installed refit has a version");
+    assert!(version.reason.starts_with("refit: als"), "{version:?}");
+    let listed = ModelServiceClient::new(channel.clone())
+        .list_versions(proto::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.serving, format!("online-mf/v{}", version.id));
+    // Online learning goes on from the fit: recommendations still follow a shopper.
+    let r = recommend(&channel, "fan-2", 8).await;
+    assert_eq!(r.items.len(), 8);
+
+    // A restart loads it (it is the newest version).
+    drop(channel);
+    drop(server);
+    let server = Reflex::start_with(dir.path(), &env);
+    let channel = server.channel().await;
+    let listed = ModelServiceClient::new(channel.clone())
+        .list_versions(proto::ListVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let newest = listed.versions.last().expect("versions are kept");
+    assert!(newest.id >= version.id, "{listed:?}");
+    assert!(listed.serving.starts_with("online-mf/v"), "{listed:?}");
+}

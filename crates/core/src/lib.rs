@@ -34,8 +34,8 @@ pub mod types;
 
 pub use catalog::{Item, ItemIdx, ItemIndex};
 pub use engine::{
-    Backends, Engine, EngineConfig, EventOutcome, Recommendation, RequestFilter, ScoredItem,
-    SimilarSpace, Source,
+    Backends, Engine, EngineConfig, EventOutcome, HoldoutCase, HoldoutFigures, Recommendation,
+    RequestFilter, ScoredItem, SimilarSpace, Source,
 };
 pub use error::{Error, ErrorCode, Result};
 pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks, StoredModel};

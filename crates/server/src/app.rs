@@ -24,6 +24,7 @@ use crate::middleware::{
     Startup, WhenReady,
 };
 use crate::proto;
+use crate::refit::Refitter;
 use crate::services::Reflex;
 
 /// How often the server pings an HTTP/2 connection to check its client is still there.
@@ -434,16 +435,26 @@ pub async fn serve(
     });
 
     let replica: Arc<str> = config.versions.replica().into();
+    let refitter = Arc::new(Refitter::new(
+        engine.clone(),
+        config.refit.clone(),
+        config.model.clone(),
+        config.engine.weights.clone(),
+    ));
     let learner = {
         let engine = engine.clone();
         let metrics = metrics.clone();
         let versions = config.versions.clone();
         let shared = config.store.backend.is_shared();
         let replica = replica.clone();
-        tokio::spawn(async move { run_learner(engine, metrics, versions, shared, replica).await })
+        let refitter = refitter.clone();
+        tokio::spawn(async move {
+            run_learner(engine, metrics, versions, shared, replica, refitter).await
+        })
     };
 
-    let reflex = Reflex::new(engine.clone(), metrics.clone(), draining, replica.clone());
+    let reflex = Reflex::new(engine.clone(), metrics.clone(), draining, replica.clone())
+        .with_refitter(refitter);
     let limit = config.max_message_bytes;
     events.set(EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
     recommend.set(RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
@@ -673,19 +684,24 @@ pub async fn shutdown_signal() {
 /// The learner's duties, on every replica: take or renew the learner lease (a replica
 /// that holds it takes the scheduled snapshots, prunes old versions and acts on the
 /// automatic rollback when quality drops; on one machine the lease is always granted),
-/// apply rollbacks other replicas recorded, and publish the quality figures.
+/// apply rollbacks other replicas recorded, and publish the quality figures. The learner
+/// also refits the batch baseline every `refit.interval_ms`, in a task of its own.
 async fn run_learner(
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     versions: crate::config::VersionsConfig,
     shared: bool,
     replica: Arc<str>,
+    refitter: Arc<Refitter>,
 ) {
     let renew_every = Duration::from_millis(versions.lease_ttl_ms / 3);
     let snapshot_every = Duration::from_millis(versions.snapshot_interval_ms);
+    let refit_every = Duration::from_millis(refitter.config().interval_ms);
     let mut tick = tokio::time::interval(renew_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_snapshot = tokio::time::Instant::now();
+    let mut last_refit = tokio::time::Instant::now();
+    let mut refitting: Option<tokio::task::JoinHandle<()>> = None;
     let mut was_learner = false;
     loop {
         tick.tick().await;
@@ -702,8 +718,9 @@ async fn run_learner(
         };
         if learner != was_learner {
             info!(replica = %replica, learner, "learner lease {}", if learner { "taken" } else { "lost" });
-            // A new learner counts its interval from now.
+            // A new learner counts its intervals from now.
             last_snapshot = tokio::time::Instant::now();
+            last_refit = last_snapshot;
             was_learner = learner;
         }
         metrics.learner.set(i64::from(learner));
@@ -752,6 +769,21 @@ async fn run_learner(
                     warn!(error = %err, "scheduled snapshot failed");
                 }
             }
+        }
+        let idle = refitting.as_ref().is_none_or(|task| task.is_finished());
+        if learner && idle && !refit_every.is_zero() && last_refit.elapsed() >= refit_every {
+            last_refit = tokio::time::Instant::now();
+            let (refitter, metrics, replica) = (refitter.clone(), metrics.clone(), replica.clone());
+            refitting = Some(tokio::spawn(async move {
+                let outcome = match refitter.run(false, false, &replica).await {
+                    Ok(report) => report.outcome.label(),
+                    Err(err) => {
+                        warn!(error = %format!("{err:#}"), "scheduled refit failed");
+                        "failed"
+                    }
+                };
+                metrics.refits.with_label_values(&[outcome]).inc();
+            }));
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Config {
     pub versions: VersionsConfig,
     /// Continuous prequential evaluation, the holdout and the automatic rollback.
     pub quality: QualityConfig,
+    /// Scheduled refits of the batch baseline, judged on the holdout.
+    pub refit: crate::refit::RefitConfig,
 }
 
 impl Default for Config {
@@ -85,6 +87,7 @@ impl Default for Config {
             signals: reflex_models::SignalsConfig::default(),
             versions: VersionsConfig::default(),
             quality: QualityConfig::default(),
+            refit: crate::refit::RefitConfig::default(),
         }
     }
 }
@@ -353,6 +356,7 @@ impl Config {
         section("content", self.content.validate());
         section("signals", self.signals.validate());
         section("versions", self.versions.validate());
+        section("refit", self.refit.validate());
         section("quality", validate_quality(&self.quality));
         if let Err(err) = self.store.validate() {
             // The backends name their keys in full (`store.redis.prefix`).

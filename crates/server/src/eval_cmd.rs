@@ -77,6 +77,10 @@ pub struct EvalArgs {
     /// `view`, `click` or `add_to_cart`.
     #[arg(long, default_value = "purchase")]
     pub kind: String,
+    /// With `--protocol`: after the replay, run one refit of the batch baseline (as the
+    /// learner does every `refit.interval_ms`) before asking for recommendations.
+    #[arg(long)]
+    pub refit: bool,
 }
 
 /// Runs `reflex eval`: reads the file, evaluates, prints. `config_file` and `flags`
@@ -174,6 +178,7 @@ pub async fn evaluate_protocol(
     als: &AlsConfig,
     config: Config,
     kind: RawKind,
+    refit: bool,
 ) -> anyhow::Result<ProtocolOutcome> {
     let split = Split::new(data, protocol, config.profiles.session_gap_ms);
     anyhow::ensure!(
@@ -201,7 +206,7 @@ pub async fn evaluate_protocol(
     ];
     let (als_lists, _) = baselines.als(als, exclude_seen)?;
     systems.push(score("ALS", &split, &history, &als_lists));
-    let (served, replay) = served_rankings(data, &split, config, kind).await?;
+    let (served, replay) = served_rankings(data, &split, config, kind, refit).await?;
     systems.push(score("Reflex, served", &split, &history, &served));
     Ok(ProtocolOutcome {
         protocol,
@@ -220,7 +225,7 @@ async fn run_protocol(
     config: Config,
     kind: RawKind,
 ) -> anyhow::Result<()> {
-    let out = evaluate_protocol(data, protocol, als, config, kind).await?;
+    let out = evaluate_protocol(data, protocol, als, config, kind, args.refit).await?;
     if args.json {
         println!(
             "{}",
@@ -239,6 +244,18 @@ async fn run_protocol(
         out.users,
         out.replay.recommend_secs
     );
+    if let Some(r) = &out.replay.refit {
+        println!(
+            "refit: {} ({} events fitted in {:.1} s; holdout hr@10 {:.4} for the fit against \
+             {:.4} for the running model, {} users)",
+            r.outcome.label(),
+            r.events,
+            r.fit_secs,
+            r.candidate.hit_rate(),
+            r.running.hit_rate(),
+            r.holdout_cases
+        );
+    }
     println!(
         "{:<20} {:>9} {:>7} {:>8} {:>13} {:>10}",
         "system", "recall@10", "HR@10", "NDCG@10", "repeat recall", "new recall"

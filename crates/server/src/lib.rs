@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod otlp_metrics;
 pub mod proto;
+pub mod refit;
 pub mod served_eval;
 pub mod services;
 pub mod telemetry;

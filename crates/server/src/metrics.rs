@@ -82,6 +82,9 @@ pub struct Metrics {
     pub learner: IntGauge,
     /// Model snapshots taken by this replica, by reason.
     pub snapshots: IntCounterVec,
+    /// Refits of the batch baseline run by this replica, by `outcome` (`installed`,
+    /// `kept`, `too_few_holdout_users`, `skipped`, `failed`).
+    pub refits: IntCounterVec,
     /// Prequential model quality by `metric` (`hr@10`, `recall@20`), `population`
     /// (`all`, `holdout`) and `window` (`decayed`, `cumulative`).
     pub model_quality: GaugeVec,
@@ -199,6 +202,14 @@ impl Metrics {
         registry.register(Box::new(load_shed.clone()))?;
         registry.register(Box::new(learner.clone()))?;
         registry.register(Box::new(snapshots.clone()))?;
+        let refits = IntCounterVec::new(
+            Opts::new(
+                "reflex_model_refits_total",
+                "Refits of the batch baseline run by this replica, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(refits.clone()))?;
         let model_quality = GaugeVec::new(
             Opts::new(
                 "reflex_model_quality",
@@ -264,6 +275,7 @@ impl Metrics {
             open_streams,
             learner,
             snapshots,
+            refits,
             model_quality,
             rollbacks,
             recall_checks,

@@ -33,6 +33,8 @@ pub struct ReplayStats {
     pub ingest_secs: f64,
     /// Seconds spent asking for recommendations.
     pub recommend_secs: f64,
+    /// The refit run between the replay and the questions (`reflex eval --refit`).
+    pub refit: Option<crate::refit::RefitReport>,
 }
 
 /// The id a dense user number is sent with.
@@ -57,6 +59,7 @@ pub async fn served_rankings(
     split: &Split,
     mut config: Config,
     kind: RawKind,
+    refit: bool,
 ) -> anyhow::Result<(Vec<Vec<u32>>, ReplayStats)> {
     let scratch = tempfile::tempdir().context("creating a scratch data directory")?;
     config.store.backend = Backend::Embedded;
@@ -65,7 +68,16 @@ pub async fn served_rankings(
     config.engine.bot_filter.max_events_per_user_per_sec = 0;
     let metrics = Metrics::new()?;
     let engine = build_engine(&config, &metrics).await?;
-    let result = replay(&engine, data, split, kind).await;
+    let refitter = refit.then(|| {
+        crate::refit::Refitter::new(
+            engine.clone(),
+            config.refit.clone(),
+            config.model.clone(),
+            config.engine.weights.clone(),
+        )
+    });
+    let result = replay(&engine, data, split, kind, refitter.as_ref()).await;
+    drop(refitter);
     drop(engine);
     result
 }
@@ -75,6 +87,7 @@ async fn replay(
     data: &Dataset,
     split: &Split,
     kind: RawKind,
+    refitter: Option<&crate::refit::Refitter>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, ReplayStats)> {
     let mut stats = ReplayStats::default();
     let catalog: Vec<reflex_core::Item> = (0..data.items as u32)
@@ -123,6 +136,14 @@ async fn replay(
         }
     }
     stats.ingest_secs = started.elapsed().as_secs_f64();
+    if let Some(refitter) = refitter {
+        stats.refit = Some(
+            refitter
+                .run(true, false, "reflex eval")
+                .await
+                .context("refitting")?,
+        );
+    }
 
     let by_id: HashMap<String, u32> = (0..data.items as u32)
         .map(|i| (item_id(data, i), i))

@@ -20,6 +20,7 @@ use crate::proto::event_service_server::EventService;
 use crate::proto::model_service_server::ModelService;
 use crate::proto::profile_service_server::ProfileService;
 use crate::proto::recommend_service_server::RecommendService;
+use crate::refit::Refitter;
 
 /// Acks a stream may have queued for a slow reader before ingest of that stream waits:
 /// bounded so a client that stops reading cannot grow server memory.
@@ -35,6 +36,8 @@ pub struct Reflex {
     draining: watch::Receiver<bool>,
     /// This replica's name, recorded with the model versions it takes.
     replica: Arc<str>,
+    /// Runs `ModelService.Refit`; `None` where refits are not wired (tests of other parts).
+    refitter: Option<Arc<Refitter>>,
 }
 
 impl Reflex {
@@ -50,7 +53,14 @@ impl Reflex {
             metrics,
             draining,
             replica,
+            refitter: None,
         }
+    }
+
+    /// The same services, answering `ModelService.Refit` with `refitter`.
+    pub fn with_refitter(mut self, refitter: Arc<Refitter>) -> Self {
+        self.refitter = Some(refitter);
+        self
     }
 }
 
@@ -402,6 +412,37 @@ impl ModelService for Reflex {
         _request: Request<proto::GetQualityRequest>,
     ) -> Result<Response<proto::GetQualityResponse>, Status> {
         Ok(Response::new(quality_response(&self.engine.quality())))
+    }
+
+    async fn refit(
+        &self,
+        request: Request<proto::RefitRequest>,
+    ) -> Result<Response<proto::RefitResponse>, Status> {
+        let install_anyway = request.into_inner().install_anyway;
+        let Some(refitter) = &self.refitter else {
+            return Err(Status::failed_precondition(
+                "refits are not available on this server",
+            ));
+        };
+        let report = refitter
+            .run(true, install_anyway, &self.replica)
+            .await
+            .map_err(|err| {
+                self.metrics.refits.with_label_values(&["failed"]).inc();
+                Status::internal(format!("refit failed: {err:#}"))
+            })?;
+        self.metrics
+            .refits
+            .with_label_values(&[report.outcome.label()])
+            .inc();
+        Ok(Response::new(proto::RefitResponse {
+            outcome: report.outcome.label().to_owned(),
+            holdout_users: report.holdout_cases as u64,
+            candidate_hit_rate_at_10: report.candidate.hit_rate(),
+            running_hit_rate_at_10: report.running.hit_rate(),
+            events: report.events,
+            version: report.version.map(convert::model_version),
+        }))
     }
 }
 

@@ -17,6 +17,7 @@ mod fixtures;
 mod ingest;
 mod recommend;
 mod recovery;
+mod refit;
 mod types;
 mod upkeep;
 mod versions;
@@ -39,6 +40,7 @@ use crate::types::{EventLimits, Seq};
 pub use self::config::{EngineConfig, PurchasedPolicy};
 use self::evaluation::Sample;
 use self::recommend::CacheKey;
+pub use self::refit::{HoldoutCase, HoldoutFigures};
 pub use self::types::{
     EventOutcome, Recommendation, RequestFilter, ScoredItem, SimilarSpace, Source,
 };

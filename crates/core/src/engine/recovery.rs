@@ -7,7 +7,7 @@ use tracing::{debug, info, warn};
 
 use super::{Engine, Followed};
 use crate::error::{Error, Result};
-use crate::model_store::{ItemState, ModelState, StoredModel};
+use crate::model_store::StoredModel;
 use crate::traits::{LogRecord, ProfileUpdate};
 use crate::types::Seq;
 
@@ -117,22 +117,7 @@ impl Engine {
     /// about every item.
     pub(super) fn install(&self, stored: &StoredModel) -> Result<()> {
         let items = &self.backends.items;
-        let state = ModelState {
-            factors: stored.factors as usize,
-            items: stored
-                .items
-                .iter()
-                .map(|(id, vector, popularity)| ItemState {
-                    item: items.intern(id),
-                    vector: vector.clone(),
-                    popularity: *popularity,
-                })
-                .collect(),
-            users: stored.users.clone(),
-            events: stored.events,
-            latest_ms: stored.latest_ms,
-            batch_origin: stored.origin(&self.backends.model.version()),
-        };
+        let state = self.model_state(stored);
         self.backends.model.import(&state)?;
         // A snapshot without signals (taken before they existed, or a batch fit) leaves
         // the current ones as they are.

@@ -36,7 +36,7 @@ impl Engine {
         Ok(saved)
     }
 
-    async fn save_snapshot(
+    pub(super) async fn save_snapshot(
         &self,
         reason: &str,
         taken_by: &str,
