@@ -82,7 +82,6 @@ class ConnectOptions:
         initial, maximum = self.reconnect_backoff_ms
         options: List[Tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", initial),
-            ("grpc.min_reconnect_backoff_ms", initial),
             ("grpc.max_reconnect_backoff_ms", maximum),
             ("grpc.max_receive_message_length", max_message_bytes),
             # The producer retries itself, resending with the same event ids.
