@@ -95,6 +95,8 @@ class ProducerStats:
     batches_resent: int = 0
     """Batches sent again on a new stream after a break."""
     retries: int = 0
+    last_pushback_ms: Optional[int] = None
+    """The server's latest ``grpc-retry-pushback-ms`` advice, when it gave one."""
 
 
 class _Batch:
@@ -480,6 +482,8 @@ class Producer:
             failures += 1
             with self._cond:
                 self.stats.retries += 1
+                if pushback is not None:
+                    self.stats.last_pushback_ms = pushback
             if failures > self.max_retries:
                 log.warning("giving up after %d attempts: %s", failures - 1, error)
                 with self._cond:
