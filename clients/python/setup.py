@@ -64,7 +64,9 @@ def generate(out: Path) -> None:
             # The stubs live in reflex_client._proto, not in a top-level `reflex` package.
             text = text.replace("from reflex.v1 import reflex_pb2", "from . import reflex_pb2")
             (out / name).write_text(text)
-    (out / "__init__.py").write_text('"""gRPC stubs generated from reflex/v1/reflex.proto at build time."""\n')
+    (out / "__init__.py").write_text(
+        '"""gRPC stubs generated from reflex/v1/reflex.proto at build time."""\n'
+    )
 
 
 def runtime_requirements() -> list[str]:

@@ -117,8 +117,14 @@ def test_typed_errors_on_bad_input(make_server) -> None:
                 [
                     {"user_id": "u", "item_id": "ok", "kind": "view"},
                     {"user_id": "u", "item_id": "", "kind": "view", "event_id": "bad-1"},
-                    {"user_id": "u", "item_id": "w", "kind": "custom", "custom_kind": "x",
-                     "weight": 99.0, "event_id": "bad-2"},
+                    {
+                        "user_id": "u",
+                        "item_id": "w",
+                        "kind": "custom",
+                        "custom_kind": "x",
+                        "weight": 99.0,
+                        "event_id": "bad-2",
+                    },
                 ],
                 raise_on_reject=True,
             )

@@ -170,7 +170,9 @@ def test_producer_survives_a_server_restart_exactly_once(server, how: str) -> No
 def test_retries_honour_the_servers_pushback(make_server) -> None:
     """At the server's stream limit a new stream is refused RESOURCE_EXHAUSTED with
     grpc-retry-pushback-ms; the producer waits as told and gets in once a stream closes."""
-    server = make_server({"REFLEX_LIMITS__MAX_STREAMS": "1", "REFLEX_LIMITS__RETRY_PUSHBACK_MS": "150"})
+    server = make_server(
+        {"REFLEX_LIMITS__MAX_STREAMS": "1", "REFLEX_LIMITS__RETRY_PUSHBACK_MS": "150"}
+    )
     with rc.Client(server.target) as client:
         first = client.producer(linger_ms=1)
         assert first.send(user_id="p", item_id="a").result(timeout=30).applied  # holds the stream
@@ -192,3 +194,29 @@ def _wait_all(futures: List["Future[rc.EventResult]"], timeout: float) -> bool:
 
     _, not_done = wait(futures, timeout=timeout)
     return not not_done
+
+
+def test_concurrent_producers_with_the_same_ids_apply_each_event_once(server) -> None:
+    """Three producers race to send the same 1 500 events: each is ACCEPTED by exactly
+    one of them and DUPLICATE for the others, and each profile counts it once."""
+    events = [(f"race-{i}", f"r{i % 15}", f"it{i % 40}") for i in range(1500)]
+    outcomes: List[List[EventStatus]] = []
+
+    def run(client: rc.Client) -> None:
+        with client.producer(max_batch=50, linger_ms=1, max_in_flight=8) as producer:
+            futures = [producer.send(user_id=u, item_id=it, event_id=e) for e, u, it in events]
+            assert producer.flush(timeout=60)
+            outcomes.append([f.result().status for f in futures])
+
+    with rc.Client(server.target) as client:
+        threads = [threading.Thread(target=run, args=(client,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(outcomes) == 3
+        for i in range(len(events)):
+            column = sorted(o[i].value for o in outcomes)
+            assert column == ["ACCEPTED", "DUPLICATE", "DUPLICATE"], (events[i], column)
+        views = sum(client.get_profile(f"r{u}").kind_counts["view"] for u in range(15))
+        assert views == len(events)

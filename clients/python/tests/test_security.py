@@ -73,12 +73,26 @@ def test_tls_with_a_private_ca(make_server, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-addext", "basicConstraints=critical,CA:FALSE",
-            "-addext", "extendedKeyUsage=serverAuth",
-            "-keyout", str(key), "-out", str(cert),
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
         ],
         check=True,
         capture_output=True,
@@ -98,9 +112,9 @@ def test_tls_with_a_private_ca(make_server, tmp_path: Path) -> None:
             assert producer.send(user_id="tls", item_id="key").result(timeout=30).applied
         assert client.get_profile("tls").kind_counts["view"] == 2
     # Plaintext to a TLS server fails, and so does TLS without the private CA.
-    with rc.Client(server.target, timeout=5) as plain:
-        with pytest.raises(rc.errors.ReflexError):
-            plain.recommend("tls", 1)
-    with rc.Client(server.target, tls=rc.TlsOptions(server_name="localhost"), timeout=5) as untrusted:
-        with pytest.raises(rc.errors.Unavailable):
-            untrusted.recommend("tls", 1)
+    with rc.Client(server.target, timeout=5) as plain, pytest.raises(rc.errors.ReflexError):
+        plain.recommend("tls", 1)
+    with rc.Client(
+        server.target, tls=rc.TlsOptions(server_name="localhost"), timeout=5
+    ) as untrusted, pytest.raises(rc.errors.Unavailable):
+        untrusted.recommend("tls", 1)

@@ -123,7 +123,9 @@ def timestamp(value: TimestampLike) -> Timestamp:
     elif isinstance(value, (int, float)):
         ts.FromNanoseconds(int(value * 1_000_000_000))
     else:
-        raise TypeError(f"timestamp must be a datetime, epoch seconds or None, not {type(value).__name__}")
+        raise TypeError(
+            f"timestamp must be a datetime, epoch seconds or None, not {type(value).__name__}"
+        )
     return ts
 
 

@@ -46,7 +46,10 @@ class AsyncClient:
         if tls is True:
             tls = TlsOptions()
         self.options = ConnectOptions(
-            target=target, api_key=api_key, tls=tls or None, timeout=timeout,
+            target=target,
+            api_key=api_key,
+            tls=tls or None,
+            timeout=timeout,
             channel_options=tuple(channel_options),
         )
         creds = self.options.credentials()
@@ -98,7 +101,11 @@ class AsyncClient:
         return AsyncProducer(Producer(self.options, **kwargs))
 
     async def recommend(
-        self, user_id: str, count: int = 10, *, filter: FilterLike = None,
+        self,
+        user_id: str,
+        count: int = 10,
+        *,
+        filter: FilterLike = None,
         timeout: Optional[float] = _DEFAULT,
     ) -> "pb.RecommendResponse":
         """See :meth:`Client.recommend`."""
@@ -106,16 +113,26 @@ class AsyncClient:
         return await self._call(self._recommend.Recommend, request, timeout)  # type: ignore[no-any-return]
 
     async def similar_items(
-        self, item_id: str, count: int = 10, *, space: Union[str, int] = "auto",
-        filter: FilterLike = None, timeout: Optional[float] = _DEFAULT,
+        self,
+        item_id: str,
+        count: int = 10,
+        *,
+        space: Union[str, int] = "auto",
+        filter: FilterLike = None,
+        timeout: Optional[float] = _DEFAULT,
     ) -> "pb.SimilarItemsResponse":
         """See :meth:`Client.similar_items`."""
         request = pb.SimilarItemsRequest(
-            item_id=item_id, count=count, filter=make_filter(filter), space=similar_space(space)  # type: ignore[arg-type]
+            item_id=item_id,
+            count=count,
+            filter=make_filter(filter),
+            space=similar_space(space),  # type: ignore[arg-type]
         )
         return await self._call(self._recommend.SimilarItems, request, timeout)  # type: ignore[no-any-return]
 
-    async def upsert_items(self, items: Iterable[ItemLike], *, timeout: Optional[float] = _DEFAULT) -> int:
+    async def upsert_items(
+        self, items: Iterable[ItemLike], *, timeout: Optional[float] = _DEFAULT
+    ) -> int:
         """See :meth:`Client.upsert_items`."""
         request = pb.UpsertItemsRequest(items=[make_item(i) for i in items])
         return int((await self._call(self._catalog.UpsertItems, request, timeout)).upserted)
@@ -126,25 +143,47 @@ class AsyncClient:
 
     async def delete_item(self, item_id: str, *, timeout: Optional[float] = _DEFAULT) -> bool:
         """See :meth:`Client.delete_item`."""
-        return bool((await self._call(self._catalog.DeleteItem, pb.DeleteItemRequest(item_id=item_id), timeout)).deleted)
+        return bool(
+            (
+                await self._call(
+                    self._catalog.DeleteItem, pb.DeleteItemRequest(item_id=item_id), timeout
+                )
+            ).deleted
+        )
 
-    async def get_profile(self, user_id: str, *, timeout: Optional[float] = _DEFAULT) -> "pb.Profile":
+    async def get_profile(
+        self, user_id: str, *, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.Profile":
         """See :meth:`Client.get_profile`."""
-        return await self._call(self._profiles.GetProfile, pb.GetProfileRequest(user_id=user_id), timeout)  # type: ignore[no-any-return]
+        return await self._call(
+            self._profiles.GetProfile, pb.GetProfileRequest(user_id=user_id), timeout
+        )  # type: ignore[no-any-return]
 
     async def erase_profile(self, user_id: str, *, timeout: Optional[float] = _DEFAULT) -> bool:
         """See :meth:`Client.erase_profile`."""
-        return bool((await self._call(self._profiles.EraseProfile, pb.EraseProfileRequest(user_id=user_id), timeout)).erased)
+        return bool(
+            (
+                await self._call(
+                    self._profiles.EraseProfile, pb.EraseProfileRequest(user_id=user_id), timeout
+                )
+            ).erased
+        )
 
-    async def list_versions(self, *, timeout: Optional[float] = _DEFAULT) -> "pb.ListVersionsResponse":
+    async def list_versions(
+        self, *, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.ListVersionsResponse":
         """See :meth:`Client.list_versions`."""
         return await self._call(self._models.ListVersions, pb.ListVersionsRequest(), timeout)  # type: ignore[no-any-return]
 
-    async def snapshot(self, reason: str = "", *, timeout: Optional[float] = _DEFAULT) -> "pb.ModelVersion":
+    async def snapshot(
+        self, reason: str = "", *, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.ModelVersion":
         """See :meth:`Client.snapshot`."""
         return await self._call(self._models.Snapshot, pb.SnapshotRequest(reason=reason), timeout)  # type: ignore[no-any-return]
 
-    async def rollback(self, version: int, *, timeout: Optional[float] = _DEFAULT) -> "pb.ModelVersion":
+    async def rollback(
+        self, version: int, *, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.ModelVersion":
         """See :meth:`Client.rollback`."""
         return await self._call(self._models.Rollback, pb.RollbackRequest(version=version), timeout)  # type: ignore[no-any-return]
 
@@ -178,7 +217,9 @@ class AsyncProducer:
             fut = self.producer.send(event, timeout=0, **kwargs)
         except errors.ResourceExhausted:
             loop = asyncio.get_running_loop()
-            fut = await loop.run_in_executor(None, functools.partial(self.producer.send, event, **kwargs))
+            fut = await loop.run_in_executor(
+                None, functools.partial(self.producer.send, event, **kwargs)
+            )
         return asyncio.wrap_future(fut)
 
     async def flush(self, timeout: Optional[float] = None) -> bool:

@@ -148,13 +148,18 @@ class Client:
     ) -> "pb.SimilarItemsResponse":
         """Items similar to `item_id` in `space` ("auto", "mf", "content", "sequence")."""
         request = pb.SimilarItemsRequest(
-            item_id=item_id, count=count, filter=make_filter(filter), space=similar_space(space)  # type: ignore[arg-type]
+            item_id=item_id,
+            count=count,
+            filter=make_filter(filter),
+            space=similar_space(space),  # type: ignore[arg-type]
         )
         return self._call(self._recommend.SimilarItems, request, timeout)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ catalog
 
-    def upsert_items(self, items: Iterable[ItemLike], *, timeout: Optional[float] = _DEFAULT) -> int:
+    def upsert_items(
+        self, items: Iterable[ItemLike], *, timeout: Optional[float] = _DEFAULT
+    ) -> int:
         """Adds or replaces catalog items (``Item`` or dicts of its fields); returns how many."""
         request = pb.UpsertItemsRequest(items=[make_item(i) for i in items])
         return int(self._call(self._catalog.UpsertItems, request, timeout).upserted)
@@ -165,7 +170,11 @@ class Client:
 
     def delete_item(self, item_id: str, *, timeout: Optional[float] = _DEFAULT) -> bool:
         """Removes an item from the catalog; False when it was not there."""
-        return bool(self._call(self._catalog.DeleteItem, pb.DeleteItemRequest(item_id=item_id), timeout).deleted)
+        return bool(
+            self._call(
+                self._catalog.DeleteItem, pb.DeleteItemRequest(item_id=item_id), timeout
+            ).deleted
+        )
 
     # ----------------------------------------------------------------- profiles
 
@@ -175,7 +184,11 @@ class Client:
 
     def erase_profile(self, user_id: str, *, timeout: Optional[float] = _DEFAULT) -> bool:
         """Forgets the user's profile; False when there was none."""
-        return bool(self._call(self._profiles.EraseProfile, pb.EraseProfileRequest(user_id=user_id), timeout).erased)
+        return bool(
+            self._call(
+                self._profiles.EraseProfile, pb.EraseProfileRequest(user_id=user_id), timeout
+            ).erased
+        )
 
     # ------------------------------------------------------------------- models
 
@@ -183,7 +196,9 @@ class Client:
         """The stored model versions, oldest first, and the label being served."""
         return self._call(self._models.ListVersions, pb.ListVersionsRequest(), timeout)  # type: ignore[no-any-return]
 
-    def snapshot(self, reason: str = "", *, timeout: Optional[float] = _DEFAULT) -> "pb.ModelVersion":
+    def snapshot(
+        self, reason: str = "", *, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.ModelVersion":
         """Stores the model as it is now as a new version."""
         return self._call(self._models.Snapshot, pb.SnapshotRequest(reason=reason), timeout)  # type: ignore[no-any-return]
 
@@ -204,7 +219,9 @@ class Client:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise errors.Unavailable(f"{self.options.target} not reachable within {timeout}s") from None
+            raise errors.Unavailable(
+                f"{self.options.target} not reachable within {timeout}s"
+            ) from None
 
     def close(self) -> None:
         """Closes the channel (when the client made it)."""

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 
 import grpc
 
@@ -169,7 +169,9 @@ class Producer:
         raise_on_reject: bool = False,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_retries < 0 or linger_ms < 0:
-            raise ValueError("max_batch and max_in_flight must be >= 1, max_retries and linger_ms >= 0")
+            raise ValueError(
+                "max_batch and max_in_flight must be >= 1, max_retries and linger_ms >= 0"
+            )
         self._options = options
         self._own_channel = channel is None
         if channel is None:
@@ -342,11 +344,15 @@ class Producer:
                     if token.stopped or self._aborted:
                         return
                     now = time.monotonic()
-                    if self._open and len(self._window) < self.max_in_flight and (
-                        self._closed
-                        or self._flushing
-                        or len(self._open) >= self.max_batch
-                        or now - self._open_since >= self.linger
+                    if (
+                        self._open
+                        and len(self._window) < self.max_in_flight
+                        and (
+                            self._closed
+                            or self._flushing
+                            or len(self._open) >= self.max_batch
+                            or now - self._open_since >= self.linger
+                        )
                     ):
                         self._seal_locked()
                     batch = next((b for s, b in self._window.items() if s > sent_upto), None)
@@ -376,17 +382,22 @@ class Producer:
         counts = {s: 0 for s in EventStatus}
         for i, fut in enumerate(batch.futures):
             if i >= len(results):
-                self._fail([fut], errors.Internal(
-                    f"the ack of batch {ack.sequence} has {len(results)} results for "
-                    f"{len(batch.futures)} events"
-                ))
+                self._fail(
+                    [fut],
+                    errors.Internal(
+                        f"the ack of batch {ack.sequence} has {len(results)} results for "
+                        f"{len(batch.futures)} events"
+                    ),
+                )
                 continue
             result = results[i]
             counts[result.status] += 1
             if result.status is EventStatus.REJECTED and self.raise_on_reject:
-                fut.set_exception(errors.EventsRejected(
-                    [errors.RejectedEvent(result.event_id, result.status.value, result.reason)]
-                ))
+                fut.set_exception(
+                    errors.EventsRejected(
+                        [errors.RejectedEvent(result.event_id, result.status.value, result.reason)]
+                    )
+                )
             else:
                 fut.set_result(result)
         with self._cond:
@@ -416,7 +427,7 @@ class Producer:
     def _backoff(self, attempt: int, pushback_ms: Optional[int]) -> float:
         if pushback_ms is not None and pushback_ms >= 0:
             return pushback_ms / 1000.0
-        base = min(self.backoff_max, self.backoff_initial * (2 ** (attempt - 1)))
+        base = min(self.backoff_max, self.backoff_initial * float(2 ** (attempt - 1)))
         return base * (0.5 + random.random() / 2)
 
     def _run(self) -> None:
@@ -454,7 +465,9 @@ class Producer:
                     continue  # our half-close after close(), or a drained idle stream
             if error is None:
                 # The server ended the stream (draining) before acking everything.
-                error = errors.Unavailable("the server ended the event stream with batches unacknowledged")
+                error = errors.Unavailable(
+                    "the server ended the event stream with batches unacknowledged"
+                )
             pushback = error.retry_pushback_ms
             code = error.code
             if code in _FATAL:
@@ -463,8 +476,14 @@ class Producer:
                     futures = self._take_window_locked(include_open=True)
                 self._fail(futures, error)
                 break
-            retryable = code in _RETRYABLE or code is None or (
-                code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None and pushback >= 0
+            retryable = (
+                code in _RETRYABLE
+                or code is None
+                or (
+                    code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and pushback is not None
+                    and pushback >= 0
+                )
             )
             if not retryable:
                 # The server refused the oldest unacknowledged batch (too big, undecodable):
@@ -504,7 +523,11 @@ class Producer:
         with self._cond:
             futures = self._take_window_locked(include_open=True)
         if futures:
-            self._fail(futures, self._fatal or errors.ProducerClosed("producer closed before the events were acknowledged"))
+            self._fail(
+                futures,
+                self._fatal
+                or errors.ProducerClosed("producer closed before the events were acknowledged"),
+            )
 
 
 def _wait_all(futures: List["Future[EventResult]"], timeout: Optional[float]) -> bool:
