@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -105,6 +105,22 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+_FIGURES: List[str] = []
+
+
+@pytest.fixture
+def report() -> Callable[[str], None]:
+    """Records a measured figure, printed in the run's summary (also under -q)."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
+    if _FIGURES:
+        terminalreporter.section("reflex client figures (measured, not asserted)")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

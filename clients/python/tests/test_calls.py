@@ -54,7 +54,7 @@ def test_catalog_and_profiles(server) -> None:
         assert client.erase_profile("zoe") is False
 
 
-def test_recommend_50_items_and_similar_items(server) -> None:
+def test_recommend_50_items_and_similar_items(server, report) -> None:
     with rc.Client(server.target) as client:
         seed(client)
         first = client.recommend("s1", 50)
@@ -69,8 +69,8 @@ def test_recommend_50_items_and_similar_items(server) -> None:
             assert len(rec.items) == 50
         latencies.sort()
         # Measured, not asserted: the figure depends on the machine and the build.
-        print(
-            f"\nRecommend(count=50) over gRPC from Python, 30 calls: "
+        report(
+            f"Recommend(count=50) from Python over gRPC, 30 calls: "
             f"median {statistics.median(latencies):.2f} ms, max {latencies[-1]:.2f} ms"
         )
         filtered = client.recommend(

@@ -101,7 +101,7 @@ def test_bounded_retries_fail_with_the_typed_error(server) -> None:
 
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_producer_survives_a_server_restart_exactly_once(server, how: str) -> None:
+def test_producer_survives_a_server_restart_exactly_once(server, report, how: str) -> None:
     """Half-way through the events the server dies (kill -9: no flush, no goodbye; or
     SIGTERM: it drains) and comes back on the same port and data directory while the
     producer keeps sending. Afterwards every event is applied exactly once."""
@@ -141,7 +141,11 @@ def test_producer_survives_a_server_restart_exactly_once(server, how: str) -> No
 
         results = [f.result() for f in futures]
         statuses = Counter(r.status.value for r in results)
-        print(f"\n{how}: {total} events in {elapsed:.2f}s: {dict(statuses)}, {producer.stats}")
+        s = producer.stats
+        report(
+            f"producer across {how} + restart: {total} events in {elapsed:.2f}s, "
+            f"{dict(statuses)}, {s.streams_opened} streams, {s.batches_resent} batches resent"
+        )
         # Every event is in the server: accepted, or accepted before the break and its
         # resend answered DUPLICATE.
         assert set(statuses) <= {"ACCEPTED", "DUPLICATE"}, statuses

@@ -114,7 +114,10 @@ def test_tls_with_a_private_ca(make_server, tmp_path: Path) -> None:
     # Plaintext to a TLS server fails, and so does TLS without the private CA.
     with rc.Client(server.target, timeout=5) as plain, pytest.raises(rc.errors.ReflexError):
         plain.recommend("tls", 1)
-    with rc.Client(
-        server.target, tls=rc.TlsOptions(server_name="localhost"), timeout=5
-    ) as untrusted, pytest.raises(rc.errors.Unavailable):
+    with (
+        rc.Client(
+            server.target, tls=rc.TlsOptions(server_name="localhost"), timeout=5
+        ) as untrusted,
+        pytest.raises(rc.errors.Unavailable),
+    ):
         untrusted.recommend("tls", 1)
