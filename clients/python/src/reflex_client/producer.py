@@ -147,8 +147,8 @@ class Producer:
         max_batch: most events per batch (the server's default limit is 1000).
         linger_ms: longest an event waits for its batch to fill before it is sent.
         max_in_flight: most batches sent and not yet acknowledged; ``send`` blocks beyond.
-        max_retries: stream failures in a row (no ack in between) before the pending
-            events fail with the last error.
+        max_retries: stream failures in a row (no ack in between) before every pending
+            event (sent or queued) fails with the last error; the producer stays usable.
         backoff_initial_ms, backoff_max_ms: exponential backoff between retries (with
             jitter), unless the server advised ``grpc-retry-pushback-ms``.
         raise_on_reject: set :class:`~reflex_client.errors.EventsRejected` on the
@@ -460,13 +460,12 @@ class Producer:
             with self._cond:
                 if self._aborted:
                     break
-                unacked = bool(self._window)
-                if error is None and not unacked:
+                if error is None and not (self._window or self._open):
                     continue  # our half-close after close(), or a drained idle stream
             if error is None:
-                # The server ended the stream (draining) before acking everything.
+                # The server ended the stream (draining) with events still to deliver.
                 error = errors.Unavailable(
-                    "the server ended the event stream with batches unacknowledged"
+                    "the server ended the event stream with events unacknowledged"
                 )
             pushback = error.retry_pushback_ms
             code = error.code
@@ -487,7 +486,8 @@ class Producer:
             )
             if not retryable:
                 # The server refused the oldest unacknowledged batch (too big, undecodable):
-                # fail it and send the rest again on a new stream.
+                # fail it and send the rest again on a new stream. With no batch sent yet,
+                # the stream itself was refused: that counts as a failed attempt below.
                 with self._cond:
                     head = next(iter(self._window.values()), None)
                     if head is not None:
@@ -495,7 +495,7 @@ class Producer:
                         self._cond.notify_all()
                 if head is not None:
                     self._fail(head.futures, error)
-                continue
+                    continue
             if self.stats.batches_acked > acked_before:
                 failures = 0
             failures += 1
@@ -506,7 +506,7 @@ class Producer:
             if failures > self.max_retries:
                 log.warning("giving up after %d attempts: %s", failures - 1, error)
                 with self._cond:
-                    futures = self._take_window_locked(include_open=self._closed)
+                    futures = self._take_window_locked(include_open=True)
                 self._fail(futures, error)
                 failures = 0
                 continue
