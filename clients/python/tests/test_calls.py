@@ -196,3 +196,29 @@ def test_async_client_and_producer(server) -> None:
             assert await client.erase_profile("a1") is True
 
     asyncio.run(main())
+
+
+def test_async_producer_waits_for_the_window_without_blocking_the_loop(server) -> None:
+    """With the server down and the window full, an awaited send() waits while other
+    coroutines keep running; once the server is back everything is delivered."""
+
+    async def main() -> None:
+        async with rc.AsyncClient(server.target) as client:
+            server.kill9()
+            producer = client.producer(
+                max_batch=1, max_in_flight=1, linger_ms=1, max_retries=1000, backoff_max_ms=200
+            )
+            first = await producer.send(user_id="w", item_id="i1")  # the window's one batch
+            second = await producer.send(user_id="w", item_id="i2")  # fills the open batch
+            third = asyncio.ensure_future(producer.send(user_id="w", item_id="i3"))
+            # The loop keeps turning (these sleeps end) while the third send waits.
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            assert not third.done()
+            await asyncio.get_running_loop().run_in_executor(None, server.start)
+            results = await asyncio.gather(first, second, await third)
+            assert [r.status for r in results] == [EventStatus.ACCEPTED] * 3
+            await producer.close()
+            assert (await client.get_profile("w")).kind_counts["view"] == 3
+
+    asyncio.run(main())
