@@ -95,9 +95,20 @@ class Server:
             self.proc.wait()
         self.proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs, its connections stay open and silent."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM and wait for a clean exit (SIGKILL after 20 s)."""
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case it was paused
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)

@@ -224,3 +224,33 @@ def test_concurrent_producers_with_the_same_ids_apply_each_event_once(server) ->
             assert column == ["ACCEPTED", "DUPLICATE", "DUPLICATE"], (events[i], column)
         views = sum(client.get_profile(f"r{u}").kind_counts["view"] for u in range(15))
         assert views == len(events)
+
+
+def test_a_hung_server_is_detected_by_keepalive_and_nothing_is_applied_twice(
+    server, report
+) -> None:
+    """The server hangs (SIGSTOP) mid-stream without closing its connection: keepalive
+    pings break the stream, the producer reconnects and resends, and once the server runs
+    again every event is applied exactly once (the old connection's batches and their
+    resends race on the server; the dedupe keeps one of each)."""
+    events = [(f"h-{i}", f"hung{i % 10}", f"it{i % 30}") for i in range(1200)]
+    futures: List["Future[rc.EventResult]"] = []
+    with rc.Client(server.target, keepalive_ms=(200, 300)) as client:
+        producer = client.producer(max_batch=20, linger_ms=2, max_in_flight=4, max_retries=50)
+        for n, (event_id, user, item) in enumerate(events):
+            if n == len(events) // 2:
+                assert _wait_all(futures[: len(events) // 4], 60)
+                server.pause()
+                threading.Timer(3.0, server.resume).start()
+            futures.append(producer.send(user_id=user, item_id=item, event_id=event_id))
+        assert producer.flush(timeout=90)
+        producer.close()
+        statuses = Counter(f.result().status.value for f in futures)
+        report(
+            f"producer across a 3 s SIGSTOP: {dict(statuses)}, "
+            f"{producer.stats.streams_opened} streams, {producer.stats.batches_resent} resent"
+        )
+        assert set(statuses) <= {"ACCEPTED", "DUPLICATE"}, statuses
+        assert producer.stats.streams_opened >= 2
+        views = sum(client.get_profile(f"hung{u}").kind_counts["view"] for u in range(10))
+        assert views == len(events)

@@ -68,6 +68,9 @@ class ConnectOptions:
         channel_options: extra gRPC channel arguments.
         reconnect_backoff_ms: (initial, max) of the channel's own reconnect backoff; kept
             short so a restarted server is found again quickly.
+        keepalive_ms: (interval, timeout) of HTTP/2 pings while calls are open, so a
+            stream to a server that vanished without closing its connection (host down,
+            network partition) breaks and is retried instead of waiting for acks forever.
     """
 
     target: str
@@ -76,6 +79,7 @@ class ConnectOptions:
     timeout: Optional[float] = 10.0
     channel_options: Sequence[Tuple[str, Any]] = field(default_factory=tuple)
     reconnect_backoff_ms: Tuple[int, int] = (100, 2000)
+    keepalive_ms: Tuple[int, int] = (20_000, 10_000)
 
     def grpc_options(self, max_message_bytes: int = 16 * 1024 * 1024) -> List[Tuple[str, Any]]:
         """The channel arguments."""
@@ -84,6 +88,10 @@ class ConnectOptions:
             ("grpc.initial_reconnect_backoff_ms", initial),
             ("grpc.max_reconnect_backoff_ms", maximum),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_ms[0]),
+            ("grpc.keepalive_timeout_ms", self.keepalive_ms[1]),
+            # Newer gRPC cores time the keepalive ping out by this one (60 s by default).
+            ("grpc.http2.ping_timeout_ms", self.keepalive_ms[1]),
             # The producer retries itself, resending with the same event ids.
             ("grpc.enable_retries", 0),
         ]

@@ -42,6 +42,7 @@ class AsyncClient:
         tls: Union[TlsOptions, bool, None] = None,
         timeout: Optional[float] = 10.0,
         channel_options: Sequence[Tuple[str, Any]] = (),
+        keepalive_ms: Tuple[int, int] = (20_000, 10_000),
     ) -> None:
         if tls is True:
             tls = TlsOptions()
@@ -51,6 +52,7 @@ class AsyncClient:
             tls=tls or None,
             timeout=timeout,
             channel_options=tuple(channel_options),
+            keepalive_ms=keepalive_ms,
         )
         creds = self.options.credentials()
         opts = self.options.grpc_options()

@@ -39,6 +39,9 @@ class Client:
         timeout: default deadline of every unary call in seconds; each method takes its
             own ``timeout`` too.
         channel_options: extra gRPC channel arguments.
+        keepalive_ms: (interval, timeout) of HTTP/2 pings while calls are open: a stream
+            to a server that vanished without closing the connection breaks after about
+            their sum and the producer retries.
         channel: use this channel instead of making one (not closed by the client).
 
     Every failed call raises a :class:`~reflex_client.errors.ReflexError` subclass named
@@ -53,6 +56,7 @@ class Client:
         tls: Union[TlsOptions, bool, None] = None,
         timeout: Optional[float] = 10.0,
         channel_options: Sequence[Tuple[str, Any]] = (),
+        keepalive_ms: Tuple[int, int] = (20_000, 10_000),
         channel: Optional[grpc.Channel] = None,
     ) -> None:
         if tls is True:
@@ -63,6 +67,7 @@ class Client:
             tls=tls or None,
             timeout=timeout,
             channel_options=tuple(channel_options),
+            keepalive_ms=keepalive_ms,
         )
         self._own_channel = channel is None
         if channel is None:
