@@ -61,17 +61,23 @@ def test_recommend_50_items_and_similar_items(server, report) -> None:
         assert len(first.items) == 50
         assert len({i.item_id for i in first.items}) == 50
         assert first.model_version
-        latencies = []
-        for _ in range(30):
+
+        def timed(user: str) -> float:
             started = time.perf_counter()
-            rec = client.recommend("s1", 50)
-            latencies.append((time.perf_counter() - started) * 1000)
+            rec = client.recommend(user, 50)
+            elapsed = (time.perf_counter() - started) * 1000
             assert len(rec.items) == 50
-        latencies.sort()
-        # Measured, not asserted: the figure depends on the machine and the build.
+            return elapsed
+
+        # Each seeded user's first answer is computed; asked again, it may be cached.
+        fresh = sorted(timed(f"s{u}") for u in range(2, 30))
+        repeated = sorted(timed("s1") for _ in range(30))
+        # Measured, not asserted: the figures depend on the machine and the build.
         report(
-            f"Recommend(count=50) from Python over gRPC, 30 calls: "
-            f"median {statistics.median(latencies):.2f} ms, max {latencies[-1]:.2f} ms"
+            f"Recommend(count=50) from Python over gRPC: first answer per user (28 users) "
+            f"median {statistics.median(fresh):.2f} ms, max {fresh[-1]:.2f} ms; same user "
+            f"again (30 calls) median {statistics.median(repeated):.2f} ms, "
+            f"max {repeated[-1]:.2f} ms"
         )
         filtered = client.recommend(
             "s1", 10, filter={"exclude_item_ids": [i.item_id for i in first.items[:5]]}
