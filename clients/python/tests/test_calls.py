@@ -106,6 +106,10 @@ def test_model_versions_snapshot_and_rollback(server) -> None:
             client.rollback(999_999)
         quality = client.get_quality()
         assert quality.events_scored >= 0
+        refit = client.refit(install_anyway=True, timeout=60)
+        assert refit.outcome == "installed"
+        assert refit.version.reason.startswith("refit: als")
+        assert client.list_versions().serving == f"online-mf/v{refit.version.id}"
 
 
 def test_typed_errors_on_bad_input(make_server) -> None:

@@ -193,6 +193,13 @@ class AsyncClient:
         """See :meth:`Client.get_quality`."""
         return await self._call(self._models.GetQuality, pb.GetQualityRequest(), timeout)  # type: ignore[no-any-return]
 
+    async def refit(
+        self, *, install_anyway: bool = False, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.RefitResponse":
+        """See :meth:`Client.refit`."""
+        request = pb.RefitRequest(install_anyway=install_anyway)
+        return await self._call(self._models.Refit, request, timeout)  # type: ignore[no-any-return]
+
     async def close(self) -> None:
         """Closes the channel."""
         await self.channel.close()

@@ -216,6 +216,14 @@ class Client:
         """The continuous (prequential) evaluation figures."""
         return self._call(self._models.GetQuality, pb.GetQualityRequest(), timeout)  # type: ignore[no-any-return]
 
+    def refit(
+        self, *, install_anyway: bool = False, timeout: Optional[float] = _DEFAULT
+    ) -> "pb.RefitResponse":
+        """Fits the batch baseline to the event log now and installs it when it ranks the
+        quality holdout better (or ``install_anyway``); may take seconds."""
+        request = pb.RefitRequest(install_anyway=install_anyway)
+        return self._call(self._models.Refit, request, timeout)  # type: ignore[no-any-return]
+
     # --------------------------------------------------------------- lifecycle
 
     def wait_ready(self, timeout: float = 10.0) -> None:
