@@ -31,7 +31,8 @@
 //! basket gap counts towards the item but opens no basket and follows nothing, so late
 //! events never corrupt repurchase intervals. Memory is bounded: per user
 //! [`SignalsConfig::max_user_items`] purchased items and the latest few items; per item
-//! [`SignalsConfig::max_followers`] followers (the lightest is replaced when full).
+//! [`SignalsConfig::max_followers`] followers (the lighter half is dropped when full;
+//! a full purchase list drops its stalest quarter).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -147,10 +148,10 @@ impl SignalsConfig {
 }
 
 /// One item's learnt statistics.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 struct ItemStats {
-    /// Decayed follower weights: (follower, weight).
-    followers: Vec<(ItemIdx, f32)>,
+    /// Decayed follower weights.
+    followers: Followers,
     /// Total weight counted as followed by something (M), including evicted followers.
     out_mass: f32,
 }
@@ -331,7 +332,7 @@ impl Signals {
             if before != item {
                 let mut st = self.slot(before).stats.lock();
                 st.out_mass += w;
-                add_follower(&mut st.followers, item, w, self.config.max_followers);
+                st.followers.add(item, w, self.config.max_followers);
             }
             w *= self.config.pair_decay;
         }
@@ -370,13 +371,8 @@ impl Signals {
         let pos = match pos {
             Some(p) => p,
             None => {
-                if u.items.len() >= self.config.max_user_items
-                    && let Some(oldest) = (0..u.items.len()).min_by(|&a, &b| {
-                        let (a, b) = (&u.items[a], &u.items[b]);
-                        a.last.cmp(&b.last).then(a.evidence.total_cmp(&b.evidence))
-                    })
-                {
-                    u.items.remove(oldest);
+                if u.items.len() >= self.config.max_user_items {
+                    evict_stalest(&mut u.items, self.config.max_user_items);
                 }
                 let at = u
                     .items
@@ -423,23 +419,134 @@ impl Signals {
     }
 }
 
-/// Adds `w` to `item`'s weight in `followers` (kept sorted by item, so finding one is a
-/// binary search). When the list is full, the lighter half is dropped first (lossy
-/// counting: the heavy followers keep exact counts, and a newcomer earns its place from
-/// zero rather than inheriting an evicted weight).
-fn add_follower(followers: &mut Vec<(ItemIdx, f32)>, item: ItemIdx, w: f32, max: usize) {
-    match followers.binary_search_by_key(&item, |f| f.0) {
-        Ok(i) => followers[i].1 += w,
-        Err(i) if followers.len() < max => followers.insert(i, (item, w)),
-        Err(_) => {
+/// Makes room in a user's full list of purchased items: drops the quarter (at least one)
+/// bought longest ago, the least re-bought first among equals, in one pass rather than
+/// one scan per new item.
+fn evict_stalest(items: &mut Vec<UserItem>, max: usize) {
+    let drop = (max / 4).clamp(1, items.len());
+    let key = |it: &UserItem| (it.last, it.evidence, it.item);
+    let order = |a: &(u32, f32, ItemIdx), b: &(u32, f32, ItemIdx)| {
+        a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2))
+    };
+    let mut keys: Vec<(u32, f32, ItemIdx)> = items.iter().map(key).collect();
+    let (_, pivot, _) = keys.select_nth_unstable_by(drop - 1, order);
+    let pivot = *pivot;
+    items.retain(|it| order(&key(it), &pivot) == std::cmp::Ordering::Greater);
+}
+
+/// The followers of one item with their weights: an open-addressing table keyed by item
+/// (Fibonacci hashing, linear probing, at most three quarters full), so counting a pair
+/// reads one slot where a binary search over a sorted list read several cache lines.
+/// When it holds `max` followers, the lighter half is dropped first (lossy counting: the
+/// heavy followers keep exact counts, and a newcomer earns its place from zero rather
+/// than inheriting an evicted weight).
+#[derive(Clone, Debug, Default)]
+struct Followers {
+    /// `(item, weight)`, [`Followers::EMPTY`] for a free slot; empty or a power of two long.
+    slots: Vec<(ItemIdx, f32)>,
+    len: usize,
+}
+
+impl Followers {
+    const EMPTY: ItemIdx = ItemIdx::MAX;
+
+    /// A table holding `entries` (distinct items).
+    fn from_entries(entries: &[(ItemIdx, f32)]) -> Self {
+        let mut table = Self::default();
+        table.rebuild(entries, Self::capacity_for(entries.len()));
+        table
+    }
+
+    fn capacity_for(len: usize) -> usize {
+        // At most three quarters full.
+        (len * 4 / 3 + 1).next_power_of_two().max(8)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every follower and its weight, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (ItemIdx, f32)> + '_ {
+        self.slots.iter().copied().filter(|s| s.0 != Self::EMPTY)
+    }
+
+    /// Every follower, sorted by item.
+    fn sorted(&self) -> Vec<(ItemIdx, f32)> {
+        let mut out: Vec<_> = self.iter().collect();
+        out.sort_unstable_by_key(|f| f.0);
+        out
+    }
+
+    fn home(&self, item: ItemIdx) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        ((u64::from(item).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> (64 - bits)) as usize
+    }
+
+    /// Puts `entries` (distinct items) into a fresh table of `capacity` slots.
+    fn rebuild(&mut self, entries: &[(ItemIdx, f32)], capacity: usize) {
+        self.slots.clear();
+        self.slots.resize(capacity, (Self::EMPTY, 0.0));
+        self.len = 0;
+        for &(item, w) in entries {
+            self.insert_new(item, w);
+        }
+    }
+
+    /// Inserts an item known to be absent, with room to spare.
+    fn insert_new(&mut self, item: ItemIdx, w: f32) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(item);
+        while self.slots[i].0 != Self::EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = (item, w);
+        self.len += 1;
+    }
+
+    /// Adds `w` to `item`'s weight, making room as described on the type.
+    fn add(&mut self, item: ItemIdx, w: f32, max: usize) {
+        if item == Self::EMPTY {
+            return;
+        }
+        if self.slots.is_empty() {
+            self.rebuild(&[], 8);
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(item);
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.0 == item {
+                slot.1 += w;
+                return;
+            }
+            if slot.0 == Self::EMPTY {
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        if self.len >= max {
+            let mut kept: Vec<(ItemIdx, f32)> = self.iter().collect();
             let keep = max / 2;
-            followers.select_nth_unstable_by(keep, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            followers.truncate(keep);
-            followers.sort_unstable_by_key(|f| f.0);
-            let at = followers
-                .binary_search_by_key(&item, |f| f.0)
-                .unwrap_or_else(|i| i);
-            followers.insert(at, (item, w));
+            if keep < kept.len() {
+                kept.select_nth_unstable_by(keep, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                kept.truncate(keep);
+            }
+            let capacity = self.slots.len();
+            self.rebuild(&kept, capacity);
+            self.insert_new(item, w);
+        } else if (self.len + 1) * 4 > self.slots.len() * 3 {
+            let entries: Vec<(ItemIdx, f32)> = self.iter().collect();
+            self.rebuild(&entries, self.slots.len() * 2);
+            self.insert_new(item, w);
+        } else {
+            self.slots[i] = (item, w);
+            self.len += 1;
         }
     }
 }
@@ -529,7 +636,7 @@ impl SignalModel for Signals {
             if let Some(slot) = self.slot_if_any(source) {
                 let st = slot.stats.lock();
                 let norm = w / (st.out_mass + kappa);
-                for &(j, c) in &st.followers {
+                for (j, c) in st.followers.iter() {
                     *weights.entry(j).or_default() += c * norm;
                 }
                 prior += kappa * norm;
@@ -591,8 +698,8 @@ impl SignalModel for Signals {
         let mut out: Vec<Scored> = st
             .followers
             .iter()
-            .filter(|&&(j, _)| j != item && filter(j))
-            .map(|&(j, c)| Scored {
+            .filter(|&(j, _)| j != item && filter(j))
+            .map(|(j, c)| Scored {
                 item: j,
                 score: c / norm,
             })
@@ -629,8 +736,9 @@ impl SignalModel for Signals {
             };
             let followers = st
                 .followers
-                .iter()
-                .filter_map(|&(j, c)| Some((name(j)?, c)))
+                .sorted()
+                .into_iter()
+                .filter_map(|(j, c)| Some((name(j)?, c)))
                 .collect();
             items.push(StoredItem {
                 item: me,
@@ -732,7 +840,7 @@ impl SignalModel for Signals {
             slot.chances.store(it.chances, Ordering::Relaxed);
             slot.repeats.store(it.repeats, Ordering::Relaxed);
             *slot.stats.lock() = ItemStats {
-                followers,
+                followers: Followers::from_entries(&followers),
                 out_mass: it.out_mass,
             };
         }
@@ -845,6 +953,60 @@ mod tests {
             }
         }
         s
+    }
+
+    #[test]
+    fn a_full_follower_table_keeps_the_heavier_half_and_counts_exactly() {
+        let mut f = Followers::default();
+        for i in 0..10u32 {
+            f.add(i, (i + 1) as f32, 10);
+        }
+        f.add(3, 0.5, 10);
+        assert_eq!(f.len(), 10);
+        assert_eq!(f.sorted()[3], (3, 4.5));
+        // Full: the five heaviest stay with their counts, the newcomer starts from its own.
+        f.add(100, 1.0, 10);
+        assert_eq!(
+            f.sorted(),
+            vec![
+                (5, 6.0),
+                (6, 7.0),
+                (7, 8.0),
+                (8, 9.0),
+                (9, 10.0),
+                (100, 1.0)
+            ]
+        );
+        // Growing past its first capacity keeps every count.
+        let mut g = Followers::default();
+        for round in 0..3 {
+            for i in 0..1000u32 {
+                g.add(i * 7919, 1.0, 5000);
+            }
+            assert_eq!(g.len(), 1000, "round {round}");
+        }
+        assert!(g.iter().all(|(_, w)| w == 3.0));
+        assert_eq!(Followers::from_entries(&g.sorted()).sorted(), g.sorted());
+    }
+
+    #[test]
+    fn a_full_purchase_list_drops_its_stalest_quarter_at_once() {
+        let mut items: Vec<UserItem> = (0..8u32)
+            .map(|i| UserItem {
+                item: i,
+                first: 0,
+                last: 10 - i,
+                evidence: 0.0,
+                evidence_at: 0,
+            })
+            .collect();
+        evict_stalest(&mut items, 8);
+        let kept: Vec<ItemIdx> = items.iter().map(|it| it.item).collect();
+        assert_eq!(
+            kept,
+            vec![0, 1, 2, 3, 4, 5],
+            "items 6 and 7 were bought longest ago"
+        );
     }
 
     #[test]
