@@ -603,7 +603,10 @@ impl SignalModel for Signals {
         k: usize,
         filter: &dyn Fn(ItemIdx) -> bool,
     ) -> Vec<SignalCandidate> {
-        let u = self.users.get(user).map(|u| u.clone()).unwrap_or_default();
+        // Read in place (a shard's read lock, no copy of the user's lists).
+        let held = self.users.get(user);
+        let none = UserSignals::default();
+        let u: &UserSignals = held.as_deref().unwrap_or(&none);
         let mut out: Vec<SignalCandidate> = Vec::new();
         let global_rate = self.global_rebuy_rate();
         for it in &u.items {
