@@ -196,6 +196,60 @@ async fn a_redis_outage_is_unavailable_and_recovers_without_loss() {
     assert_eq!(r.profile_version, 2);
 }
 
+/// Redis stalls (SIGSTOP, longer than the command timeout): `Recommend` with a 1 s
+/// deadline gets its degraded answer every time, never DEADLINE_EXCEEDED, and once Redis
+/// runs again answers from the profile by itself (a background probe notices).
+#[tokio::test]
+async fn recommend_answers_degraded_within_its_deadline_while_redis_stalls() {
+    let Some(redis) = RedisServer::start() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    // The default command timeout, longer than the caller's deadline.
+    let (_dir, server) = start_replica(&redis, &[("REFLEX_STORE__REDIS__COMMAND_TIMEOUT_MS", "2000")]);
+    let channel = server.channel().await;
+    upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
+    let ack = ingest(&channel, vec![event("s-1", "stall-u", "toys-1", View)])
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 1);
+    let within_a_second = || async {
+        let mut request = tonic::Request::new(proto::RecommendRequest {
+            user_id: "stall-u".into(),
+            count: 4,
+            filter: None,
+        });
+        request.set_timeout(Duration::from_secs(1));
+        RecommendServiceClient::new(channel.clone())
+            .recommend(request)
+            .await
+            .map(|r| r.into_inner())
+    };
+    let answer = within_a_second().await.unwrap();
+    assert!(!answer.degraded);
+    assert_eq!(answer.profile_version, 1);
+
+    redis.pause();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(within_a_second().await);
+    }
+    redis.resume();
+    for answer in answers {
+        match answer {
+            Ok(r) => assert!(r.degraded, "{r:?}"),
+            Err(status) => panic!("while redis stalls: {status}"),
+        }
+    }
+    eventually(Duration::from_secs(10), || async {
+        match within_a_second().await {
+            Ok(r) if !r.degraded && r.profile_version == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 fn learner_flag(metrics: &str) -> Option<i64> {
     metrics
         .lines()
