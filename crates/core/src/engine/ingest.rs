@@ -223,7 +223,11 @@ mod tests {
         assert_eq!(b.model.events(), 0, "B has not followed yet");
         assert_eq!(a.engine.follow().await.unwrap(), 2);
         assert_eq!(b.engine.follow().await.unwrap(), 2);
-        assert_eq!(a.model.events(), 2, "following does not teach A its own events again");
+        assert_eq!(
+            a.model.events(),
+            2,
+            "following does not teach A its own events again"
+        );
         assert_eq!(b.model.events(), 2);
         assert_eq!(a.learnt("shoe"), 2.0 * a.weight(&EventKind::View));
 
@@ -237,7 +241,10 @@ mod tests {
         a.store
             .append(&[crate::traits::LogRecord::Event {
                 event: raw("c-0", "carol", "cap", RawKind::View)
-                    .validate(&crate::types::EventLimits::default(), crate::types::now_ms())
+                    .validate(
+                        &crate::types::EventLimits::default(),
+                        crate::types::now_ms(),
+                    )
                     .unwrap(),
                 filtered: false,
                 ingested_ms: crate::types::now_ms(),
@@ -246,8 +253,14 @@ mod tests {
             .unwrap();
         a.engine.follow().await.unwrap();
         assert_eq!(a.model.events(), 4);
-        assert!(!a.engine.claim_for_ingest(4), "followed already: ingest does not learn it");
-        assert!(a.engine.claim_for_ingest(5), "not followed yet: ingest learns it");
+        assert!(
+            !a.engine.claim_for_ingest(4),
+            "followed already: ingest does not learn it"
+        );
+        assert!(
+            a.engine.claim_for_ingest(5),
+            "not followed yet: ingest learns it"
+        );
         assert!(!a.engine.claim_for_ingest(5), "claimed once");
     }
 

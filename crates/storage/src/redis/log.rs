@@ -153,15 +153,11 @@ impl EventSink for RedisStore {
     }
 
     async fn last_seq(&self) -> Result<Seq> {
-        let seq: Option<u64> = self
-            .pool
-            .next()
-            .get(&self.seq_key)
-            .await
-            .map_err(|e| {
-                self.note_error(&e);
-                redis_error("reading the redis log position", e)
-            })?;
+        let seq: Option<u64> = self.pool.next().get(&self.seq_key).await.map_err(|e| {
+            self.note_error(&e);
+            redis_error("reading the redis log position", e)
+        })?;
+        self.note_answer();
         Ok(seq.unwrap_or(0))
     }
 

@@ -9,7 +9,9 @@ use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface, Value};
 use futures_util::{TryStreamExt, future};
 use reflex_core::profile::{Interaction, Session};
 use reflex_core::types::now_ms;
-use reflex_core::{Error, EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId};
+use reflex_core::{
+    Error, EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+};
 
 use super::store::{RedisStore, redis_error, reply_error};
 use crate::remote::by_user;

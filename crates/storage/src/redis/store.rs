@@ -216,10 +216,21 @@ impl RedisStore {
             }
             result => result,
         };
-        if let Err(e) = &result {
-            self.note_error(e);
+        match &result {
+            Ok(_) => self.note_answer(),
+            Err(e) => self.note_error(e),
         }
         result
+    }
+
+    /// Clears an outage mark: Redis answered a command, so it is back (the probe, if it
+    /// still runs, ends at its next turn).
+    pub(super) fn note_answer(&self) {
+        if self.outage.down.load(Ordering::Acquire)
+            && self.outage.down.swap(false, Ordering::AcqRel)
+        {
+            info!("redis answers again");
+        }
     }
 
     /// Records an outage when `e` says Redis cannot be reached (or answers too late), and
@@ -236,7 +247,10 @@ impl RedisStore {
         if self.outage.down.swap(true, Ordering::AcqRel) {
             return;
         }
-        warn!(error = why, "redis is unreachable: reads answer degraded until it is back");
+        warn!(
+            error = why,
+            "redis is unreachable: reads answer degraded until it is back"
+        );
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to probe on: the next successful command clears the mark.
             return;
@@ -269,10 +283,14 @@ async fn probe(pool: Pool, outage: Weak<Outage>) {
         let Some(outage) = outage.upgrade() else {
             return;
         };
+        if !outage.down.load(Ordering::Acquire) {
+            return; // a command got through meanwhile
+        }
         let ping = tokio::time::timeout(PROBE_INTERVAL, pool.next().ping::<Value>(None)).await;
         if let Ok(Ok(_)) = ping {
-            outage.down.store(false, Ordering::Release);
-            info!("redis answers again");
+            if outage.down.swap(false, Ordering::AcqRel) {
+                info!("redis answers again");
+            }
             return;
         }
     }

@@ -227,7 +227,12 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
 
 /// Appends `n` views of `item` by `user` and applies them as ingest does; returns the
 /// records with their positions.
-async fn ingest_views(store: &RedisStore, user: &str, from: usize, n: usize) -> Vec<(Seq, LogRecord)> {
+async fn ingest_views(
+    store: &RedisStore,
+    user: &str,
+    from: usize,
+    n: usize,
+) -> Vec<(Seq, LogRecord)> {
     let records: Vec<LogRecord> = (from..from + n)
         .map(|i| {
             conformance::record(event(
@@ -266,9 +271,17 @@ async fn views_of(store: &RedisStore, name: &str) -> (u64, usize, u64) {
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("{name} has a profile"));
-    let distinct: std::collections::HashSet<_> =
-        p.recent.iter().map(|i| (i.item_id.clone(), i.timestamp_ms)).collect();
-    assert_eq!(distinct.len(), p.recent.len(), "recent holds an event twice: {:?}", p.recent);
+    let distinct: std::collections::HashSet<_> = p
+        .recent
+        .iter()
+        .map(|i| (i.item_id.clone(), i.timestamp_ms))
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        p.recent.len(),
+        "recent holds an event twice: {:?}",
+        p.recent
+    );
     (p.count(&EventKind::View), p.recent.len(), p.version)
 }
 
@@ -303,7 +316,11 @@ async fn an_apply_that_timed_out_in_a_stall_is_not_applied_again_by_repair() {
         return;
     };
     let records = vec![conformance::record(event(
-        "stall-0", "stall-u", "item-0", EventKind::View, 1_000,
+        "stall-0",
+        "stall-u",
+        "item-0",
+        EventKind::View,
+        1_000,
     ))];
     let [Appended::At(seq)] = store.append(&records).await.unwrap()[..] else {
         panic!("a fresh id is appended")
@@ -338,10 +355,19 @@ async fn an_apply_that_timed_out_in_a_stall_is_not_applied_again_by_repair() {
     let pending = store.unapplied(-1_000, 100).await.unwrap();
     for p in &pending {
         let found = store.read(p - 1, 1).await.unwrap();
-        let Some((s, LogRecord::Event { event, ingested_ms, .. })) = found.first() else {
+        let Some((
+            s,
+            LogRecord::Event {
+                event, ingested_ms, ..
+            },
+        )) = found.first()
+        else {
             panic!("pending position {p} is in the log")
         };
-        store.apply(&[update(*s, event, *ingested_ms)]).await.unwrap();
+        store
+            .apply(&[update(*s, event, *ingested_ms)])
+            .await
+            .unwrap();
     }
     assert_eq!(views_of(&store, "stall-u").await.0, 21);
     assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
@@ -361,6 +387,9 @@ async fn filtered_events_are_not_pending() {
     };
     let appended = store.append(&[filtered.clone()]).await.unwrap();
     assert!(matches!(appended[..], [Appended::At(_)]));
-    assert_eq!(store.append(&[filtered]).await.unwrap(), [Appended::Duplicate]);
+    assert_eq!(
+        store.append(&[filtered]).await.unwrap(),
+        [Appended::Duplicate]
+    );
     assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
 }
