@@ -385,7 +385,7 @@ async fn filtered_events_are_not_pending() {
         filtered: true,
         ingested_ms: reflex_core::types::now_ms(),
     };
-    let appended = store.append(&[filtered.clone()]).await.unwrap();
+    let appended = store.append(std::slice::from_ref(&filtered)).await.unwrap();
     assert!(matches!(appended[..], [Appended::At(_)]));
     assert_eq!(
         store.append(&[filtered]).await.unwrap(),
