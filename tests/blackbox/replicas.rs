@@ -196,6 +196,67 @@ async fn a_redis_outage_is_unavailable_and_recovers_without_loss() {
     assert_eq!(r.profile_version, 2);
 }
 
+/// Redis stalls (SIGSTOP, longer than the command timeout): `Recommend` with a 1 s
+/// deadline gets its degraded answer every time, never DEADLINE_EXCEEDED, and once Redis
+/// runs again answers from the profile by itself (a background probe notices).
+#[tokio::test]
+async fn recommend_answers_degraded_within_its_deadline_while_redis_stalls() {
+    let Some(redis) = RedisServer::start() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    // The default command timeout, longer than the caller's deadline.
+    let (_dir, server) = start_replica(
+        &redis,
+        &[("REFLEX_STORE__REDIS__COMMAND_TIMEOUT_MS", "2000")],
+    );
+    let channel = server.channel().await;
+    upsert_catalog(&channel, &CATEGORIES, PER_CATEGORY).await;
+    let ack = ingest(&channel, vec![event("s-1", "stall-u", "toys-1", View)])
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 1);
+    let within_a_second = || async {
+        let mut request = tonic::Request::new(proto::RecommendRequest {
+            user_id: "stall-u".into(),
+            count: 4,
+            filter: None,
+        });
+        request.set_timeout(Duration::from_secs(1));
+        RecommendServiceClient::new(channel.clone())
+            .recommend(request)
+            .await
+            .map(|r| r.into_inner())
+    };
+    let answer = within_a_second().await.unwrap();
+    assert!(!answer.degraded);
+    assert_eq!(answer.profile_version, 1);
+
+    redis.pause();
+    let mut answers = Vec::new();
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        answers.push(within_a_second().await);
+        took.push(started.elapsed());
+    }
+    redis.resume();
+    eprintln!("degraded answers while redis stalls took {took:?}");
+    for answer in answers {
+        match answer {
+            Ok(r) => assert!(r.degraded, "{r:?}"),
+            Err(status) => panic!("while redis stalls: {status}"),
+        }
+    }
+    eventually(Duration::from_secs(10), || async {
+        match within_a_second().await {
+            Ok(r) if !r.degraded && r.profile_version == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 fn learner_flag(metrics: &str) -> Option<i64> {
     metrics
         .lines()
@@ -558,4 +619,135 @@ fn a_store_misconfiguration_fails_at_start() {
     )]);
     assert!(!status.success());
     assert!(stderr.contains("store.redis.password_env"), "{stderr}");
+}
+
+/// `redis-cli -p PORT ARGS…` against the test's Redis: its answer, trimmed.
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running redis-cli {args:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Issue 14's proof, in small: writers stream to two replicas on one Redis while Redis
+/// stalls three times for three times the command timeout and replica B is killed with
+/// `kill -9` mid-stream. Every batch is retried with the same event ids until it is
+/// acked. Afterwards, once nothing is pending, every user's profile holds exactly the
+/// events acked for them (none lost, none doubled) and the log holds each acked event once.
+#[tokio::test]
+async fn under_stalls_and_a_replica_kill_every_acked_event_is_applied_exactly_once() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(redis) = RedisServer::start_persistent() else {
+        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    let settings = [
+        ("REFLEX_MAINTENANCE_INTERVAL_MS", "200"),
+        // Every event must be applied: no rate limit.
+        (
+            "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+            "0",
+        ),
+    ];
+    let (_a_dir, a) = start_replica(&redis, &settings);
+    let (_b_dir, mut b) = start_replica(&redis, &settings);
+    let channels = [a.channel().await, b.channel().await];
+    let stop = Arc::new(AtomicBool::new(false));
+
+    const WRITERS: usize = 4;
+    const USERS_PER_WRITER: usize = 5;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let channels = channels.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut acked: HashMap<String, u64> = HashMap::new();
+                let mut batch_no = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let events: Vec<proto::Event> = (0..10)
+                        .map(|i| {
+                            event(
+                                &format!("f-{w}-{batch_no}-{i}"),
+                                &format!("fault-{w}-{}", i % USERS_PER_WRITER),
+                                &format!("toys-{}", i % 4),
+                                View,
+                            )
+                        })
+                        .collect();
+                    // The same ids until acked, alternating replicas.
+                    let mut attempt = batch_no;
+                    let ack = loop {
+                        match ingest(&channels[attempt % 2], events.clone()).await {
+                            Ok(ack) => break ack,
+                            Err(_) => {
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    };
+                    for (e, status) in events.iter().zip(statuses(&ack)) {
+                        match status {
+                            proto::EventStatus::Accepted | proto::EventStatus::Duplicate => {
+                                *acked.entry(e.user_id.clone()).or_default() += 1;
+                            }
+                            other => panic!("{} answered {other:?}", e.event_id),
+                        }
+                    }
+                    batch_no += 1;
+                }
+                acked
+            })
+        })
+        .collect();
+
+    // The faults: three stalls of 1.5 s (command timeout 0.5 s), B killed between them.
+    for fault in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if fault == 2 {
+            b.kill9();
+        } else {
+            redis.pause();
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            redis.resume();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for writer in writers {
+        for (user, n) in writer.await.unwrap() {
+            *acked.entry(user).or_default() += n;
+        }
+    }
+    let total: u64 = acked.values().sum();
+    assert!(total > 0, "nothing was acked");
+
+    // Repair applies what the faults left pending (after its 5 s grace).
+    let pending_key = "{reflex}:pending";
+    eventually(Duration::from_secs(30), || async {
+        match redis_cli(&redis, &["ZCARD", pending_key]).as_str() {
+            "0" => Ok(()),
+            n => Err(format!("{n} positions still pending")),
+        }
+    })
+    .await;
+    let mut wrong = Vec::new();
+    for (user, n) in &acked {
+        let applied = applied_events(&channels[0], user).await;
+        if applied != *n {
+            wrong.push(format!("{user}: {applied} applied, {n} acked"));
+        }
+    }
+    assert!(wrong.is_empty(), "of {total} acked events: {wrong:?}");
+    assert_eq!(
+        redis_cli(&redis, &["XLEN", "{reflex}:log"]),
+        total.to_string(),
+        "the log holds each acked event once"
+    );
+    eprintln!("fault campaign: {total} events acked, each applied once");
 }

@@ -525,7 +525,10 @@ pub async fn serve(
         }
     }
     let holds_lease = engine
-        .acquire_learner_lease(&replica, config.versions.lease_ttl_ms)
+        .acquire_learner_lease(
+            &replica,
+            LeaseSchedule::for_ttl(config.versions.lease_ttl_ms).lifetime_ms,
+        )
         .await
         .unwrap_or(false);
     if holds_lease {
@@ -694,19 +697,17 @@ async fn run_learner(
     replica: Arc<str>,
     refitter: Arc<Refitter>,
 ) {
-    let renew_every = Duration::from_millis(versions.lease_ttl_ms / 3);
+    let schedule = LeaseSchedule::for_ttl(versions.lease_ttl_ms);
     let snapshot_every = Duration::from_millis(versions.snapshot_interval_ms);
     let refit_every = Duration::from_millis(refitter.config().interval_ms);
-    let mut tick = tokio::time::interval(renew_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_snapshot = tokio::time::Instant::now();
     let mut last_refit = tokio::time::Instant::now();
     let mut refitting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_duties = tokio::time::Instant::now();
     let mut was_learner = false;
     loop {
-        tick.tick().await;
         let learner = match engine
-            .acquire_learner_lease(&replica, versions.lease_ttl_ms)
+            .acquire_learner_lease(&replica, schedule.lifetime_ms)
             .await
         {
             Ok(held) => held,
@@ -716,13 +717,27 @@ async fn run_learner(
                 false
             }
         };
+        // The lease holder renews every third of its lifetime; the others check often,
+        // so that one takes over within `lease_ttl_ms` of the holder's death.
+        let pause = tokio::time::sleep(if learner {
+            schedule.renew_every
+        } else {
+            schedule.poll_every
+        });
         if learner != was_learner {
             info!(replica = %replica, learner, "learner lease {}", if learner { "taken" } else { "lost" });
             // A new learner counts its intervals from now.
             last_snapshot = tokio::time::Instant::now();
             last_refit = last_snapshot;
             was_learner = learner;
+            next_duties = tokio::time::Instant::now();
         }
+        if tokio::time::Instant::now() < next_duties {
+            metrics.learner.set(i64::from(learner));
+            pause.await;
+            continue;
+        }
+        next_duties = tokio::time::Instant::now() + schedule.renew_every;
         metrics.learner.set(i64::from(learner));
         if shared && let Err(err) = engine.follow_rollbacks().await {
             metrics
@@ -784,6 +799,53 @@ async fn run_learner(
                 };
                 metrics.refits.with_label_values(&[outcome]).inc();
             }));
+        }
+        pause.await;
+    }
+}
+
+/// When the learner lease is written and checked, for a `versions.lease_ttl_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LeaseSchedule {
+    /// How long a written lease lasts: `lease_ttl_ms` less one check interval, so that
+    /// a holder that dies just after renewing is replaced within `lease_ttl_ms`.
+    lifetime_ms: u64,
+    /// How often the holder renews it: every third of its lifetime, so two renewals may
+    /// fail before it lapses.
+    renew_every: Duration,
+    /// How often a replica that does not hold it tries to take it: a twentieth of the ttl.
+    poll_every: Duration,
+}
+
+impl LeaseSchedule {
+    fn for_ttl(ttl_ms: u64) -> Self {
+        let poll_ms = (ttl_ms / 20).max(1);
+        let lifetime_ms = ttl_ms.saturating_sub(poll_ms).max(1);
+        Self {
+            lifetime_ms,
+            renew_every: Duration::from_millis((lifetime_ms / 3).max(1)),
+            poll_every: Duration::from_millis(poll_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LeaseSchedule;
+
+    /// Issue 14: takeover took up to 10.33 s with `lease_ttl_ms` = 10 s. The worst case is
+    /// a holder dying right after renewing: its lease lasts `lifetime_ms`, and a waiting
+    /// replica's next check comes at most `poll_every` later.
+    #[test]
+    fn a_dead_learner_is_replaced_within_the_lease_ttl() {
+        for ttl in [30, 600, 10_000, 60_000] {
+            let s = LeaseSchedule::for_ttl(ttl);
+            let takeover = s.lifetime_ms + s.poll_every.as_millis() as u64;
+            assert!(takeover <= ttl, "ttl {ttl}: taken over after {takeover} ms");
+            assert!(
+                s.renew_every.as_millis() as u64 * 3 <= s.lifetime_ms,
+                "ttl {ttl}: {s:?} renews thrice per lifetime"
+            );
         }
     }
 }

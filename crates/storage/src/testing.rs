@@ -140,6 +140,30 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open and commands queue unanswered,
+    /// as in a long stall, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (`SIGCONT`); it then runs what queued.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let Some(child) = &self.child else {
+            panic!("signalling redis-server on port {}: not running", self.port);
+        };
+        let status = Command::new("kill")
+            .args([which, &child.id().to_string()])
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("kill {which} redis-server: {other:?}"),
+        }
+    }
+
     /// Starts it again on the same port after [`stop`](Self::stop).
     pub fn restart(&mut self) {
         self.stop();

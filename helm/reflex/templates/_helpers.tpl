@@ -85,7 +85,8 @@ reflex.io/store-backend: {{ .Values.store.backend | quote }}
 
 {{/*
 The effective server configuration as a dict: .Values.config with the keys the chart
-owns laid over it (listen addresses, backend, data directory, keys file).
+owns laid over it (listen addresses, backend, data directory, keys file, and each pod's
+share of botFilter.maxEventsPerUserPerSec).
 */}}
 {{- define "reflex.configDict" -}}
 {{- $cfg := deepCopy (default (dict) .Values.config) -}}
@@ -99,6 +100,16 @@ owns laid over it (listen addresses, backend, data directory, keys file).
 {{- $_ := set $owned "store" $store -}}
 {{- if .Values.auth.enabled -}}
 {{- $_ := set $owned "auth" (dict "enabled" true "keys_file" (include "reflex.keysPath" .)) -}}
+{{- end -}}
+{{- $total := (default (dict) .Values.botFilter).maxEventsPerUserPerSec -}}
+{{- if not (kindIs "invalid" $total) -}}
+{{- $pods := 1 -}}
+{{- if not (include "reflex.embedded" .) -}}
+{{- $pods = ternary (int .Values.autoscaling.minReplicas) (int .Values.replicaCount) (and .Values.autoscaling.enabled true) -}}
+{{- end -}}
+{{- $pods = max 1 $pods -}}
+{{- $share := div (add (int $total) (sub $pods 1)) $pods -}}
+{{- $_ := set $owned "engine" (dict "bot_filter" (dict "max_events_per_user_per_sec" $share)) -}}
 {{- end -}}
 {{- toJson (mustMergeOverwrite $cfg $owned) -}}
 {{- end }}

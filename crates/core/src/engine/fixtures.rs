@@ -86,6 +86,15 @@ impl Harness {
         )
     }
 
+    /// The same engine, its model following the store's log as replicas on a shared
+    /// store do ([`Engine::following_the_log`]).
+    pub(super) fn following(self) -> Self {
+        Self {
+            engine: self.engine.following_the_log(),
+            ..self
+        }
+    }
+
     /// Ingests `events`, asserting every one is accepted.
     pub(super) async fn accept(&self, events: Vec<RawEvent>) {
         let count = events.len();

@@ -10,7 +10,7 @@ use super::{Engine, EventOutcome};
 use crate::error::{Error, Result};
 use crate::profile::Profile;
 use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate, SignalEvent};
-use crate::types::{Event, RawEvent, UserId, now_ms};
+use crate::types::{Event, RawEvent, Seq, UserId, now_ms};
 
 impl Engine {
     /// Ingests one batch. Invalid events are rejected with their reason while the rest
@@ -80,8 +80,11 @@ impl Engine {
         }
         if !updates.is_empty() {
             self.backends.profiles.apply(&updates).await?;
-            if !self.follows_log {
-                for u in &updates {
+            // An accepted event is in the model before its ack, also when the model
+            // follows the shared log: then whichever comes first, this or following,
+            // teaches it (once).
+            for u in &updates {
+                if !self.follows_log || self.claim_for_ingest(u.seq) {
                     self.learn(u.event, u.weight, true);
                 }
             }
@@ -92,6 +95,16 @@ impl Engine {
             "batch ingested"
         );
         Ok(outcomes)
+    }
+
+    /// Whether ingest teaches the model the event at `seq` (true) or following the log
+    /// already did (false); see [`LearntAhead`](super::LearntAhead).
+    fn claim_for_ingest(&self, seq: Seq) -> bool {
+        let mut ahead = self
+            .learnt_ahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        seq > ahead.followed && ahead.claimed.insert(seq)
     }
 
     pub(super) fn weight(&self, event: &Event) -> f32 {
@@ -194,6 +207,61 @@ mod tests {
         assert_eq!(h.learnt("shoe"), h.weight(&EventKind::Purchase));
         assert_eq!(h.model.events(), 1);
         assert_eq!(h.engine.stats().events_applied, 1);
+    }
+
+    /// Replicas on a shared store: the model follows the log, yet the replica that acks
+    /// an event has it in its model at the ack (as without a shared log), and following
+    /// does not teach it again; other replicas learn it by following.
+    #[tokio::test]
+    async fn a_replica_following_the_log_learns_its_own_events_before_the_ack_once() {
+        let a = Harness::new().await.following();
+        let b = Harness::over(a.store.clone(), EngineConfig::default())
+            .await
+            .following();
+        a.accept(views("a", "alice", "shoe", 2)).await;
+        assert_eq!(a.model.events(), 2, "in A's model when ingest returns");
+        assert_eq!(b.model.events(), 0, "B has not followed yet");
+        assert_eq!(a.engine.follow().await.unwrap(), 2);
+        assert_eq!(b.engine.follow().await.unwrap(), 2);
+        assert_eq!(
+            a.model.events(),
+            2,
+            "following does not teach A its own events again"
+        );
+        assert_eq!(b.model.events(), 2);
+        assert_eq!(a.learnt("shoe"), 2.0 * a.weight(&EventKind::View));
+
+        b.accept(views("b", "bob", "hat", 1)).await;
+        assert_eq!(b.model.events(), 3);
+        a.engine.follow().await.unwrap();
+        b.engine.follow().await.unwrap();
+        assert_eq!((a.model.events(), b.model.events()), (3, 3));
+
+        // Following first, ingest's claim after: the event is not learnt a second time.
+        a.store
+            .append(&[crate::traits::LogRecord::Event {
+                event: raw("c-0", "carol", "cap", RawKind::View)
+                    .validate(
+                        &crate::types::EventLimits::default(),
+                        crate::types::now_ms(),
+                    )
+                    .unwrap(),
+                filtered: false,
+                ingested_ms: crate::types::now_ms(),
+            }])
+            .await
+            .unwrap();
+        a.engine.follow().await.unwrap();
+        assert_eq!(a.model.events(), 4);
+        assert!(
+            !a.engine.claim_for_ingest(4),
+            "followed already: ingest does not learn it"
+        );
+        assert!(
+            a.engine.claim_for_ingest(5),
+            "not followed yet: ingest learns it"
+        );
+        assert!(!a.engine.claim_for_ingest(5), "claimed once");
     }
 
     #[tokio::test]

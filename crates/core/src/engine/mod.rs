@@ -83,6 +83,11 @@ pub struct Engine {
     /// Log position the model has learnt up to, when following the log, and the catalog
     /// version last loaded.
     followed: Mutex<Followed>,
+    /// When following the log: which of this replica's own events its ingest already
+    /// taught the model (so it acks an event only once the model has it, as without a
+    /// shared log) and where following has got to, so that each event is learnt once,
+    /// by whichever of the two comes first.
+    learnt_ahead: std::sync::Mutex<LearntAhead>,
     /// The model version the model started from (0: none), for answers' labels.
     base_version: AtomicU64,
     /// Rollback generation this engine has applied.
@@ -113,6 +118,17 @@ struct Followed {
     catalog_version: u64,
 }
 
+/// Who teaches the model an event of this replica's, when the model follows the shared
+/// log: ingest claims the positions it appended, following claims what it reads, and the
+/// first claim learns. Both sides claim under one lock.
+#[derive(Default)]
+pub(super) struct LearntAhead {
+    /// The last position following has learnt (or skipped as claimed by ingest).
+    followed: Seq,
+    /// Positions after `followed` that ingest has claimed; following skips and drops them.
+    claimed: std::collections::BTreeSet<Seq>,
+}
+
 impl Engine {
     /// An engine over `backends`; call [`Engine::recover`] before serving.
     pub fn new(backends: Backends, config: EngineConfig) -> Self {
@@ -135,6 +151,7 @@ impl Engine {
             events_applied: AtomicU64::new(0),
             follows_log: false,
             followed: Mutex::new(Followed::default()),
+            learnt_ahead: std::sync::Mutex::new(LearntAhead::default()),
             base_version: AtomicU64::new(0),
             rollback_generation: AtomicU64::new(0),
             sampler: Sampler::new(&QualityConfig::disabled()),

@@ -108,6 +108,7 @@ impl Engine {
             seq: end,
             catalog_version,
         };
+        self.reset_learnt_ahead(end);
         info!(replayed, model_seq, ?profile_seq, "event log replayed");
         self.refresh_baseline().await?;
         Ok(replayed)
@@ -157,7 +158,17 @@ impl Engine {
             let Some((last, _)) = page.last() else { break };
             followed.seq = *last;
             read += page.len() as u64;
-            for (_, record) in &page {
+            for (seq, record) in &page {
+                // Under the lock, so that ingest, once it finds a position followed, can
+                // count on the model having it.
+                let mut ahead = self
+                    .learnt_ahead
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                ahead.followed = ahead.followed.max(*seq);
+                if ahead.claimed.remove(seq) {
+                    continue; // this replica's ingest taught it before acking it
+                }
                 match record {
                     LogRecord::Event {
                         event,
@@ -168,8 +179,27 @@ impl Engine {
                     LogRecord::Erase { user_id, .. } => self.forget_user(user_id),
                 }
             }
+            // Claims of positions the log no longer holds (trimmed) are never read.
+            let mut ahead = self
+                .learnt_ahead
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let rest = ahead.claimed.split_off(&(*last + 1));
+            ahead.claimed = rest;
         }
         Ok(read)
+    }
+
+    /// Starts the claims of [`LearntAhead`](super::LearntAhead) afresh at `followed`: after
+    /// recovery, and when a model state is installed (what ingest taught the replaced
+    /// model is then learnt again by following).
+    pub(super) fn reset_learnt_ahead(&self, followed: Seq) {
+        let mut ahead = self
+            .learnt_ahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ahead.followed = followed;
+        ahead.claimed.clear();
     }
 
     /// Writes a profile checkpoint at a consistent cut of the log, if the profile store

@@ -181,7 +181,10 @@ impl Engine {
                 }
             }
             if self.follows_log {
+                // Everything through `after` is in the model now, this replica's own
+                // events included: following resumes after it, with no claims pending.
                 followed.seq = followed.seq.max(after);
+                self.reset_learnt_ahead(followed.seq);
             }
             replayed
         };

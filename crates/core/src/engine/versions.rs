@@ -174,9 +174,10 @@ impl Engine {
         let stored = StoredModel::decode(&bytes)?;
         {
             // Nothing learns while the old state goes in.
-            let _followed = self.followed.lock().await;
+            let followed = self.followed.lock().await;
             let _gate = self.apply_gate.write().await;
             self.install(&stored)?;
+            self.reset_learnt_ahead(followed.seq);
         }
         self.quality.reset_window();
         let saved = self.save_snapshot(reason, taken_by, quality).await?;
@@ -207,9 +208,10 @@ impl Engine {
         };
         let stored = StoredModel::decode(&bytes)?;
         {
-            let _followed = self.followed.lock().await;
+            let followed = self.followed.lock().await;
             let _gate = self.apply_gate.write().await;
             self.install(&stored)?;
+            self.reset_learnt_ahead(followed.seq);
         }
         self.rollback_generation
             .store(rollbacks.generation, Ordering::Relaxed);

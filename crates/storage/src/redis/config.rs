@@ -26,6 +26,10 @@ pub struct RedisConfig {
     /// How long one command may take before it fails with `UNAVAILABLE`, in ms. Bounds
     /// how long ingest waits while Redis is down.
     pub command_timeout_ms: u64,
+    /// How long a profile read may take before `Recommend` answers degraded without it,
+    /// in ms (at most `command_timeout_ms`). Once a read or any command finds Redis
+    /// unreachable, reads fail at once until a background probe finds it back.
+    pub read_timeout_ms: u64,
     /// How long an event id stays a duplicate after it was first recorded, in ms.
     pub dedupe_window_ms: i64,
     /// The event log (a stream) keeps about this many records; 0 keeps all.
@@ -43,6 +47,7 @@ impl Default for RedisConfig {
             pool_size: 4,
             connect_timeout_ms: 5_000,
             command_timeout_ms: 2_000,
+            read_timeout_ms: 300,
             dedupe_window_ms: DEFAULT_DEDUPE_WINDOW_MS,
             log_max_len: 10_000_000,
             log_max_age_ms: 0,
@@ -86,6 +91,15 @@ impl RedisConfig {
             return Err(Error::invalid(
                 "store.redis.pool_size",
                 "must be at least 1",
+            ));
+        }
+        if self.read_timeout_ms == 0 || self.read_timeout_ms > self.command_timeout_ms {
+            return Err(Error::invalid(
+                "store.redis.read_timeout_ms",
+                format!(
+                    "is {}, must be between 1 and command_timeout_ms ({})",
+                    self.read_timeout_ms, self.command_timeout_ms
+                ),
             ));
         }
         if self.dedupe_window_ms <= 0 {

@@ -78,17 +78,20 @@ impl EventSink for RedisStore {
         let mut keys = Vec::with_capacity(3 + records.len());
         keys.push(self.log_key.clone());
         keys.push(self.seq_key.clone());
-        keys.push(self.shared_key("pending"));
+        keys.push(self.pending_key.clone());
         let mut args: Vec<Value> = Vec::with_capacity(2 + records.len() * 3);
         args.push(Value::from(self.config.dedupe_window_ms));
         args.push(Value::from(self.config.log_max_len as i64));
         for record in records {
             match record {
                 LogRecord::Event {
-                    event, ingested_ms, ..
+                    event,
+                    ingested_ms,
+                    filtered,
                 } => {
                     keys.push(self.dedupe_key(event.event_id.as_str()));
-                    args.push(Value::from("1"));
+                    // Filtered events are never applied to profiles: not pending.
+                    args.push(Value::from(if *filtered { "2" } else { "1" }));
                     args.push(Value::from(*ingested_ms));
                 }
                 LogRecord::Erase { erased_ms, .. } => {
@@ -150,12 +153,11 @@ impl EventSink for RedisStore {
     }
 
     async fn last_seq(&self) -> Result<Seq> {
-        let seq: Option<u64> = self
-            .pool
-            .next()
-            .get(&self.seq_key)
-            .await
-            .map_err(|e| redis_error("reading the redis log position", e))?;
+        let seq: Option<u64> = self.pool.next().get(&self.seq_key).await.map_err(|e| {
+            self.note_error(&e);
+            redis_error("reading the redis log position", e)
+        })?;
+        self.note_answer();
         Ok(seq.unwrap_or(0))
     }
 

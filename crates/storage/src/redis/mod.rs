@@ -6,6 +6,8 @@
 //!   `t` (ingested ms) and `r` (the postcard-encoded [`LogRecord`]);
 //! - `{P}:seq` — the last sequence number handed out;
 //! - `{P}:dd:<event id>` — a dedupe key, expiring after the dedupe window;
+//! - `{P}:pending` — a sorted set of the positions appended but not yet applied to
+//!   profiles, scored by ingest time (what maintenance repairs);
 //! - `P:p:{<user>}`, `P:r:{<user>}`, `P:b:{<user>}` — a user's profile hash (counters,
 //!   session, times, version), recent interactions and purchases, expiring with the TTL;
 //! - `{P}:catalog` — a hash of item id to postcard-encoded [`Item`].
@@ -18,7 +20,9 @@
 //! Every write is one Lua script ([`scripts`]), called with `EVALSHA`. A batch costs one
 //! append script plus one apply script per distinct user, all sent at once, which the
 //! client pipelines on its connections: a handful of round trips per batch, not one per
-//! event.
+//! event. On a standalone Redis the apply script also takes its positions out of the
+//! pending set, so each event is applied exactly once; on Cluster (another slot) the
+//! store confirms them after the scripts.
 
 //!
 //! Layout: `store.rs` holds [`RedisStore`] and its connection; `log.rs`, `profiles.rs`,

@@ -2,13 +2,16 @@
 //! one Lua script per batch, which mirrors [`Profile::apply`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface, Value};
 use futures_util::{TryStreamExt, future};
 use reflex_core::profile::{Interaction, Session};
 use reflex_core::types::now_ms;
-use reflex_core::{EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId};
+use reflex_core::{
+    Error, EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+};
 
 use super::store::{RedisStore, redis_error, reply_error};
 use crate::remote::by_user;
@@ -30,7 +33,12 @@ impl RedisStore {
             args.push(Value::from(e.item_id.as_str()));
             args.push(Value::from(e.session_id.as_deref().unwrap_or("")));
         }
-        self.run(&self.apply, self.user_keys(user).into(), args)
+        let mut keys: Vec<String> = self.user_keys(user).into();
+        if self.confirms_in_apply() {
+            keys.push(self.pending_key.clone());
+            keys.push(self.seq_key.clone());
+        }
+        self.run(&self.apply, keys, args)
             .await
             .map_err(|e| redis_error("applying events to a profile in redis", e))?;
         Ok(())
@@ -41,10 +49,26 @@ impl RedisStore {
 impl ProfileStore for RedisStore {
     async fn get(&self, user: &UserId) -> Result<Option<Profile>> {
         let context = "reading a profile from redis";
-        let reply = self
-            .run(&self.get, self.user_keys(user).into(), Vec::new())
-            .await
-            .map_err(|e| redis_error(context, e))?;
+        // Recommend reads profiles and answers degraded without one: while Redis is
+        // known to be down, at once; otherwise within `read_timeout_ms`.
+        if self.is_down() {
+            return Err(Error::unavailable(
+                context,
+                "redis is down (probing for its return)",
+            ));
+        }
+        let timeout = Duration::from_millis(self.config.read_timeout_ms);
+        let read = self.run(&self.get, self.user_keys(user).into(), Vec::new());
+        let reply = match tokio::time::timeout(timeout, read).await {
+            Ok(reply) => reply.map_err(|e| redis_error(context, e))?,
+            Err(_) => {
+                self.note_outage("a profile read took longer than read_timeout_ms");
+                return Err(Error::unavailable(
+                    context,
+                    format!("no answer within {} ms", self.config.read_timeout_ms),
+                ));
+            }
+        };
         match reply {
             Value::Null => Ok(None),
             Value::Array(parts) => profile_from_reply(user, parts)
@@ -58,13 +82,17 @@ impl ProfileStore for RedisStore {
         // Each user's events in order; users' scripts go out at once and are pipelined.
         let by_user = by_user(updates);
         future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
-        // Confirmed: no longer pending.
+        if self.confirms_in_apply() {
+            // Each script confirmed its positions itself, atomically with applying them.
+            return Ok(());
+        }
+        // On Cluster the pending set is in another slot: confirmed after the scripts.
         let seqs: Vec<Value> = updates.iter().map(|u| Value::from(u.seq as i64)).collect();
         if !seqs.is_empty() {
             let _: u64 = self
                 .pool
                 .next()
-                .zrem(self.shared_key("pending"), seqs)
+                .zrem(&self.pending_key, seqs)
                 .await
                 .map_err(|e| redis_error("confirming profile updates in redis", e))?;
         }
@@ -73,17 +101,17 @@ impl ProfileStore for RedisStore {
 
     async fn unapplied(&self, older_than_ms: i64, limit: usize) -> Result<Vec<Seq>> {
         let context = "reading unconfirmed profile updates in redis";
-        let key = self.shared_key("pending");
+        let key = &self.pending_key;
         let client = self.pool.next();
         let now = now_ms();
         // Positions older than the dedupe window are beyond repair (and likely trimmed).
         let _: u64 = client
-            .zremrangebyscore(&key, "-inf", (now - self.config.dedupe_window_ms) as f64)
+            .zremrangebyscore(key, "-inf", (now - self.config.dedupe_window_ms) as f64)
             .await
             .map_err(|e| redis_error(context, e))?;
         let seqs: Vec<u64> = client
             .zrangebyscore(
-                &key,
+                key,
                 "-inf",
                 (now - older_than_ms) as f64,
                 false,

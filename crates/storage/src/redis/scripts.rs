@@ -6,13 +6,16 @@
 /// sequence numbers taken for the whole call with one `INCRBY`; erase records are always
 /// appended. Dedupe key and log entry are written together or not at all.
 ///
-/// Each new event's position also goes into the pending set (scored by ingest time) until
-/// its profile update is confirmed, so a writer that dies (or times out) between the two
-/// cannot lose the update: maintenance applies what stays pending.
+/// Each new event that profiles will apply (not a filtered one) also goes into the
+/// pending set (scored by ingest time) until it is applied, so a writer that dies (or
+/// times out) between the two cannot lose the update: maintenance applies what stays
+/// pending. Filtered events are never applied, so marking them would only leave marks
+/// that repair reads again on every tick.
 ///
 /// KEYS: log stream, sequence counter, pending set, then one dedupe key per event record.
 /// ARGV: dedupe window ms, max log length (0 = unbounded), then per record the triple
-/// (`1` for an event or `0` for an erase, ingested ms, encoded record).
+/// (`1` for an event to apply, `2` for a filtered event, `0` for an erase; ingested ms;
+/// encoded record).
 /// Returns one integer per record: its sequence number, or 0 for a duplicate.
 pub(super) const APPEND: &str = r#"
 local window = ARGV[1]
@@ -21,7 +24,7 @@ local n = (#ARGV - 2) / 3
 local fresh, count, k = {}, 0, 3
 for i = 1, n do
   local base = 2 + (i - 1) * 3
-  if ARGV[base + 1] == '1' then
+  if ARGV[base + 1] ~= '0' then
     k = k + 1
     fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
   else
@@ -64,18 +67,29 @@ return out
 /// the session, the bounded purchase list, last-seen and touched times, the version, and
 /// the TTL (`PEXPIREAT` touched + ttl, so a profile touched too long ago is gone at once).
 ///
-/// KEYS: profile hash, recent list, purchase list.
+/// KEYS: profile hash, recent list, purchase list, and on a standalone Redis also the
+/// pending set and the sequence counter of the log (on Cluster those live in another
+/// slot and cannot be given).
 /// ARGV: max recent, max purchased, session gap ms, ttl ms, then per event the seven
 /// (log position, event ms, ingested ms, weight, kind label, item id, session id or
-/// empty). An event whose log position is among the profile's last 16 applied (field
-/// `as`) is skipped, so applying again after an unconfirmed apply changes nothing.
-/// Recent entries are `ms \x1f weight \x1f kind \x1f item`.
+/// empty). Recent entries are `ms \x1f weight \x1f kind \x1f item`.
+///
+/// Exactly once: with the pending set given, an event is applied only if its position is
+/// pending, and the same script removes it from the set, so applying and confirming are
+/// one atomic step: a script that runs after its caller timed out, a repair that read the
+/// set before the first apply confirmed, or a client that sends the script twice find
+/// the position no longer pending and change nothing. A position beyond the log's
+/// counter was never appended (callers that apply without the log, like the conformance
+/// suite) and falls back to the guard below. Without the pending set (Cluster), and for
+/// such positions, an event whose position is among the profile's last 16 applied (field
+/// `as`) is skipped, and the caller confirms after the script: a stall or a kill between
+/// the two can still apply an older position twice there.
 ///
 /// The hash fields it needs are read with one `HMGET` and written with one `HSET` (plus
 /// one `HINCRBY` for the version and one per kind), and the recent list's head is read
 /// once: every `redis.call` costs Redis CPU, which is what bounds ingest on this backend.
 pub(super) const APPLY: &str = r#"
-local h, r, b = KEYS[1], KEYS[2], KEYS[3]
+local h, r, b, pend = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_recent = tonumber(ARGV[1])
 local max_purchased = tonumber(ARGV[2])
 local gap = tonumber(ARGV[3])
@@ -93,9 +107,34 @@ local counts, kinds = {}, {}
 local applied_now = 0
 -- Event time of the recent list's head, read once (false: not read yet, nil: empty).
 local head_ms = false
+-- With the pending set: which positions are pending (to apply and confirm), and the
+-- log's last position (a position at or below it that is not pending was applied).
+local pending, last, confirm = {}, nil, {}
+if pend then
+  last = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local seqs = {}
+  for o = 5, #ARGV, 7 do seqs[#seqs + 1] = ARGV[o] end
+  for i = 1, #seqs, 1000 do
+    local chunk = {unpack(seqs, i, math.min(i + 999, #seqs))}
+    local scores = redis.call('ZMSCORE', pend, unpack(chunk))
+    for j = 1, #chunk do
+      if scores[j] then pending[chunk[j]] = true end
+    end
+  end
+end
+local function fresh(seq)
+  local listed = string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true)
+  if pending[seq] then
+    pending[seq] = nil
+    confirm[#confirm + 1] = seq
+    return not listed
+  end
+  if last and tonumber(seq) <= last then return false end
+  return not listed
+end
 for o = 5, #ARGV, 7 do
   local seq = ARGV[o]
-  if not string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true) then
+  if fresh(seq) then
   applied_now = applied_now + 1
   applied = seq .. (applied == '' and '' or ',') .. applied
   local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
@@ -168,6 +207,9 @@ for o = 5, #ARGV, 7 do
   if ts > ls then ls, ls_s, ls_changed = ts, ts_s, true end
   if now > t then t, t_s, t_changed = now, now_s, true end
   end
+end
+for i = 1, #confirm, 1000 do
+  redis.call('ZREM', pend, unpack(confirm, i, math.min(i + 999, #confirm)))
 end
 if applied_now == 0 then return 0 end
 local kept, count = {}, 0

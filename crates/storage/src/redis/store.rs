@@ -1,7 +1,8 @@
 //! The Redis store itself: its pool of connections, the scripts it loads, its key names,
 //! and how Redis errors map to Reflex's.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,7 +12,7 @@ use fred::prelude::{
 };
 use fred::types::scripts::Script;
 use reflex_core::{Error, ProfilePolicy, Result, UserId};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::RedisConfig;
 use super::scripts;
@@ -46,6 +47,13 @@ pub struct RedisStore {
     pub(super) record_rollback: Script,
     pub(super) log_key: String,
     pub(super) seq_key: String,
+    /// The set of log positions appended but not yet applied to profiles.
+    pub(super) pending_key: String,
+    /// Whether Redis is a Cluster, where the apply script cannot reach the pending set.
+    pub(super) clustered: bool,
+    /// Whether Redis is known to be unreachable, so reads fail at once instead of each
+    /// waiting out a timeout.
+    pub(super) outage: Arc<Outage>,
     pub(super) catalog_key: String,
     pub(super) catalog_version_key: String,
 }
@@ -116,6 +124,9 @@ impl RedisStore {
         let store = Self {
             log_key: format!("{{{prefix}}}:log"),
             seq_key: format!("{{{prefix}}}:seq"),
+            pending_key: format!("{{{prefix}}}:pending"),
+            clustered: pool.next().is_clustered(),
+            outage: Arc::new(Outage::default()),
             catalog_key: format!("{{{prefix}}}:catalog"),
             catalog_version_key: format!("{{{prefix}}}:catalog:v"),
             catalog_upsert: Script::from_lua(scripts::CATALOG_UPSERT),
@@ -161,6 +172,13 @@ impl RedisStore {
         let _ = self.pool.quit().await;
     }
 
+    /// Whether the apply script confirms the positions it applies itself (atomically, so
+    /// each event is applied exactly once): on a standalone Redis, where one script may
+    /// touch the user's keys and the pending set together.
+    pub(super) fn confirms_in_apply(&self) -> bool {
+        !self.clustered
+    }
+
     /// A key in the shared `{prefix}` slot.
     pub(super) fn shared_key(&self, name: &str) -> String {
         format!("{{{}}}:{name}", self.config.prefix)
@@ -188,7 +206,7 @@ impl RedisStore {
         args: Vec<Value>,
     ) -> std::result::Result<Value, FredError> {
         let client = self.pool.next();
-        match client
+        let result = match client
             .evalsha(script.sha1().clone(), keys.clone(), args.clone())
             .await
         {
@@ -197,8 +215,96 @@ impl RedisStore {
                 client.evalsha(script.sha1().clone(), keys, args).await
             }
             result => result,
+        };
+        match &result {
+            Ok(_) => self.note_answer(),
+            Err(e) => self.note_error(e),
+        }
+        result
+    }
+
+    /// Clears an outage mark: Redis answered a command, so it is back (the probe, if it
+    /// still runs, ends at its next turn).
+    pub(super) fn note_answer(&self) {
+        if self.outage.down.load(Ordering::Acquire)
+            && self.outage.down.swap(false, Ordering::AcqRel)
+        {
+            info!("redis answers again");
         }
     }
+
+    /// Records an outage when `e` says Redis cannot be reached (or answers too late), and
+    /// starts probing for its return.
+    pub(super) fn note_error(&self, e: &FredError) {
+        if is_outage(e) {
+            self.note_outage(&e.to_string());
+        }
+    }
+
+    /// Marks Redis as down, if it was not yet, and probes in the background (a `PING`
+    /// every [`PROBE_INTERVAL`], each given as long) until it answers again.
+    pub(super) fn note_outage(&self, why: &str) {
+        if self.outage.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn!(
+            error = why,
+            "redis is unreachable: reads answer degraded until it is back"
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to probe on: the next successful command clears the mark.
+            return;
+        };
+        let outage = Arc::downgrade(&self.outage);
+        let pool = self.pool.clone();
+        runtime.spawn(probe(pool, outage));
+    }
+
+    /// Whether Redis is known to be down right now.
+    pub(super) fn is_down(&self) -> bool {
+        self.outage.down.load(Ordering::Acquire)
+    }
+}
+
+/// How often a Redis known to be down is probed, and how long each probe may take.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the store knows about Redis being reachable.
+#[derive(Debug, Default)]
+pub(super) struct Outage {
+    down: AtomicBool,
+}
+
+/// Pings Redis until it answers, then clears the outage; ends early when the store is
+/// gone.
+async fn probe(pool: Pool, outage: Weak<Outage>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(outage) = outage.upgrade() else {
+            return;
+        };
+        if !outage.down.load(Ordering::Acquire) {
+            return; // a command got through meanwhile
+        }
+        let ping = tokio::time::timeout(PROBE_INTERVAL, pool.next().ping::<Value>(None)).await;
+        if let Ok(Ok(_)) = ping {
+            if outage.down.swap(false, Ordering::AcqRel) {
+                info!("redis answers again");
+            }
+            return;
+        }
+    }
+}
+
+/// Whether a client error means Redis cannot be reached (or does not answer in time), as
+/// opposed to a command it refused.
+fn is_outage(e: &FredError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled | ErrorKind::Backpressure
+    ) || e.details().starts_with("LOADING")
+        || e.details().starts_with("BUSY")
+        || e.details().starts_with("MASTERDOWN")
 }
 
 pub(super) fn encode<T: serde::Serialize>(value: &T, context: &str) -> Result<Vec<u8>> {

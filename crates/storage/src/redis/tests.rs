@@ -224,3 +224,172 @@ async fn an_unconfirmed_profile_update_stays_pending_until_applied() {
         .unwrap();
     assert_eq!(store.unapplied(-1_000, 10).await.unwrap(), [seqs[1]]);
 }
+
+/// Appends `n` views of `item` by `user` and applies them as ingest does; returns the
+/// records with their positions.
+async fn ingest_views(
+    store: &RedisStore,
+    user: &str,
+    from: usize,
+    n: usize,
+) -> Vec<(Seq, LogRecord)> {
+    let records: Vec<LogRecord> = (from..from + n)
+        .map(|i| {
+            conformance::record(event(
+                &format!("{user}-{i}"),
+                user,
+                &format!("item-{i}"),
+                EventKind::View,
+                1_000 + i as i64,
+            ))
+        })
+        .collect();
+    let appended = store.append(&records).await.unwrap();
+    let seqs: Vec<Seq> = appended
+        .iter()
+        .map(|a| match a {
+            Appended::At(s) => *s,
+            Appended::Duplicate => panic!("fresh ids are not duplicates"),
+        })
+        .collect();
+    let logged: Vec<(Seq, LogRecord)> = seqs.into_iter().zip(records).collect();
+    let now = reflex_core::types::now_ms();
+    let updates: Vec<_> = logged
+        .iter()
+        .map(|(seq, r)| match r {
+            LogRecord::Event { event, .. } => update(*seq, event, now),
+            LogRecord::Erase { .. } => unreachable!("only events here"),
+        })
+        .collect();
+    store.apply(&updates).await.unwrap();
+    logged
+}
+
+/// The user's views and recent entries as a profile counts them.
+async fn views_of(store: &RedisStore, name: &str) -> (u64, usize, u64) {
+    let p = ProfileStore::get(store, &user(name))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} has a profile"));
+    let distinct: std::collections::HashSet<_> = p
+        .recent
+        .iter()
+        .map(|i| (i.item_id.clone(), i.timestamp_ms))
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        p.recent.len(),
+        "recent holds an event twice: {:?}",
+        p.recent
+    );
+    (p.count(&EventKind::View), p.recent.len(), p.version)
+}
+
+/// Issue 14's case: one event for U, then 20 more; the first applied again (as repair
+/// did after reading it pending) changes nothing, though it is long out of the last 16.
+#[tokio::test]
+async fn a_position_is_applied_exactly_once_however_late_it_comes_again() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let first = ingest_views(&store, "once-u", 0, 1).await;
+    ingest_views(&store, "once-u", 1, 20).await;
+    let before = views_of(&store, "once-u").await;
+    assert_eq!(before.0, 21);
+    assert_eq!(before.2, 21);
+    let (seq, LogRecord::Event { event, .. }) = &first[0] else {
+        unreachable!("an event")
+    };
+    store
+        .apply(&[update(*seq, event, reflex_core::types::now_ms())])
+        .await
+        .unwrap();
+    assert_eq!(views_of(&store, "once-u").await, before);
+    assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
+}
+
+/// A Redis stall longer than the command timeout: the apply times out at the client,
+/// Redis runs the queued script when it resumes; repair afterwards applies nothing twice.
+#[tokio::test]
+async fn an_apply_that_timed_out_in_a_stall_is_not_applied_again_by_repair() {
+    let Some((server, store)) = fresh_with(|c| c.command_timeout_ms = 300).await else {
+        return;
+    };
+    let records = vec![conformance::record(event(
+        "stall-0",
+        "stall-u",
+        "item-0",
+        EventKind::View,
+        1_000,
+    ))];
+    let [Appended::At(seq)] = store.append(&records).await.unwrap()[..] else {
+        panic!("a fresh id is appended")
+    };
+    let LogRecord::Event { event: e0, .. } = &records[0] else {
+        unreachable!("an event")
+    };
+    server.pause();
+    let stalled = store
+        .apply(&[update(seq, e0, reflex_core::types::now_ms())])
+        .await;
+    server.resume();
+    let err = match stalled {
+        Ok(()) => panic!("an apply during a stall longer than the timeout fails"),
+        Err(err) => err,
+    };
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    // More events for the user, enough to push the first out of any recent-positions guard.
+    let mut more = None;
+    for _ in 0..50 {
+        // The client may still be reconnecting just after the stall.
+        match ProfileStore::get(&*store, &user("stall-u")).await {
+            Ok(_) => {
+                more = Some(ingest_views(&store, "stall-u", 1, 20).await);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(more.is_some(), "redis answers again after the stall");
+    // Repair as the engine does: whatever is still pending, applied from the log.
+    let pending = store.unapplied(-1_000, 100).await.unwrap();
+    for p in &pending {
+        let found = store.read(p - 1, 1).await.unwrap();
+        let Some((
+            s,
+            LogRecord::Event {
+                event, ingested_ms, ..
+            },
+        )) = found.first()
+        else {
+            panic!("pending position {p} is in the log")
+        };
+        store
+            .apply(&[update(*s, event, *ingested_ms)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(views_of(&store, "stall-u").await.0, 21);
+    assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
+}
+
+/// Filtered events are logged and deduped but never applied, so they are not pending:
+/// otherwise repair would read them again on every tick, before real ones.
+#[tokio::test]
+async fn filtered_events_are_not_pending() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let filtered = LogRecord::Event {
+        event: event("filt-1", "filt-u", "x", EventKind::View, 1_000),
+        filtered: true,
+        ingested_ms: reflex_core::types::now_ms(),
+    };
+    let appended = store.append(std::slice::from_ref(&filtered)).await.unwrap();
+    assert!(matches!(appended[..], [Appended::At(_)]));
+    assert_eq!(
+        store.append(&[filtered]).await.unwrap(),
+        [Appended::Duplicate]
+    );
+    assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
+}
