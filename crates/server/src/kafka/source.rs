@@ -343,6 +343,8 @@ impl Worker {
                 }
             }
             dead_now.extend(dead.drain(..));
+            // In the order the records came, as their partitions had them.
+            dead_now.sort_by_key(|letter| letter.index);
             self.send_dead_letters(batch, &dead_now).await;
             let Some(mirror) = &self.mirror else {
                 return Settled::Done;
