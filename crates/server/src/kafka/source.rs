@@ -342,7 +342,7 @@ impl Worker {
                     }
                 }
             }
-            dead_now.extend(dead.drain(..));
+            dead_now.append(&mut dead);
             // In the order the records came, as their partitions had them.
             dead_now.sort_by_key(|letter| letter.index);
             self.send_dead_letters(batch, &dead_now).await;
