@@ -653,14 +653,11 @@ async fn start_source(
     if config.source.kafka.enabled {
         bail!("source.kafka is enabled but this reflex was built without the `kafka` feature");
     }
-    Ok(SourceTask(None))
+    Ok(SourceTask())
 }
 
 /// The running Kafka source (and its health reporting), if any.
-struct SourceTask(
-    #[cfg(feature = "kafka")] Option<(crate::kafka::Source, JoinHandle<()>)>,
-    #[cfg(not(feature = "kafka"))] Option<()>,
-);
+struct SourceTask(#[cfg(feature = "kafka")] Option<(crate::kafka::Source, JoinHandle<()>)>);
 
 impl SourceTask {
     /// Waits for the source to finish its batch in hand and leave its group.
