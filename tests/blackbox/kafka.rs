@@ -30,7 +30,9 @@ use crate::support::*;
 /// Where the tansu binary is, if anywhere.
 fn tansu_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return Some(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "TANSU_BIN={} is not a file", path.display());
+        return Some(path);
     }
     let from_wheel = Command::new("python3")
         .args([
