@@ -110,8 +110,13 @@ impl Source {
         let dead_letters = if config.dead_letter_topic.is_empty() {
             None
         } else {
+            // The source's settings (security) apply to it too; its consumer-only ones
+            // would each log a warning, so it logs errors only (failed sends are logged
+            // by the source).
+            let mut producer = client.clone();
+            producer.set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
             Some(super::sink::producer(
-                client.clone(),
+                producer,
                 DEAD_LETTER_TIMEOUT_MS,
                 "dead-letter",
             )?)
