@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::recommend::{CATEGORIES, PER_CATEGORY, category_share, train};
@@ -297,7 +298,7 @@ async fn kafka_events_move_recommendations_once_with_dead_letters_and_a_sink() {
     wait_for_events(&channel, "buyer", 2).await;
     assert_eq!(
         source_health(&channel).await,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        ServingStatus::Serving as i32,
         "the source reaches its broker"
     );
 
@@ -444,6 +445,17 @@ async fn kafka_events_move_recommendations_once_with_dead_letters_and_a_sink() {
     );
     assert_eq!(applied_events(&channel, "buyer").await, 5);
     assert_eq!(applied_events(&channel, "twice").await, 2);
+
+    // A source whose broker is gone says so on its health service; the server stays ready.
+    drop(tansu);
+    eventually(Duration::from_secs(60), || async {
+        match source_health(&channel).await {
+            s if s == ServingStatus::NotServing as i32 => Ok(()),
+            other => Err(format!("source health {other}")),
+        }
+    })
+    .await;
+    assert_eq!(health(&channel).await, ServingStatus::Serving);
 }
 
 #[tokio::test]
