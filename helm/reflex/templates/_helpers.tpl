@@ -259,6 +259,14 @@ reflex.toml renders a map as a TOML document:
 
 {{- define "reflex.validate" -}}
 {{- $backend := toString .Values.store.backend -}}
+{{- if .Values.kafka.source.enabled -}}
+{{- if or (not .Values.kafka.source.brokers) (not .Values.kafka.source.topics) -}}
+{{- fail "kafka.source.enabled needs kafka.source.brokers (host:port,...) and kafka.source.topics (topic: kind)." -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.kafka.sink.enabled (not (or .Values.kafka.sink.brokers .Values.kafka.source.brokers)) -}}
+{{- fail "kafka.sink.enabled needs kafka.sink.brokers (or kafka.source.brokers)." -}}
+{{- end -}}
 {{- if not (has $backend (list "embedded" "redis" "scylla")) -}}
 {{- fail (printf "store.backend must be one of embedded, redis, scylla (got %q)" $backend) -}}
 {{- end -}}
