@@ -14,10 +14,15 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 # A C++ dependency is on the way; rust:*-bookworm normally carries g++ already, so this
 # only installs it when it is missing. Not version-pinned: bookworm point releases
 # replace the exact version, and the rust image itself is a moving tag.
-# hadolint ignore=DL3008
-RUN if ! command -v g++ >/dev/null 2>&1; then \
+# The Kafka client (cargo feature `kafka`, on by default) builds librdkafka with cmake,
+# which the rust image does not carry. `$missing` is split into package names on purpose.
+# hadolint ignore=DL3008,SC2086
+RUN missing=""; \
+    command -v g++ >/dev/null 2>&1 || missing="$missing g++"; \
+    command -v cmake >/dev/null 2>&1 || missing="$missing cmake"; \
+    if [ -n "$missing" ]; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends g++ \
+        && apt-get install -y --no-install-recommends $missing \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 

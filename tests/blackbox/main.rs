@@ -12,6 +12,8 @@ mod content;
 mod demo;
 mod disk;
 mod ingest;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod models;
 mod operations;
 mod quality;

@@ -208,6 +208,7 @@ pub async fn serve(
         None
     };
     let metrics = Metrics::new().context("registering metrics")?;
+    let mirror = sink_mirror(&config, &metrics)?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
     // The caller's shutdown, as a flag both the start-up and the server watch.
@@ -453,8 +454,25 @@ pub async fn serve(
         })
     };
 
+    let source = match start_source(
+        &config,
+        &engine,
+        &metrics,
+        mirror.clone(),
+        stop.clone(),
+        &health,
+    )
+    .await
+    {
+        Ok(source) => source,
+        Err(err) => {
+            stop_side_tasks(otlp_metrics, metrics_stop);
+            return Err(err);
+        }
+    };
     let reflex = Reflex::new(engine.clone(), metrics.clone(), draining, replica.clone())
-        .with_refitter(refitter);
+        .with_refitter(refitter)
+        .with_mirror(mirror);
     let limit = config.max_message_bytes;
     events.set(EventServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
     recommend.set(RecommendServiceServer::new(reflex.clone()).max_decoding_message_size(limit));
@@ -514,6 +532,8 @@ pub async fn serve(
 
     let result = serving.await;
     readiness.abort();
+    // The source ends its batch in hand (committed) once `stop` is true.
+    source.stopped().await;
     maintenance.abort();
     learner.abort();
     if let Some(follower) = follower {
@@ -548,6 +568,120 @@ pub async fn serve(
         Err(err) => warn!(error = %err, "final checkpoint failed; the log replays on start"),
     }
     result
+}
+
+/// The Kafka sink that mirrors accepted events, when `sink.kafka` is enabled.
+#[cfg(feature = "kafka")]
+fn sink_mirror(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<dyn crate::services::EventMirror>>> {
+    if !config.sink.kafka.enabled {
+        return Ok(None);
+    }
+    let mirror = crate::kafka::KafkaMirror::new(&config.sink.kafka, metrics.clone())
+        .context("starting the Kafka sink (sink.kafka)")?;
+    info!(topic = %config.sink.kafka.topic, "accepted events are mirrored to kafka");
+    Ok(Some(Arc::new(mirror)))
+}
+
+/// Without the `kafka` feature an enabled sink is refused.
+#[cfg(not(feature = "kafka"))]
+fn sink_mirror(
+    config: &Config,
+    _metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<dyn crate::services::EventMirror>>> {
+    if config.sink.kafka.enabled {
+        bail!("sink.kafka is enabled but this reflex was built without the `kafka` feature");
+    }
+    Ok(None)
+}
+
+/// The Kafka source, when `source.kafka` is enabled: consuming until `stop`, its broker
+/// reachability reported as the health service `reflex.source.kafka` every second.
+#[cfg(feature = "kafka")]
+async fn start_source(
+    config: &Config,
+    engine: &Arc<Engine>,
+    metrics: &Arc<Metrics>,
+    mirror: Option<Arc<dyn crate::services::EventMirror>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    health: &tonic_health::server::HealthReporter,
+) -> anyhow::Result<SourceTask> {
+    use crate::kafka::{SOURCE_HEALTH_SERVICE, Source};
+    if !config.source.kafka.enabled {
+        return Ok(SourceTask(None));
+    }
+    let source = Source::start(
+        &config.source.kafka,
+        config.engine.max_batch,
+        engine.clone(),
+        metrics.clone(),
+        mirror,
+        stop,
+    )
+    .context("starting the Kafka source (source.kafka)")?;
+    let reachable = source.reachability();
+    let reporter = health.clone();
+    let reporting = tokio::spawn(async move {
+        use tonic_health::ServingStatus;
+        reporter
+            .set_service_status(SOURCE_HEALTH_SERVICE, ServingStatus::NotServing)
+            .await;
+        let mut was = false;
+        let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
+        loop {
+            tick.tick().await;
+            let up = reachable.load(std::sync::atomic::Ordering::Relaxed);
+            if up != was {
+                was = up;
+                if up {
+                    info!("the kafka source reaches its brokers");
+                } else {
+                    warn!("the kafka source reaches no broker");
+                }
+                let status = if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status(SOURCE_HEALTH_SERVICE, status)
+                    .await;
+            }
+        }
+    });
+    Ok(SourceTask(Some((source, reporting))))
+}
+
+/// Without the `kafka` feature an enabled source is refused.
+#[cfg(not(feature = "kafka"))]
+async fn start_source(
+    config: &Config,
+    _engine: &Arc<Engine>,
+    _metrics: &Arc<Metrics>,
+    _mirror: Option<Arc<dyn crate::services::EventMirror>>,
+    _stop: tokio::sync::watch::Receiver<bool>,
+    _health: &tonic_health::server::HealthReporter,
+) -> anyhow::Result<SourceTask> {
+    if config.source.kafka.enabled {
+        bail!("source.kafka is enabled but this reflex was built without the `kafka` feature");
+    }
+    Ok(SourceTask())
+}
+
+/// The running Kafka source (and its health reporting), if any.
+struct SourceTask(#[cfg(feature = "kafka")] Option<(crate::kafka::Source, JoinHandle<()>)>);
+
+impl SourceTask {
+    /// Waits for the source to finish its batch in hand and leave its group.
+    async fn stopped(self) {
+        #[cfg(feature = "kafka")]
+        if let Some((source, reporting)) = self.0 {
+            reporting.abort();
+            source.stopped().await;
+        }
+    }
 }
 
 /// Stops the OTLP metrics export and the `/metrics` endpoint.

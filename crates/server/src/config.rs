@@ -62,6 +62,10 @@ pub struct Config {
     pub quality: QualityConfig,
     /// Scheduled refits of the batch baseline, judged on the holdout.
     pub refit: crate::refit::RefitConfig,
+    /// Where events come from besides the gRPC stream: Kafka topics (off by default).
+    pub source: SourceConfig,
+    /// Where accepted events are mirrored: a Kafka topic (off by default).
+    pub sink: SinkConfig,
 }
 
 impl Default for Config {
@@ -88,6 +92,8 @@ impl Default for Config {
             versions: VersionsConfig::default(),
             quality: QualityConfig::default(),
             refit: crate::refit::RefitConfig::default(),
+            source: SourceConfig::default(),
+            sink: SinkConfig::default(),
         }
     }
 }
@@ -210,6 +216,221 @@ impl TlsConfig {
         }
         Ok(tls)
     }
+}
+
+/// The `source` section: event sources besides the gRPC stream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Consume Kafka topics as a consumer group (`source.kafka.*`).
+    pub kafka: KafkaSourceConfig,
+}
+
+/// The `sink` section: where accepted events are handed on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Mirror accepted events to a Kafka topic (`sink.kafka.*`).
+    pub kafka: KafkaSinkConfig,
+}
+
+/// How the records of the source's topics are encoded.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// One JSON object a record (see the README, "Events from Kafka").
+    #[default]
+    Json,
+    /// The binary protobuf `reflex.v1.Event`.
+    Protobuf,
+}
+
+/// Where a consumer group without committed offsets starts reading.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPosition {
+    /// The oldest record the broker holds.
+    #[default]
+    Earliest,
+    /// Only records produced after the group first joins.
+    Latest,
+}
+
+/// The topic kind that means "each record names its own kind".
+pub const KIND_FROM_PAYLOAD: &str = "payload";
+
+/// `source.kafka`: consume interaction topics as a consumer group. Every record goes
+/// through the same ingest as a gRPC event; offsets are committed only once the engine
+/// has recorded the records, so a redelivery answers `DUPLICATE`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSourceConfig {
+    /// Consume; nothing below matters while off.
+    pub enabled: bool,
+    /// Bootstrap brokers, `host:port` separated by commas (librdkafka `bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group; replicas in one group share the partitions.
+    pub group_id: String,
+    /// Topics to consume, each with the event kind its records carry (`view`, `click`,
+    /// `add_to_cart`, `remove_from_cart`, `purchase`, `custom:NAME`) or `payload` when
+    /// each record names its own. A configured kind overrides the record's.
+    pub topics: std::collections::BTreeMap<String, String>,
+    /// How records are encoded: `json` or `protobuf`.
+    pub format: PayloadFormat,
+    /// Where a group without committed offsets starts: `earliest` or `latest`.
+    pub start: StartPosition,
+    /// Topic that receives records that cannot be parsed or are rejected, with the
+    /// reason in the `reflex-reason` header; empty drops them (logged and counted).
+    pub dead_letter_topic: String,
+    /// Most records handed to ingest at once (at most `engine.max_batch`).
+    pub max_batch: usize,
+    /// How long a batch waits for more records after its first, in ms.
+    pub batch_linger_ms: u64,
+    /// First wait before ingest is retried while the engine refuses a batch (store
+    /// unavailable, overloaded), doubled up to 5 s; the partitions are paused meanwhile.
+    pub retry_backoff_ms: u64,
+    /// More librdkafka settings, passed through as they are (`security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`, `session.timeout.ms`, …).
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka settings whose value is read from an environment variable, named
+    /// here (`"sasl.password" = "REFLEX_SECRET_KAFKA_PASSWORD"`), so secrets stay out of
+    /// the file.
+    pub secret_properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            brokers: "localhost:9092".into(),
+            group_id: "reflex".into(),
+            topics: Default::default(),
+            format: PayloadFormat::Json,
+            start: StartPosition::Earliest,
+            dead_letter_topic: String::new(),
+            max_batch: 500,
+            batch_linger_ms: 5,
+            retry_backoff_ms: 100,
+            properties: Default::default(),
+            secret_properties: Default::default(),
+        }
+    }
+}
+
+impl KafkaSourceConfig {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        non_empty("brokers", &self.brokers)?;
+        non_empty("group_id", &self.group_id)?;
+        if self.topics.is_empty() {
+            return Err("topics must name at least one topic while enabled".into());
+        }
+        for (topic, kind) in &self.topics {
+            non_empty("topics (a topic name)", topic)?;
+            if kind != KIND_FROM_PAYLOAD && reflex_core::EventKind::from_label(kind).is_none() {
+                return Err(format!(
+                    "topics.{topic} is {kind:?}: expected view, click, add_to_cart, \
+                     remove_from_cart, purchase, custom:NAME or {KIND_FROM_PAYLOAD}"
+                ));
+            }
+        }
+        if self.topics.contains_key(&self.dead_letter_topic) {
+            return Err(format!(
+                "dead_letter_topic {:?} is also a source topic",
+                self.dead_letter_topic
+            ));
+        }
+        at_least("max_batch", self.max_batch, 1)?;
+        at_least("retry_backoff_ms", self.retry_backoff_ms, 1)?;
+        reserved_properties(&self.properties, &self.secret_properties, SOURCE_OWNED)
+    }
+}
+
+/// `sink.kafka`: mirror every accepted event (and every duplicate, so a retry after a
+/// failed delivery is mirrored too) as JSON to a topic keyed by user, at least once:
+/// an ingest whose mirror was not delivered is not acknowledged (gRPC answers
+/// `UNAVAILABLE`, the source does not commit), and its retry is mirrored as
+/// `duplicate`. Consumers deduplicate by `event_id`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    /// Mirror; nothing below matters while off.
+    pub enabled: bool,
+    /// Bootstrap brokers, `host:port` separated by commas.
+    pub brokers: String,
+    /// The topic that receives the events.
+    pub topic: String,
+    /// Longest wait for the broker to confirm a batch's records, in ms (librdkafka
+    /// `message.timeout.ms`).
+    pub delivery_timeout_ms: u64,
+    /// More librdkafka producer settings, passed through as they are.
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka settings read from the environment variable named here.
+    pub secret_properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            brokers: "localhost:9092".into(),
+            topic: "reflex_events".into(),
+            delivery_timeout_ms: 5_000,
+            properties: Default::default(),
+            secret_properties: Default::default(),
+        }
+    }
+}
+
+impl KafkaSinkConfig {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        non_empty("brokers", &self.brokers)?;
+        non_empty("topic", &self.topic)?;
+        at_least("delivery_timeout_ms", self.delivery_timeout_ms, 1)?;
+        reserved_properties(&self.properties, &self.secret_properties, SINK_OWNED)
+    }
+}
+
+/// librdkafka settings the source sets itself: passing them would break its guarantees.
+const SOURCE_OWNED: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+];
+/// librdkafka settings the sink sets itself.
+const SINK_OWNED: &[&str] = &["bootstrap.servers", "message.timeout.ms"];
+
+/// Refuses passed-through librdkafka settings that the section's own keys set.
+fn reserved_properties(
+    properties: &std::collections::BTreeMap<String, String>,
+    secrets: &std::collections::BTreeMap<String, String>,
+    owned: &[&str],
+) -> Result<(), String> {
+    for key in properties.keys().chain(secrets.keys()) {
+        if owned.contains(&key.as_str()) {
+            return Err(format!(
+                "properties.{key} is set by the section's own keys and cannot be passed through"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an empty (or blank) `value` of the setting `name`.
+fn non_empty(name: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Err(format!("{name} must not be empty"));
+    }
+    Ok(())
 }
 
 /// The `store` section (which backend holds profiles, the event log and the catalog, and
@@ -358,6 +579,8 @@ impl Config {
         section("versions", self.versions.validate());
         section("refit", self.refit.validate());
         section("quality", validate_quality(&self.quality));
+        section("source.kafka", self.source.kafka.validate());
+        section("sink.kafka", self.sink.kafka.validate());
         if let Err(err) = self.store.validate() {
             // The backends name their keys in full (`store.redis.prefix`).
             problems.push(match err {
@@ -390,6 +613,18 @@ impl Config {
         shown.store.redis.url = shown.store.redis.url_redacted();
         for key in &mut shown.auth.keys {
             key.key = "********".into();
+        }
+        // Secrets belong in `secret_properties`; any passed through in the clear are
+        // masked all the same.
+        for properties in [
+            &mut shown.source.kafka.properties,
+            &mut shown.sink.kafka.properties,
+        ] {
+            for (key, value) in properties.iter_mut() {
+                if key.contains("password") || key.contains("secret") || key.contains("key.pem") {
+                    *value = "********".into();
+                }
+            }
         }
         toml::to_string_pretty(&shown)
     }
@@ -585,6 +820,62 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains("listne"), "{err}");
             jail.clear_env();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_kafka_source_and_sink_load_from_variables_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("REFLEX_SOURCE__KAFKA__ENABLED", "true");
+            jail.set_env("REFLEX_SOURCE__KAFKA__BROKERS", "k1:9092,k2:9092");
+            jail.set_env(
+                "REFLEX_SOURCE__KAFKA__TOPICS",
+                r#"{user_clicks="click",shop_events="payload"}"#,
+            );
+            jail.set_env("REFLEX_SOURCE__KAFKA__FORMAT", "protobuf");
+            jail.set_env("REFLEX_SOURCE__KAFKA__START", "latest");
+            jail.set_env(
+                "REFLEX_SOURCE__KAFKA__PROPERTIES",
+                r#"{"security.protocol"="SASL_SSL","sasl.password"="hunter2"}"#,
+            );
+            jail.set_env("REFLEX_SINK__KAFKA__ENABLED", "true");
+            let config =
+                Config::load(None, &FlagOverrides::default()).map_err(|e| e.to_string())?;
+            let kafka = &config.source.kafka;
+            assert_eq!(
+                kafka.topics.get("user_clicks").map(String::as_str),
+                Some("click")
+            );
+            assert_eq!(
+                kafka.topics.get("shop_events").map(String::as_str),
+                Some("payload")
+            );
+            assert_eq!(kafka.format, PayloadFormat::Protobuf);
+            assert_eq!(kafka.start, StartPosition::Latest);
+            assert_eq!(
+                kafka
+                    .properties
+                    .get("security.protocol")
+                    .map(String::as_str),
+                Some("SASL_SSL")
+            );
+            let shown = config.to_toml_redacted().map_err(|e| e.to_string())?;
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert_eq!(config.sink.kafka.topic, "reflex_events");
+
+            jail.set_env(
+                "REFLEX_SOURCE__KAFKA__TOPICS",
+                r#"{user_clicks="teleport"}"#,
+            );
+            jail.set_env("REFLEX_SOURCE__KAFKA__PROPERTIES", r#"{"group.id"="x"}"#);
+            jail.set_env("REFLEX_SINK__KAFKA__TOPIC", "");
+            let err = Config::load(None, &FlagOverrides::default())
+                .err()
+                .ok_or("bad kafka settings were accepted")?
+                .to_string();
+            assert!(err.contains("source.kafka.topics.user_clicks"), "{err}");
+            assert!(err.contains("sink.kafka.topic must not be empty"), "{err}");
             Ok(())
         });
     }

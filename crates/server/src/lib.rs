@@ -12,6 +12,7 @@
 //! - [`telemetry`]: logs and optional OTLP trace export
 //! - [`otlp_metrics`]: optional OTLP export of the Prometheus registry
 //! - [`instrumented`]: backend decorators recording latency and failures
+//! - `kafka` (cargo feature `kafka`): the Kafka source and sink
 //! - [`als_args`]: the ALS flags shared by `reflex eval` and `reflex train`
 //! - [`app`]: wiring and the server loop
 //! - [`demo`]: the synthetic shopping demo
@@ -29,6 +30,8 @@ pub mod demo;
 pub mod eval_cmd;
 pub mod import_cmd;
 pub mod instrumented;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
 pub mod middleware;
 pub mod otlp_metrics;

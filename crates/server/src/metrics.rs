@@ -100,6 +100,27 @@ pub struct Metrics {
     pub store_disk_bytes: IntGaugeVec,
     /// 1 while the store takes writes, 0 while it refuses them (readiness follows it).
     pub store_writable: IntGauge,
+    /// Kafka source records by `topic` and `outcome` (`accepted`, `duplicate`,
+    /// `rejected`, `filtered`, `unparseable`).
+    pub kafka_records: IntCounterVec,
+    /// Kafka source consumer lag in records by `topic` and `partition` (from librdkafka's
+    /// statistics, every `statistics.interval.ms`).
+    pub kafka_lag: IntGaugeVec,
+    /// Time to commit one batch's offsets.
+    pub kafka_commit_seconds: Histogram,
+    /// Kafka source commits that failed (their records come again, answered `DUPLICATE`).
+    pub kafka_commit_failures: IntCounter,
+    /// Kafka source rebalances by `kind` (`assign`, `revoke`, `error`).
+    pub kafka_rebalances: IntCounterVec,
+    /// Records sent to the dead-letter topic by `result` (`delivered`, `failed`,
+    /// `dropped` when no dead-letter topic is configured).
+    pub kafka_dead_letters: IntCounterVec,
+    /// Events mirrored to the sink topic by `result` (`delivered`, `failed`).
+    pub kafka_sink_events: IntCounterVec,
+    /// 1 while the Kafka source reaches a broker, 0 while it reaches none.
+    pub kafka_source_up: IntGauge,
+    /// 1 while the Kafka source holds its partitions paused (the engine refuses batches).
+    pub kafka_paused: IntGauge,
 }
 
 impl Metrics {
@@ -255,8 +276,80 @@ impl Metrics {
         store_writable.set(1);
         registry.register(Box::new(store_disk_bytes.clone()))?;
         registry.register(Box::new(store_writable.clone()))?;
+        let kafka_records = IntCounterVec::new(
+            Opts::new(
+                "reflex_kafka_records_total",
+                "Kafka source records by topic and outcome",
+            ),
+            &["topic", "outcome"],
+        )?;
+        let kafka_lag = IntGaugeVec::new(
+            Opts::new(
+                "reflex_kafka_consumer_lag",
+                "Kafka source consumer lag in records by topic and partition",
+            ),
+            &["topic", "partition"],
+        )?;
+        let kafka_commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "reflex_kafka_commit_duration_seconds",
+                "Time to commit one batch's offsets",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let kafka_commit_failures = IntCounter::new(
+            "reflex_kafka_commit_failures_total",
+            "Kafka source offset commits that failed (their records are redelivered)",
+        )?;
+        let kafka_rebalances = IntCounterVec::new(
+            Opts::new(
+                "reflex_kafka_rebalances_total",
+                "Kafka source rebalances by kind (assign, revoke, error)",
+            ),
+            &["kind"],
+        )?;
+        let kafka_dead_letters = IntCounterVec::new(
+            Opts::new(
+                "reflex_kafka_dead_letters_total",
+                "Records for the dead-letter topic by result (delivered, failed, dropped)",
+            ),
+            &["result"],
+        )?;
+        let kafka_sink_events = IntCounterVec::new(
+            Opts::new(
+                "reflex_kafka_sink_events_total",
+                "Events mirrored to the sink topic by result (delivered, failed)",
+            ),
+            &["result"],
+        )?;
+        let kafka_source_up = IntGauge::new(
+            "reflex_kafka_source_up",
+            "1 while the Kafka source reaches a broker, 0 while it reaches none",
+        )?;
+        let kafka_paused = IntGauge::new(
+            "reflex_kafka_paused",
+            "1 while the Kafka source holds its partitions paused (the engine refuses batches)",
+        )?;
+        registry.register(Box::new(kafka_records.clone()))?;
+        registry.register(Box::new(kafka_lag.clone()))?;
+        registry.register(Box::new(kafka_commit_seconds.clone()))?;
+        registry.register(Box::new(kafka_commit_failures.clone()))?;
+        registry.register(Box::new(kafka_rebalances.clone()))?;
+        registry.register(Box::new(kafka_dead_letters.clone()))?;
+        registry.register(Box::new(kafka_sink_events.clone()))?;
+        registry.register(Box::new(kafka_source_up.clone()))?;
+        registry.register(Box::new(kafka_paused.clone()))?;
         // Registered by `watch_recall`, once there is a retriever to read.
         Ok(Arc::new(Self {
+            kafka_records,
+            kafka_lag,
+            kafka_commit_seconds,
+            kafka_commit_failures,
+            kafka_rebalances,
+            kafka_dead_letters,
+            kafka_sink_events,
+            kafka_source_up,
+            kafka_paused,
             store_disk_bytes,
             store_writable,
             registry,

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use reflex_core::Engine;
+use reflex_core::{Engine, EventOutcome, RawEvent};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -26,11 +26,56 @@ use crate::refit::Refitter;
 /// bounded so a client that stops reading cannot grow server memory.
 const ACK_QUEUE: usize = 16;
 
+/// Hands accepted events on (the Kafka sink, `sink.kafka`): called after every ingest,
+/// before its answer, so an ingest whose events were not handed on is not acknowledged.
+#[tonic::async_trait]
+pub trait EventMirror: Send + Sync {
+    /// Hands on the events of `events` whose outcome is `Accepted` or `Duplicate` (a
+    /// duplicate may be the retry of an ingest whose mirror failed); an error says the
+    /// broker did not confirm them all.
+    async fn mirror(&self, events: &[RawEvent], outcomes: &[EventOutcome]) -> Result<(), String>;
+}
+
+/// Counts one ingested batch's outcomes (`reflex_ingest_events_total`) and, for accepted
+/// events with a timestamp, their freshness; shared by the gRPC stream and the Kafka
+/// source.
+pub fn record_outcomes(metrics: &Metrics, outcomes: &[EventOutcome], event_times: &[Option<i64>]) {
+    let applied_ms = reflex_core::types::now_ms();
+    let (mut accepted, mut duplicate, mut rejected, mut filtered) = (0u64, 0u64, 0u64, 0u64);
+    for (outcome, ts) in outcomes.iter().zip(event_times) {
+        match outcome {
+            EventOutcome::Accepted => {
+                accepted += 1;
+                if let Some(ts) = ts {
+                    metrics
+                        .freshness_seconds
+                        .observe((applied_ms - ts).max(0) as f64 / 1000.0);
+                }
+            }
+            EventOutcome::Duplicate => duplicate += 1,
+            EventOutcome::Rejected(_) => rejected += 1,
+            EventOutcome::Filtered(_) => filtered += 1,
+        }
+    }
+    for (status, n) in [
+        ("accepted", accepted),
+        ("duplicate", duplicate),
+        ("rejected", rejected),
+        ("filtered", filtered),
+    ] {
+        if n > 0 {
+            metrics.ingest_events.with_label_values(&[status]).inc_by(n);
+        }
+    }
+}
+
 /// Implements all four Reflex services over one engine.
 #[derive(Clone)]
 pub struct Reflex {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
+    /// Where accepted events are mirrored, when a sink is configured.
+    mirror: Option<Arc<dyn EventMirror>>,
     /// Turns true when the server drains: event streams finish the batch in hand, ack
     /// it, and end cleanly instead of reading more.
     draining: watch::Receiver<bool>,
@@ -51,6 +96,7 @@ impl Reflex {
         Self {
             engine,
             metrics,
+            mirror: None,
             draining,
             replica,
             refitter: None,
@@ -60,6 +106,13 @@ impl Reflex {
     /// The same services, answering `ModelService.Refit` with `refitter`.
     pub fn with_refitter(mut self, refitter: Arc<Refitter>) -> Self {
         self.refitter = Some(refitter);
+        self
+    }
+
+    /// Mirrors every accepted event of the event stream to `mirror` before its ack.
+    #[must_use]
+    pub fn with_mirror(mut self, mirror: Option<Arc<dyn EventMirror>>) -> Self {
+        self.mirror = mirror;
         self
     }
 }
@@ -72,6 +125,7 @@ impl Reflex {
 async fn ingest(
     engine: &Engine,
     metrics: &Metrics,
+    mirror: Option<&dyn EventMirror>,
     request: proto::IngestRequest,
 ) -> Result<proto::IngestResponse, Status> {
     let started = Instant::now();
@@ -83,28 +137,21 @@ async fn ingest(
         raw.push(convert::raw_event(event));
     }
     let event_times: Vec<Option<i64>> = raw.iter().map(|r| r.timestamp_ms).collect();
+    // The mirror needs the events after ingest has taken them.
+    let kept = mirror.map(|_| raw.clone());
     let outcomes = engine.ingest(raw).await.map_err(convert::status)?;
-    let applied_ms = reflex_core::types::now_ms();
-    let freshness = &metrics.freshness_seconds;
-    for (outcome, ts) in outcomes.iter().zip(&event_times) {
-        if let (reflex_core::EventOutcome::Accepted, Some(ts)) = (outcome, ts) {
-            freshness.observe((applied_ms - ts).max(0) as f64 / 1000.0);
-        }
+    record_outcomes(metrics, &outcomes, &event_times);
+    if let (Some(mirror), Some(kept)) = (mirror, kept)
+        && let Err(err) = mirror.mirror(&kept, &outcomes).await
+    {
+        // Applied but not handed on: the client's retry is answered DUPLICATE and
+        // mirrored then.
+        warn!(batch = sequence, error = %err, "mirroring the batch failed");
+        return Err(Status::unavailable(format!(
+            "the batch was recorded but not mirrored to the sink ({err}); retry it"
+        )));
     }
     let ack = convert::ack(sequence, ids, outcomes);
-    for (status, n) in [
-        ("accepted", ack.accepted),
-        ("duplicate", ack.duplicate),
-        ("rejected", ack.rejected),
-        ("filtered", ack.filtered),
-    ] {
-        if n > 0 {
-            metrics
-                .ingest_events
-                .with_label_values(&[status])
-                .inc_by(u64::from(n));
-        }
-    }
     metrics
         .ingest_batch_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -156,6 +203,7 @@ impl EventService for Reflex {
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
         let engine = self.engine.clone();
         let metrics = self.metrics.clone();
+        let mirror = self.mirror.clone();
         let mut draining = self.draining.clone();
         tokio::spawn(async move {
             // Batches of one stream are applied one after another, so acks come back in
@@ -198,7 +246,7 @@ impl EventService for Reflex {
                 };
                 let seq = batch.sequence;
                 last_seq = Some(seq);
-                let result = ingest(&engine, &metrics, batch).await;
+                let result = ingest(&engine, &metrics, mirror.as_deref(), batch).await;
                 let failed = result.is_err();
                 if let Err(status) = &result {
                     warn!(batch = seq, %status, "batch refused, closing the stream");
@@ -219,9 +267,14 @@ impl EventService for Reflex {
         &self,
         request: Request<proto::IngestRequest>,
     ) -> Result<Response<proto::IngestResponse>, Status> {
-        ingest(&self.engine, &self.metrics, request.into_inner())
-            .await
-            .map(Response::new)
+        ingest(
+            &self.engine,
+            &self.metrics,
+            self.mirror.as_deref(),
+            request.into_inner(),
+        )
+        .await
+        .map(Response::new)
     }
 }
 

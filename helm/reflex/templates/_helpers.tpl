@@ -89,7 +89,7 @@ owns laid over it (listen addresses, backend, data directory, keys file, and eac
 share of botFilter.maxEventsPerUserPerSec).
 */}}
 {{- define "reflex.configDict" -}}
-{{- $cfg := deepCopy (default (dict) .Values.config) -}}
+{{- $cfg := mustMergeOverwrite (include "reflex.kafkaConfig" . | fromJson) (deepCopy (default (dict) .Values.config)) -}}
 {{- $host := .Values.listenAddress | default "0.0.0.0" -}}
 {{- $owned := dict "listen" (printf "%s:%d" $host (int .Values.ports.grpc)) -}}
 {{- $_ := set $owned "metrics" (dict "listen" (printf "%s:%d" $host (int .Values.ports.metrics))) -}}
@@ -112,6 +112,42 @@ share of botFilter.maxEventsPerUserPerSec).
 {{- $_ := set $owned "engine" (dict "bot_filter" (dict "max_events_per_user_per_sec" $share)) -}}
 {{- end -}}
 {{- toJson (mustMergeOverwrite $cfg $owned) -}}
+{{- end }}
+
+{{/*
+The server's `source.kafka` and `sink.kafka` sections from .Values.kafka (only those
+enabled), as JSON; each .Values.kafka.secretProperties entry is named in both sections'
+`secret_properties` as REFLEX_SECRET_KAFKA_<index> (see reflex.kafkaSecretEnv).
+*/}}
+{{- define "reflex.kafkaConfig" -}}
+{{- $k := .Values.kafka -}}
+{{- $secrets := dict -}}
+{{- range $i, $s := $k.secretProperties -}}
+{{- $_ := set $secrets $s.property (printf "REFLEX_SECRET_KAFKA_%d" $i) -}}
+{{- end -}}
+{{- $out := dict -}}
+{{- if $k.source.enabled -}}
+{{- $src := dict "enabled" true "brokers" $k.source.brokers "group_id" $k.source.groupId "topics" (default (dict) $k.source.topics) "format" $k.source.format "start" $k.source.start "dead_letter_topic" $k.source.deadLetterTopic "properties" (default (dict) $k.source.properties) "secret_properties" $secrets -}}
+{{- $_ := set $out "source" (dict "kafka" $src) -}}
+{{- end -}}
+{{- if $k.sink.enabled -}}
+{{- $sink := dict "enabled" true "brokers" (default $k.source.brokers $k.sink.brokers) "topic" $k.sink.topic "properties" (default (dict) $k.sink.properties) "secret_properties" $secrets -}}
+{{- $_ := set $out "sink" (dict "kafka" $sink) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end }}
+
+{{/* The environment variables of .Values.kafka.secretProperties, from their Secrets. */}}
+{{- define "reflex.kafkaSecretEnv" -}}
+{{- if or .Values.kafka.source.enabled .Values.kafka.sink.enabled -}}
+{{- range $i, $s := .Values.kafka.secretProperties }}
+- name: {{ printf "REFLEX_SECRET_KAFKA_%d" $i }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.secretName | quote }}
+      key: {{ $s.secretKey | quote }}
+{{- end -}}
+{{- end -}}
 {{- end }}
 
 {{/* The effective configuration as the TOML file the server reads. */}}
@@ -234,6 +270,14 @@ reflex.toml renders a map as a TOML document:
 
 {{- define "reflex.validate" -}}
 {{- $backend := toString .Values.store.backend -}}
+{{- if .Values.kafka.source.enabled -}}
+{{- if or (not .Values.kafka.source.brokers) (not .Values.kafka.source.topics) -}}
+{{- fail "kafka.source.enabled needs kafka.source.brokers (host:port,...) and kafka.source.topics (topic: kind)." -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.kafka.sink.enabled (not (or .Values.kafka.sink.brokers .Values.kafka.source.brokers)) -}}
+{{- fail "kafka.sink.enabled needs kafka.sink.brokers (or kafka.source.brokers)." -}}
+{{- end -}}
 {{- if not (has $backend (list "embedded" "redis" "scylla")) -}}
 {{- fail (printf "store.backend must be one of embedded, redis, scylla (got %q)" $backend) -}}
 {{- end -}}
@@ -379,6 +423,7 @@ spec:
         - name: REFLEX_STORE__SCYLLA__PASSWORD_ENV
           value: REFLEX_SECRET_SCYLLA_PASSWORD
         {{- end }}
+        {{- include "reflex.kafkaSecretEnv" . | nindent 8 }}
         {{- with .Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
