@@ -613,7 +613,7 @@ impl SignalModel for Signals {
             if !filter(it.item) {
                 continue;
             }
-            let p = self.repeat_probability(&u, it, global_rate);
+            let p = self.repeat_probability(u, it, global_rate);
             if p > 0.0 {
                 out.push(SignalCandidate {
                     item: it.item,
