@@ -97,6 +97,7 @@ owns laid over it (listen addresses, backend, data directory, keys file).
 {{- $_ := set $store "embedded" (dict "data_dir" (include "reflex.dataDir" .)) -}}
 {{- end -}}
 {{- $_ := set $owned "store" $store -}}
+{{- $_ := set $owned "console" (dict "enabled" (.Values.console.enabled | default false)) -}}
 {{- if .Values.auth.enabled -}}
 {{- $_ := set $owned "auth" (dict "enabled" true "keys_file" (include "reflex.keysPath" .)) -}}
 {{- end -}}
