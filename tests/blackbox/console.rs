@@ -22,8 +22,9 @@ use crate::support::*;
 const ADMIN_KEY: &str = "console-admin-key-0123456789";
 const RECOMMEND_KEY: &str = "console-recommend-key-0123456789";
 
-/// One HTTP/1.1 exchange (`connection: close`): the status, the lower-cased headers and
-/// the body (de-chunked when the server chunked it).
+/// One HTTP/1.1 exchange: the status, the lower-cased headers and the body, read by its
+/// `content-length` (chromedriver keeps the connection open), de-chunked when chunked,
+/// else to the end.
 async fn http(
     addr: SocketAddr,
     method: &str,
@@ -44,7 +45,18 @@ async fn http(
     request.push_str(body);
     conn.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    // Read until the answer is complete: by its length, its last chunk, or the close.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer within 60 s"))
+            .unwrap();
+        raw.extend_from_slice(&buf[..n]);
+        if n == 0 || complete(&raw) {
+            break;
+        }
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -68,6 +80,23 @@ async fn http(
         body = dechunk(&body);
     }
     (status, headers, String::from_utf8(body).expect("a UTF-8 body"))
+}
+
+/// Whether `raw` holds a whole answer (known only with a length or chunked encoding).
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    if let Some(length) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= length;
+    }
+    head.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n")
 }
 
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
@@ -154,6 +183,13 @@ fn shoppers(prefix: &str) -> Vec<proto::Event> {
     events
 }
 
+/// Now less `secs` seconds, so events of a test have distinct, ordered times.
+fn seconds_ago(secs: i64) -> prost_types::Timestamp {
+    let mut ts = now();
+    ts.seconds -= secs;
+    ts
+}
+
 fn ids_of(items: &Value) -> Vec<String> {
     items
         .as_array()
@@ -194,8 +230,8 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
     ingest(
         &channel,
         vec![
-            event("a1", "alice", "shoes-1", View),
-            event("a2", "alice", "shoes-2", Purchase),
+            event_at("a1", "alice", "shoes-1", View, seconds_ago(2)),
+            event_at("a2", "alice", "shoes-2", Purchase, seconds_ago(1)),
         ],
         None,
     )
@@ -295,8 +331,8 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
     let versions = model["versions"].as_array().unwrap();
     let listed = versions
         .iter()
-        .find(|v| v["id"] == taken.version)
-        .unwrap_or_else(|| panic!("version {} missing: {model}", taken.version));
+        .find(|v| v["id"] == taken.id)
+        .unwrap_or_else(|| panic!("version {} missing: {model}", taken.id));
     assert_eq!(listed["reason"], "console test");
     assert!(listed["events"].as_u64() > Some(0), "{listed}");
     assert!(model["quality"]["all"]["decayed"]["hr10"].is_number(), "{model}");
@@ -307,20 +343,19 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
         "POST",
         "/console/api/rollback",
         &[],
-        Some(&json!({ "version": taken.version }).to_string()),
+        Some(&json!({ "version": taken.id }).to_string()),
     )
     .await;
     assert_eq!(status, 415, "only JSON bodies: {body}");
     let (status, refusal) = post_rollback(http_addr, 999_999, None).await;
     assert_eq!(status, 404, "{refusal}");
-    let (status, rolled) = post_rollback(http_addr, taken.version, None).await;
+    let (status, rolled) = post_rollback(http_addr, taken.id, None).await;
     assert_eq!(status, 200, "{rolled}");
-    assert!(
-        rolled["serving"]
-            .as_str()
-            .is_some_and(|s| s.ends_with(&format!("/v{}", taken.version))),
-        "{rolled}"
-    );
+    // A rollback is recorded as a new version holding the old one's state.
+    assert_eq!(rolled["version"]["reason"], format!("rollback to {}", taken.id));
+    let installed = rolled["version"]["id"].as_u64().unwrap();
+    assert!(installed > taken.id, "{rolled}");
+    assert_eq!(rolled["serving"], format!("online-mf/v{installed}"), "{rolled}");
     assert!(
         scrape(&server)
             .await
@@ -371,18 +406,18 @@ async fn rollback_from_the_console_needs_an_admin_key_when_auth_is_on() {
 
     // Acting does: no key or an unknown one is 401, a key without admin 403.
     let serving = model["serving"].clone();
-    let (status, refusal) = post_rollback(http_addr, taken.version, None).await;
+    let (status, refusal) = post_rollback(http_addr, taken.id, None).await;
     assert_eq!(status, 401, "{refusal}");
-    let (status, refusal) = post_rollback(http_addr, taken.version, Some("not-a-key-0123456789")).await;
+    let (status, refusal) = post_rollback(http_addr, taken.id, Some("not-a-key-0123456789")).await;
     assert_eq!(status, 401, "{refusal}");
-    let (status, refusal) = post_rollback(http_addr, taken.version, Some(RECOMMEND_KEY)).await;
+    let (status, refusal) = post_rollback(http_addr, taken.id, Some(RECOMMEND_KEY)).await;
     assert_eq!(status, 403, "{refusal}");
     assert!(refusal["error"].as_str().unwrap().contains("Admin"), "{refusal}");
     assert!(!refusal.to_string().contains(RECOMMEND_KEY), "the key is never echoed");
     let (_, model) = get_json(http_addr, "/console/api/model").await;
     assert_eq!(model["serving"], serving, "a refused rollback changes nothing");
 
-    let (status, rolled) = post_rollback(http_addr, taken.version, Some(ADMIN_KEY)).await;
+    let (status, rolled) = post_rollback(http_addr, taken.id, Some(ADMIN_KEY)).await;
     assert_eq!(status, 200, "{rolled}");
     let (_, model) = get_json(http_addr, "/console/api/model").await;
     assert_eq!(model["serving"], rolled["serving"]);
@@ -609,7 +644,10 @@ async fn the_user_page_shows_the_recommendations_change_in_a_real_browser() {
     ingest(
         &channel,
         (0..4)
-            .map(|n| event(&format!("bob-{n}"), "bob", &format!("books-{n}"), View))
+            .map(|n| {
+                let id = format!("bob-{n}");
+                event_at(&id, "bob", &format!("books-{n}"), View, seconds_ago(4 - n))
+            })
             .collect(),
         None,
     )

@@ -266,8 +266,9 @@ pub async fn serve(
         ))
     });
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let console = (config.console.enabled)
-        .then(|| crate::console::Console::start(metrics.clone(), keys.clone().map(AuthLayer::new)));
+    let console = config.console.enabled.then(|| {
+        crate::console::Console::start(metrics.clone(), keys.clone().map(AuthLayer::new))
+    });
     let metrics_addr = if config.metrics.enabled {
         let metrics_listener = TcpListener::bind(config.metrics.listen)
             .await

@@ -97,10 +97,17 @@ function s(tag, attrs, text) {
   return el;
 }
 
-// A line chart of `series` ([{name, points: [[t, v|null], ...]}]) into `host`.
-// `opts.unit` labels the y axis, `opts.max` fixes its top (else the data's maximum).
+// The smallest 1, 2, 2.5 or 5 times a power of ten at or above `v`, so ticks read well.
+function niceTop(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+// A line chart of `series` ([{name, points: [[t, v|null], ...]}]) into `host`, as wide
+// as the host (so text keeps its size). `opts.max` is the least top of the y axis.
 function lineChart(host, series, opts) {
-  const W = 560, H = 190, L = 52, R = 10, T = 10, B = 24;
+  const W = Math.max(320, Math.round(host.clientWidth) || 560), H = 190, L = 52, R = 10, T = 10, B = 24;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": opts.title || "chart" });
   let t0 = Infinity, t1 = -Infinity, top = 0;
   for (const sr of series) {
@@ -115,8 +122,7 @@ function lineChart(host, series, opts) {
   }
   if (t1 - t0 < 10000) t0 = t1 - 10000;
   if (opts.max !== undefined) top = Math.max(opts.max, top);
-  if (top <= 0) top = 1;
-  top *= opts.max !== undefined ? 1 : 1.1;
+  top = top > 0 ? niceTop(top * 1.05) : 1;
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   for (let i = 0; i <= 4; i++) {
@@ -126,7 +132,6 @@ function lineChart(host, series, opts) {
   }
   svg.append(s("text", { class: "tick", x: L, y: H - 6 }, clock(t0)));
   svg.append(s("text", { class: "tick", x: W - R, y: H - 6, "text-anchor": "end" }, clock(t1)));
-  if (opts.unit) svg.append(s("text", { class: "tick", x: 4, y: T + 8 }, opts.unit));
   series.forEach((sr, i) => {
     // A null value breaks the line (an interval without observations).
     let run = [];
@@ -179,17 +184,17 @@ function renderLive() {
       tile("Accepted / s", fmt(last ? last.events[0] : 0)),
       tile("Open streams", fmt(d.open_streams)),
     );
-    lineChart(events.host, d.statuses.map((name, i) => ({ name, points: d.points.map((p) => [p.t, p.events[i]]) })), { unit: "/s" });
+    lineChart(events.host, d.statuses.map((name, i) => ({ name, points: d.points.map((p) => [p.t, p.events[i]]) })), {});
     const lat = (key, field) => d.points.map((p) => [p.t, p[key] ? p[key][field] : null]);
     lineChart(latency.host, [
       { name: "p50", points: lat("recommend", "p50_ms"), color: 4 },
       { name: "p99", points: lat("recommend", "p99_ms"), color: 2 },
       { name: "mean", points: lat("recommend", "mean_ms"), color: 0 },
-    ], { unit: "ms" });
+    ], {});
     lineChart(freshness.host, [
       { name: "p50", points: lat("freshness", "p50_ms"), color: 4 },
       { name: "p99", points: lat("freshness", "p99_ms"), color: 2 },
-    ], { unit: "ms" });
+    ], {});
   };
 }
 
@@ -228,7 +233,7 @@ function renderModel() {
       { name: "hr@10 holdout", points: pts("holdout_hr10"), color: 1 },
       { name: "recall@20 all", points: pts("all_recall20"), color: 0 },
       { name: "recall@20 holdout", points: pts("holdout_recall20"), color: 3 },
-    ], { unit: "share" });
+    ], {});
     const fig = (v, pop, f) => (v.quality ? fmt(v.quality[pop][f], 3) : "–");
     versions.replaceChildren(
       h("h2", {}, `Versions (${d.versions.length})`),
