@@ -79,7 +79,11 @@ async fn http(
     {
         body = dechunk(&body);
     }
-    (status, headers, String::from_utf8(body).expect("a UTF-8 body"))
+    (
+        status,
+        headers,
+        String::from_utf8(body).expect("a UTF-8 body"),
+    )
 }
 
 /// Whether `raw` holds a whole answer (known only with a length or chunked encoding).
@@ -135,7 +139,8 @@ async fn post_rollback(addr: SocketAddr, version: u64, key: Option<&str>) -> (u1
         headers.push(("x-api-key", key));
     }
     let body = json!({ "version": version }).to_string();
-    let (status, _, body) = http(addr, "POST", "/console/api/rollback", &headers, Some(&body)).await;
+    let (status, _, body) =
+        http(addr, "POST", "/console/api/rollback", &headers, Some(&body)).await;
     (status, serde_json::from_str(&body).expect("a JSON body"))
 }
 
@@ -210,17 +215,29 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
     // origin.
     let (status, headers, page) = http(http_addr, "GET", "/console/", &[], None).await;
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("console.js") && page.contains("console.css"), "{page}");
+    assert!(
+        page.contains("console.js") && page.contains("console.css"),
+        "{page}"
+    );
     let csp = headers
         .iter()
         .find(|(k, _)| k == "content-security-policy")
         .map(|(_, v)| v.as_str());
-    assert!(csp.is_some_and(|v| v.contains("default-src 'self'")), "{headers:?}");
-    assert!(!page.contains("http"), "the page loads nothing from elsewhere");
+    assert!(
+        csp.is_some_and(|v| v.contains("default-src 'self'")),
+        "{headers:?}"
+    );
+    assert!(
+        !page.contains("http"),
+        "the page loads nothing from elsewhere"
+    );
     for asset in ["/console/console.js", "/console/console.css"] {
         let (status, _, body) = http(http_addr, "GET", asset, &[], None).await;
         assert_eq!(status, 200, "{asset}");
-        assert!(!body.contains("https://"), "{asset} loads nothing from elsewhere");
+        assert!(
+            !body.contains("https://"),
+            "{asset} loads nothing from elsewhere"
+        );
     }
     let (status, _, _) = http(http_addr, "GET", "/console", &[], None).await;
     assert_eq!(status, 308, "/console redirects to /console/");
@@ -248,7 +265,11 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
     assert_eq!(profile["purchased"], json!(["shoes-2"]), "{user}");
     let items = &user["recommendations"]["items"];
     let grpc = ids(&recommend(&channel, "alice", 5).await);
-    assert_eq!(ids_of(items), grpc, "the console shows what Recommend answers");
+    assert_eq!(
+        ids_of(items),
+        grpc,
+        "the console shows what Recommend answers"
+    );
     for item in items.as_array().unwrap() {
         assert!(item["score"].is_number(), "{item}");
         assert!(
@@ -256,7 +277,10 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
                 .contains(&item["source"].as_str().unwrap()),
             "{item}"
         );
-        assert!(item["title"].as_str().is_some_and(|t| !t.is_empty()), "{item}");
+        assert!(
+            item["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{item}"
+        );
     }
     // A user without events: no profile, the newcomer's recommendations.
     let (status, nobody) = get_json(http_addr, "/console/api/users/nobody").await;
@@ -309,9 +333,13 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
             .iter()
             .map(|p| p["events"][0].as_f64().unwrap_or_default())
             .sum();
-        let recommend_calls = points.iter().any(|p| p["recommend"]["per_sec"].as_f64() > Some(0.0));
+        let recommend_calls = points
+            .iter()
+            .any(|p| p["recommend"]["per_sec"].as_f64() > Some(0.0));
         if accepted <= 0.0 || !recommend_calls {
-            return Err(format!("no accepted events or calls in the points yet: {live}"));
+            return Err(format!(
+                "no accepted events or calls in the points yet: {live}"
+            ));
         }
         Ok(())
     })
@@ -335,7 +363,10 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
         .unwrap_or_else(|| panic!("version {} missing: {model}", taken.id));
     assert_eq!(listed["reason"], "console test");
     assert!(listed["events"].as_u64() > Some(0), "{listed}");
-    assert!(model["quality"]["all"]["decayed"]["hr10"].is_number(), "{model}");
+    assert!(
+        model["quality"]["all"]["decayed"]["hr10"].is_number(),
+        "{model}"
+    );
     assert!(!model["history"].as_array().unwrap().is_empty(), "{model}");
 
     let (status, _, body) = http(
@@ -352,10 +383,17 @@ async fn the_console_api_shows_users_items_live_figures_and_the_model() {
     let (status, rolled) = post_rollback(http_addr, taken.id, None).await;
     assert_eq!(status, 200, "{rolled}");
     // A rollback is recorded as a new version holding the old one's state.
-    assert_eq!(rolled["version"]["reason"], format!("rollback to {}", taken.id));
+    assert_eq!(
+        rolled["version"]["reason"],
+        format!("rollback to {}", taken.id)
+    );
     let installed = rolled["version"]["id"].as_u64().unwrap();
     assert!(installed > taken.id, "{rolled}");
-    assert_eq!(rolled["serving"], format!("online-mf/v{installed}"), "{rolled}");
+    assert_eq!(
+        rolled["serving"],
+        format!("online-mf/v{installed}"),
+        "{rolled}"
+    );
     assert!(
         scrape(&server)
             .await
@@ -412,10 +450,19 @@ async fn rollback_from_the_console_needs_an_admin_key_when_auth_is_on() {
     assert_eq!(status, 401, "{refusal}");
     let (status, refusal) = post_rollback(http_addr, taken.id, Some(RECOMMEND_KEY)).await;
     assert_eq!(status, 403, "{refusal}");
-    assert!(refusal["error"].as_str().unwrap().contains("Admin"), "{refusal}");
-    assert!(!refusal.to_string().contains(RECOMMEND_KEY), "the key is never echoed");
+    assert!(
+        refusal["error"].as_str().unwrap().contains("Admin"),
+        "{refusal}"
+    );
+    assert!(
+        !refusal.to_string().contains(RECOMMEND_KEY),
+        "the key is never echoed"
+    );
     let (_, model) = get_json(http_addr, "/console/api/model").await;
-    assert_eq!(model["serving"], serving, "a refused rollback changes nothing");
+    assert_eq!(
+        model["serving"], serving,
+        "a refused rollback changes nothing"
+    );
 
     let (status, rolled) = post_rollback(http_addr, taken.id, Some(ADMIN_KEY)).await;
     assert_eq!(status, 200, "{rolled}");
@@ -434,7 +481,10 @@ fn a_console_without_its_listener_is_refused_at_start() {
         .expect("running reflex config");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("console.enabled needs metrics.enabled"), "{stderr}");
+    assert!(
+        stderr.contains("console.enabled needs metrics.enabled"),
+        "{stderr}"
+    );
 }
 
 // ---- the browser test -------------------------------------------------------------
@@ -585,7 +635,12 @@ fn base64(text: &str) -> Vec<u8> {
     let clean: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
     let mut out = Vec::with_capacity(clean.len() / 4 * 3);
     for chunk in clean.chunks(4) {
-        let data: Vec<u8> = chunk.iter().copied().filter(|&c| c != b'=').map(value).collect();
+        let data: Vec<u8> = chunk
+            .iter()
+            .copied()
+            .filter(|&c| c != b'=')
+            .map(value)
+            .collect();
         let n = data
             .iter()
             .enumerate()
@@ -596,7 +651,8 @@ fn base64(text: &str) -> Vec<u8> {
 }
 
 /// The item ids of the user page's recommendations table, top first.
-const RECS_SCRIPT: &str = "return Array.from(document.querySelectorAll('#recs tr[data-item]')).map(r => r.dataset.item)";
+const RECS_SCRIPT: &str =
+    "return Array.from(document.querySelectorAll('#recs tr[data-item]')).map(r => r.dataset.item)";
 
 /// Where the screenshots go: `<target dir>/console-screenshots/`.
 fn screenshot_dir() -> PathBuf {
@@ -636,7 +692,10 @@ async fn the_user_page_shows_the_recommendations_change_in_a_real_browser() {
     let profile = driver
         .run("return document.getElementById('user-version').textContent")
         .await;
-    assert!(profile.as_str().unwrap().contains("no profile yet"), "{profile}");
+    assert!(
+        profile.as_str().unwrap().contains("no profile yet"),
+        "{profile}"
+    );
     driver.screenshot(&shots, "user-before").await;
 
     // bob's events arrive while the page is open: it shows his new recommendations
@@ -660,7 +719,9 @@ async fn the_user_page_shows_the_recommendations_change_in_a_real_browser() {
         if shown == after {
             Ok(())
         } else {
-            Err(format!("the page shows {shown:?}, Recommend answers {after:?}"))
+            Err(format!(
+                "the page shows {shown:?}, Recommend answers {after:?}"
+            ))
         }
     })
     .await;
@@ -670,17 +731,36 @@ async fn the_user_page_shows_the_recommendations_change_in_a_real_browser() {
     assert_eq!(recent, json!(["books-3", "books-2", "books-1", "books-0"]));
     driver.screenshot(&shots, "user-after").await;
 
-    // Every other page renders from the API; a screenshot of each.
+    // Every other page renders from the API; a screenshot of each (the model page with
+    // a stored version to roll back to).
+    snapshot(&channel, "console screenshot").await;
     for (hash, name, ready) in [
-        ("live", "live", "document.querySelectorAll('.chart polyline').length > 0"),
-        ("model", "model", "document.querySelectorAll('.chart svg').length > 0"),
-        ("item/books-1", "item", "document.querySelectorAll('#similar tr[data-item]').length > 0"),
+        (
+            "live",
+            "live",
+            "document.querySelectorAll('.chart polyline').length > 0",
+        ),
+        (
+            "model",
+            "model",
+            "document.querySelectorAll('#versions tr[data-version] button.rollback').length > 0",
+        ),
+        (
+            "item/books-1",
+            "item",
+            "document.querySelectorAll('#similar tr[data-item]').length > 0",
+        ),
     ] {
         driver.open(&format!("{base}#{hash}")).await;
         // Opening a new hash on the same page does not reload it: wait for the new
         // page's own answers.
         eventually(Duration::from_secs(20), || async {
-            let shown = driver.run(&format!("return document.body.dataset.page === '{}' && ({ready})", hash.split('/').next().unwrap())).await;
+            let shown = driver
+                .run(&format!(
+                    "return document.body.dataset.page === '{}' && ({ready})",
+                    hash.split('/').next().unwrap()
+                ))
+                .await;
             if shown == json!(true) {
                 Ok(())
             } else {

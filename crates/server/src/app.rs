@@ -266,9 +266,10 @@ pub async fn serve(
         ))
     });
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let console = config.console.enabled.then(|| {
-        crate::console::Console::start(metrics.clone(), keys.clone().map(AuthLayer::new))
-    });
+    let console = config
+        .console
+        .enabled
+        .then(|| crate::console::Console::start(metrics.clone(), keys.clone().map(AuthLayer::new)));
     let metrics_addr = if config.metrics.enabled {
         let metrics_listener = TcpListener::bind(config.metrics.listen)
             .await
@@ -280,7 +281,8 @@ pub async fn serve(
             let stop = async {
                 let _ = metrics_stopped.await;
             };
-            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, console, stop).await {
+            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, console, stop).await
+            {
                 warn!(error = %err, "metrics endpoint failed");
             }
         });

@@ -177,9 +177,7 @@ pub(super) async fn live(Extract(state): Shared) -> Answer {
 }
 
 fn version(v: &ModelVersion) -> Value {
-    let figures = |f: &reflex_core::quality::Figures| {
-        json!({ "hr10": f.hit_rate_at_10, "recall20": f.recall_at_20 })
-    };
+    let figures = |f: &reflex_core::quality::Figures| json!({ "hr10": f.hit_rate_at_10, "recall20": f.recall_at_20 });
     json!({
         "id": v.id,
         "created_ms": v.created_ms,
@@ -204,9 +202,7 @@ pub(super) async fn model(Extract(state): Shared) -> Answer {
     let (engine, _) = engine(&state)?;
     let versions = engine.model_versions().await?;
     let report = engine.quality();
-    let figures = |f: &reflex_core::quality::Figures| {
-        json!({ "hr10": f.hit_rate_at_10, "recall20": f.recall_at_20 })
-    };
+    let figures = |f: &reflex_core::quality::Figures| json!({ "hr10": f.hit_rate_at_10, "recall20": f.recall_at_20 });
     let population = |p: &reflex_core::quality::PopulationQuality| {
         json!({
             "decayed": figures(&p.decayed),
@@ -331,7 +327,10 @@ pub(super) async fn item(
     if entry.is_none() && similar.is_err() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("item {:?} is neither in the catalog nor known from events", item.as_str()),
+            format!(
+                "item {:?} is neither in the catalog nor known from events",
+                item.as_str()
+            ),
         ));
     }
     let (similar, similar_note) = match similar {
@@ -383,12 +382,17 @@ pub(super) async fn rollback(Extract(state): Shared, headers: HeaderMap, body: B
             ApiError::new(code, status.message())
         })?;
     }
-    let body: RollbackBody = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::bad_request(format!("the body must be {{\"version\": N}}: {err}")))?;
+    let body: RollbackBody = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::bad_request(format!("the body must be {{\"version\": N}}: {err}"))
+    })?;
     let (engine, replica) = engine(&state)?;
     let installed = engine.rollback(body.version, replica).await?;
     state.metrics.rollbacks.with_label_values(&["manual"]).inc();
-    tracing::info!(to = body.version, version = installed.id, "rollback from the console");
+    tracing::info!(
+        to = body.version,
+        version = installed.id,
+        "rollback from the console"
+    );
     ok(json!({
         "version": version(&installed),
         "serving": engine.model_version(),

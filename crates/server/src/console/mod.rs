@@ -99,8 +99,14 @@ impl Console {
     /// The pages under `/console/` and the API under `/console/api/`.
     pub fn router(&self) -> axum::Router {
         axum::Router::new()
-            .route("/console", get(|| async { Redirect::permanent("/console/") }))
-            .route("/console/", get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }))
+            .route(
+                "/console",
+                get(|| async { Redirect::permanent("/console/") }),
+            )
+            .route(
+                "/console/",
+                get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }),
+            )
             .route(
                 "/console/console.js",
                 get(|| async { asset(CONSOLE_JS, "text/javascript; charset=utf-8") }),

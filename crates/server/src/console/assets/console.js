@@ -136,13 +136,17 @@ function lineChart(host, series, opts) {
     // A null value breaks the line (an interval without observations).
     let run = [];
     const flush = () => {
-      if (run.length === 1) run.push([run[0][0] + 0.5, run[0][1]]);
-      if (run.length > 1) svg.append(s("polyline", { class: "s" + (sr.color ?? i), points: run.map((p) => p.join(",")).join(" ") }));
+      // A lone point shows as a short dash.
+      if (run.length === 1) run = [[run[0][0] - 2, run[0][1]], [run[0][0] + 2, run[0][1]]];
+      if (run.length > 1) {
+        const points = run.map(([px, py]) => `${px.toFixed(1)},${py.toFixed(1)}`).join(" ");
+        svg.append(s("polyline", { class: "s" + (sr.color ?? i), points }));
+      }
       run = [];
     };
     for (const [t, v] of sr.points) {
       if (v === null || v === undefined) flush();
-      else run.push([x(t).toFixed(1), y(v).toFixed(1)]);
+      else run.push([x(t), y(v)]);
     }
     flush();
   });
