@@ -169,7 +169,8 @@ async fn sample(state: Weak<State>) {
         };
         let t = now_ms();
         let sample = Sample::read(&state.metrics, t);
-        let quality = (n % QUALITY_EVERY == 0)
+        let quality = n
+            .is_multiple_of(QUALITY_EVERY)
             .then(|| state.engine.get())
             .flatten()
             .map(|(engine, _)| QualityPoint::of(&engine.quality(), t));
