@@ -8,6 +8,7 @@ mod support;
 
 mod batch;
 mod bench;
+mod console;
 mod content;
 mod demo;
 mod disk;

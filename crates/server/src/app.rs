@@ -267,17 +267,23 @@ pub async fn serve(
         ))
     });
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let console = config
+        .console
+        .enabled
+        .then(|| crate::console::Console::start(metrics.clone(), keys.clone().map(AuthLayer::new)));
     let metrics_addr = if config.metrics.enabled {
         let metrics_listener = TcpListener::bind(config.metrics.listen)
             .await
             .with_context(|| format!("binding the metrics endpoint {}", config.metrics.listen))?;
         let metrics_addr = metrics_listener.local_addr().ok();
         let metrics = metrics.clone();
+        let console = console.as_ref().map(crate::console::Console::router);
         tokio::spawn(async move {
             let stop = async {
                 let _ = metrics_stopped.await;
             };
-            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, stop).await {
+            if let Err(err) = crate::metrics::serve(metrics, metrics_listener, console, stop).await
+            {
                 warn!(error = %err, "metrics endpoint failed");
             }
         });
@@ -436,6 +442,9 @@ pub async fn serve(
     });
 
     let replica: Arc<str> = config.versions.replica().into();
+    if let Some(console) = &console {
+        console.set_engine(engine.clone(), replica.clone());
+    }
     let refitter = Arc::new(Refitter::new(
         engine.clone(),
         config.refit.clone(),

@@ -36,6 +36,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Prometheus scrape endpoint.
     pub metrics: MetricsConfig,
+    /// The web console, served on the metrics listener.
+    pub console: crate::console::ConsoleConfig,
     /// TLS for the gRPC server.
     pub tls: TlsConfig,
     /// OpenTelemetry trace export.
@@ -79,6 +81,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            console: crate::console::ConsoleConfig::default(),
             tls: TlsConfig::default(),
             telemetry: TelemetryConfig::default(),
             log: LogConfig::default(),
@@ -570,6 +573,7 @@ impl Config {
         };
         section("", self.validate_top_level());
         section("limits", self.limits.validate());
+        section("console", self.console.validate(self.metrics.enabled));
         section("telemetry", self.telemetry.validate());
         section("engine", validate_engine(&self.engine));
         section("model", self.model.validate());

@@ -40,8 +40,10 @@ fn embedding(category: usize, n: usize) -> Vec<f32> {
 }
 
 /// Runs the demo against a fresh server with `config` (the content model switched on
-/// for the demo's embeddings unless configured) and returns when it is done.
-pub async fn run(mut config: Config) -> anyhow::Result<()> {
+/// for the demo's embeddings unless configured) and returns when it is done, or with
+/// `stay`, when the server is asked to stop (Ctrl-C) after it, so the console can be
+/// browsed.
+pub async fn run(mut config: Config, stay: bool) -> anyhow::Result<()> {
     if config.content.dim == 0 {
         config.content.dim = EMBEDDING_DIM;
     }
@@ -51,8 +53,22 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             config.content.dim
         );
     }
+    let console = config.console.enabled;
     let server = crate::app::InProcess::start(config).await?;
+    let console = server
+        .metrics_addr
+        .filter(|_| console)
+        .map(|addr| format!("http://{addr}/console/"));
+    if let Some(url) = &console {
+        println!("Console: {url} (live while the demo runs; `reflex demo --stay` keeps it up)");
+    }
     let result = drive(&server.endpoint).await;
+    if stay && result.is_ok() {
+        if let Some(url) = &console {
+            println!("\nThe server stays up: browse {url}#user/alice, Ctrl-C to stop.");
+        }
+        crate::app::shutdown_signal().await;
+    }
     server.stop().await?;
     result
 }

@@ -9,6 +9,7 @@
 //! - [`middleware`]: tower layers, one file each: call metrics, deadlines, load shedding,
 //!   API keys, the oversize-status rewrite; and the services that wait for start-up
 //! - [`metrics`]: Prometheus instruments and the `/metrics` endpoint
+//! - [`console`]: the web console and its JSON API, on the metrics listener
 //! - [`telemetry`]: logs and optional OTLP trace export
 //! - [`otlp_metrics`]: optional OTLP export of the Prometheus registry
 //! - [`instrumented`]: backend decorators recording latency and failures
@@ -25,6 +26,7 @@ pub mod als_args;
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod console;
 pub mod convert;
 pub mod demo;
 pub mod eval_cmd;

@@ -33,8 +33,13 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve,
-    /// Run a server on a fresh embedded store and drive a synthetic shopping session.
-    Demo,
+    /// Run a server on a fresh embedded store and drive a synthetic shopping session;
+    /// the web console is on while it runs.
+    Demo {
+        /// Keep the server (and its console) up after the session, until Ctrl-C.
+        #[arg(long)]
+        stay: bool,
+    },
     /// Print the effective configuration.
     Config,
     /// Drive a server with synthetic shop traffic and report throughput and latency.
@@ -61,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             let config = Config::load(cli.config.as_deref(), &flags)?;
             let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, false)?;
+            let console = config.console.enabled;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
@@ -78,12 +84,15 @@ async fn main() -> anyhow::Result<()> {
                     }
                     if let Some(metrics) = metrics {
                         println!("reflex metrics on http://{metrics}/metrics");
+                        if console {
+                            println!("reflex console on http://{metrics}/console/");
+                        }
                     }
                 },
             )
             .await
         }
-        Command::Demo => {
+        Command::Demo { stay } => {
             // A fresh store and a free port unless told otherwise, so the demo always
             // starts from nothing and never collides with a running server.
             let scratch = tempfile::tempdir().context("creating a scratch data directory")?;
@@ -94,11 +103,13 @@ async fn main() -> anyhow::Result<()> {
                 flags.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
             }
             let mut config = Config::load(cli.config.as_deref(), &flags)?;
-            // The demo's server is private to it: no scrape endpoint to collide with a
-            // real server's port.
-            config.metrics.enabled = false;
+            // The demo's server is private to it: its HTTP listener (the console and
+            // `/metrics`) takes a free port, never a real server's.
+            config.metrics.enabled = true;
+            config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            config.console.enabled = true;
             let _telemetry = reflex_server::telemetry::init(&config.log, &config.telemetry, true)?;
-            reflex_server::demo::run(config).await
+            reflex_server::demo::run(config, stay).await
         }
         Command::Bench(args) => {
             reflex_server::bench::run(*args, cli.config.as_deref(), flags).await

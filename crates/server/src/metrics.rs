@@ -455,10 +455,12 @@ impl Collector for RecallCollector {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
+/// Serves `/metrics` (and the `console`'s routes, when given) on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     metrics: Arc<Metrics>,
     listener: TcpListener,
+    console: Option<axum::Router>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener
@@ -479,6 +481,10 @@ pub async fn serve(
             }
         }),
     );
+    let app = match console {
+        Some(console) => app.merge(console),
+        None => app,
+    };
     info!(%addr, "metrics endpoint serving /metrics");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

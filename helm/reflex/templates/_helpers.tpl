@@ -98,6 +98,7 @@ share of botFilter.maxEventsPerUserPerSec).
 {{- $_ := set $store "embedded" (dict "data_dir" (include "reflex.dataDir" .)) -}}
 {{- end -}}
 {{- $_ := set $owned "store" $store -}}
+{{- $_ := set $owned "console" (dict "enabled" (.Values.console.enabled | default false)) -}}
 {{- if .Values.auth.enabled -}}
 {{- $_ := set $owned "auth" (dict "enabled" true "keys_file" (include "reflex.keysPath" .)) -}}
 {{- end -}}

@@ -117,9 +117,15 @@ impl AuthLayer {
     }
 
     fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), Status> {
-        let Some(scope) = required_scope(path) else {
-            return Ok(());
-        };
+        match required_scope(path) {
+            Some(scope) => self.authorize(headers, scope),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the key `headers` present for `scope`, as gRPC calls are checked: the web
+    /// console's admin actions (HTTP, not gRPC) use it.
+    pub fn authorize(&self, headers: &HeaderMap, scope: Scope) -> Result<(), Status> {
         let presented = headers
             .get("x-api-key")
             .map(HeaderValue::as_bytes)
@@ -140,7 +146,7 @@ impl AuthLayer {
         if key.scopes.contains(&scope) || key.scopes.contains(&Scope::Admin) {
             Ok(())
         } else {
-            tracing::debug!(key = %key.name, ?scope, path, "key lacks scope");
+            tracing::debug!(key = %key.name, ?scope, "key lacks scope");
             Err(Status::permission_denied(format!(
                 "API key {:?} lacks the {scope:?} scope this method needs",
                 key.name
