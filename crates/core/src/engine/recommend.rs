@@ -271,6 +271,10 @@ impl Engine {
         space: SimilarSpace,
     ) -> Result<Recommendation> {
         let count = self.check_count(count)?;
+        // A space this server cannot answer is the request's fault whatever the item.
+        if let Some(off) = self.space_off(space) {
+            return Err(off);
+        }
         let not_found = || Error::NotFound(format!("item {item:?}"));
         let idx = self
             .backends
@@ -291,10 +295,7 @@ impl Engine {
         };
         if space == SimilarSpace::Sequence {
             let Some(signals) = &self.signals else {
-                return Err(Error::invalid(
-                    "space",
-                    "the signals are off (set signals.enabled)",
-                ));
+                return Err(self.space_off(space).unwrap_or_else(not_found));
             };
             let mut excluded = self.excluded(None, filter);
             excluded.insert(idx);
@@ -315,12 +316,6 @@ impl Engine {
         }
         let (vector, use_content) = match space {
             SimilarSpace::Mf => (self.backends.model.item_vector(idx), false),
-            SimilarSpace::Content if content.is_none() => {
-                return Err(Error::invalid(
-                    "space",
-                    "the content model is not configured (set content.dim)",
-                ));
-            }
             SimilarSpace::Content => (content_vector(), true),
             SimilarSpace::Auto => match self.backends.model.item_vector(idx) {
                 Some(v) => (Some(v), false),
@@ -353,6 +348,21 @@ impl Engine {
             degraded: false,
             cached: false,
         })
+    }
+
+    /// The error for a similarity space whose model is off, `None` when it is on.
+    fn space_off(&self, space: SimilarSpace) -> Option<Error> {
+        match space {
+            SimilarSpace::Content if self.content.is_none() => Some(Error::invalid(
+                "space",
+                "the content model is not configured (set content.dim)",
+            )),
+            SimilarSpace::Sequence if self.signals.is_none() => Some(Error::invalid(
+                "space",
+                "the signals are off (set signals.enabled)",
+            )),
+            _ => None,
+        }
     }
 
     fn check_count(&self, count: usize) -> Result<usize> {
@@ -458,7 +468,7 @@ fn descending(items: &mut [ScoredItem]) {
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::{Harness, ids, item, item_id, raw, views};
-    use super::{RequestFilter, Source};
+    use super::{RequestFilter, SimilarSpace, Source};
     use crate::types::{RawKind, UserId};
 
     /// A catalog of four items, `d` unavailable, learnt by another user so that the
@@ -483,6 +493,31 @@ mod tests {
 
     fn who(name: &str) -> UserId {
         super::super::fixtures::user(name)
+    }
+
+    #[tokio::test]
+    async fn a_space_whose_model_is_off_is_an_invalid_argument_even_for_an_unknown_item() {
+        let h = shop().await;
+        let filter = RequestFilter::default();
+        for space in [SimilarSpace::Content, SimilarSpace::Sequence] {
+            for name in ["a", "never-seen"] {
+                let err = h
+                    .engine
+                    .similar_items(&item_id(name), 3, &filter, space)
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(err, crate::Error::InvalidArgument { .. }),
+                    "{space:?} for {name}: {err:?}"
+                );
+            }
+        }
+        let err = h
+            .engine
+            .similar_items(&item_id("never-seen"), 3, &filter, SimilarSpace::Mf)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, crate::Error::NotFound(_)), "{err:?}");
     }
 
     #[tokio::test]
