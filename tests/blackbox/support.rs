@@ -279,17 +279,29 @@ pub fn ids(resp: &proto::RecommendResponse) -> Vec<String> {
     resp.items.iter().map(|i| i.item_id.clone()).collect()
 }
 
-/// Total applied events of `user` according to their profile (0 when none).
+/// Total applied events of `user` according to their profile (0 when none). An
+/// `UNAVAILABLE` answer is retried for up to ten seconds, as a careful client would: on a
+/// loaded machine a shared store's read may pass `store.redis.read_timeout_ms`, and reads
+/// then answer `UNAVAILABLE` until the store answers again.
 pub async fn applied_events(channel: &Channel, user: &str) -> u64 {
-    match ProfileServiceClient::new(channel.clone())
-        .get_profile(proto::GetProfileRequest {
-            user_id: user.into(),
-        })
-        .await
-    {
-        Ok(p) => p.into_inner().kind_counts.values().sum(),
-        Err(s) if s.code() == tonic::Code::NotFound => 0,
-        Err(s) => panic!("get_profile: {s}"),
+    let start = Instant::now();
+    loop {
+        match ProfileServiceClient::new(channel.clone())
+            .get_profile(proto::GetProfileRequest {
+                user_id: user.into(),
+            })
+            .await
+        {
+            Ok(p) => return p.into_inner().kind_counts.values().sum(),
+            Err(s) if s.code() == tonic::Code::NotFound => return 0,
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && start.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("get_profile: {s}"),
+        }
     }
 }
 
