@@ -254,11 +254,8 @@ async fn source_health(channel: &Channel) -> i32 {
         .unwrap_or(-1)
 }
 
-#[tokio::test]
-async fn kafka_events_move_recommendations_once_with_dead_letters_and_a_sink() {
-    let Some(tansu) = Tansu::start("kafka_events_move_recommendations_once") else {
-        return;
-    };
+/// The topics the tests' shop uses: two of interactions, the dead letters and the sink.
+fn create_shop_topics(tansu: &Tansu) {
     for (topic, partitions) in [
         ("user_clicks", 2),
         ("orders", 2),
@@ -267,6 +264,14 @@ async fn kafka_events_move_recommendations_once_with_dead_letters_and_a_sink() {
     ] {
         tansu.create_topic(topic, partitions);
     }
+}
+
+#[tokio::test]
+async fn kafka_events_move_recommendations_once_with_dead_letters_and_a_sink() {
+    let Some(tansu) = Tansu::start("kafka_events_move_recommendations_once") else {
+        return;
+    };
+    create_shop_topics(&tansu);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &tansu, "reflex");
     let config_path = config.to_str().unwrap();
@@ -463,14 +468,7 @@ async fn kill_9_during_consumption_applies_every_event_exactly_once() {
     let Some(tansu) = Tansu::start("kill_9_during_consumption") else {
         return;
     };
-    for (topic, partitions) in [
-        ("user_clicks", 2),
-        ("orders", 2),
-        ("reflex_dead", 1),
-        ("reflex_events", 1),
-    ] {
-        tansu.create_topic(topic, partitions);
-    }
+    create_shop_topics(&tansu);
     const USERS: usize = 20;
     const PER_USER: usize = 150;
     let producer = tansu.producer();
