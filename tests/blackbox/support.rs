@@ -279,29 +279,44 @@ pub fn ids(resp: &proto::RecommendResponse) -> Vec<String> {
     resp.items.iter().map(|i| i.item_id.clone()).collect()
 }
 
-/// Total applied events of `user` according to their profile (0 when none). An
-/// `UNAVAILABLE` answer is retried for up to ten seconds, as a careful client would: on a
-/// loaded machine a shared store's read may pass `store.redis.read_timeout_ms`, and reads
-/// then answer `UNAVAILABLE` until the store answers again.
-pub async fn applied_events(channel: &Channel, user: &str) -> u64 {
+/// Calls `call` again while it answers `UNAVAILABLE`, for up to ten seconds, as a careful
+/// client would: on a loaded machine a shared store's read or write may pass its timeout
+/// (`store.redis.read_timeout_ms`, `command_timeout_ms`), and the server answers
+/// `UNAVAILABLE` until the store answers again. Any other answer is returned.
+pub async fn retrying_unavailable<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let start = Instant::now();
     loop {
-        match ProfileServiceClient::new(channel.clone())
-            .get_profile(proto::GetProfileRequest {
-                user_id: user.into(),
-            })
-            .await
-        {
-            Ok(p) => return p.into_inner().kind_counts.values().sum(),
-            Err(s) if s.code() == tonic::Code::NotFound => return 0,
+        match call().await {
             Err(s)
                 if s.code() == tonic::Code::Unavailable
                     && start.elapsed() < Duration::from_secs(10) =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(s) => panic!("get_profile: {s}"),
+            other => return other.map(tonic::Response::into_inner),
         }
+    }
+}
+
+/// Total applied events of `user` according to their profile (0 when none), retrying
+/// `UNAVAILABLE` (see [`retrying_unavailable`]).
+pub async fn applied_events(channel: &Channel, user: &str) -> u64 {
+    let answer = retrying_unavailable(|| {
+        let mut client = ProfileServiceClient::new(channel.clone());
+        let request = proto::GetProfileRequest {
+            user_id: user.into(),
+        };
+        async move { client.get_profile(request).await }
+    })
+    .await;
+    match answer {
+        Ok(p) => p.kind_counts.values().sum(),
+        Err(s) if s.code() == tonic::Code::NotFound => 0,
+        Err(s) => panic!("get_profile: {s}"),
     }
 }
 
@@ -354,24 +369,28 @@ pub async fn scrape(server: &Reflex) -> String {
     text
 }
 
-/// Stored model versions and the label answers carry now.
+/// Stored model versions and the label answers carry now (retrying `UNAVAILABLE`).
 pub async fn model_versions(channel: &Channel) -> proto::ListVersionsResponse {
-    ModelServiceClient::new(channel.clone())
-        .list_versions(proto::ListVersionsRequest {})
-        .await
-        .expect("list versions")
-        .into_inner()
+    retrying_unavailable(|| {
+        let mut client = ModelServiceClient::new(channel.clone());
+        let request = proto::ListVersionsRequest {};
+        async move { client.list_versions(request).await }
+    })
+    .await
+    .expect("list versions")
 }
 
-/// Takes a snapshot now.
+/// Takes a snapshot now (retrying `UNAVAILABLE`).
 pub async fn snapshot(channel: &Channel, reason: &str) -> proto::ModelVersion {
-    ModelServiceClient::new(channel.clone())
-        .snapshot(proto::SnapshotRequest {
+    retrying_unavailable(|| {
+        let mut client = ModelServiceClient::new(channel.clone());
+        let request = proto::SnapshotRequest {
             reason: reason.into(),
-        })
-        .await
-        .expect("snapshot")
-        .into_inner()
+        };
+        async move { client.snapshot(request).await }
+    })
+    .await
+    .expect("snapshot")
 }
 
 /// Neighbours of `item` with their scores, which depend on item vectors only.
