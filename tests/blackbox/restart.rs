@@ -74,11 +74,13 @@ fn batch(b: usize) -> Vec<proto::Event> {
 #[tokio::test]
 async fn kill_9_mid_stream_keeps_every_acked_event_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    // Frequent checkpoints so the kill lands between and during them.
+    // Frequent checkpoints (every tick, however little the log grew) so the kill lands
+    // between and during them.
     let mut server = Reflex::start_with(
         dir.path(),
         &[
             ("REFLEX_MAINTENANCE_INTERVAL_MS", "20"),
+            ("REFLEX_STORE__EMBEDDED__CHECKPOINT_EVENTS_PER_PROFILE", "0"),
             (
                 "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
                 "0",

@@ -148,6 +148,15 @@ pub trait ProfileStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether the scheduled checkpoint should be written now that the log reaches `seq`
+    /// (an explicit [`Engine::checkpoint`](crate::Engine::checkpoint) always writes). A
+    /// store whose checkpoint rewrites whole profiles can wait until the log since the
+    /// last one outweighs what the next would write. Cheap: called on every maintenance
+    /// tick.
+    fn checkpoint_due(&self, _seq: Seq) -> bool {
+        true
+    }
+
     /// Number of profiles held, including expired ones not yet evicted (for metrics and
     /// tests).
     async fn count(&self) -> Result<usize>;

@@ -106,6 +106,10 @@ impl ProfileStore for Instrumented<dyn ProfileStore> {
         }))
     }
 
+    fn checkpoint_due(&self, seq: Seq) -> bool {
+        self.inner.checkpoint_due(seq)
+    }
+
     async fn count(&self) -> Result<usize> {
         self.inner.count().await
     }

@@ -202,6 +202,16 @@ impl Engine {
         ahead.claimed.clear();
     }
 
+    /// The scheduled checkpoint: [`checkpoint`](Self::checkpoint) when the profile store
+    /// says one is due ([`ProfileStore::checkpoint_due`](crate::ProfileStore::checkpoint_due)).
+    pub async fn checkpoint_if_due(&self) -> Result<Option<Seq>> {
+        let seq = self.backends.sink.last_seq().await?;
+        if !self.backends.profiles.checkpoint_due(seq) {
+            return Ok(None);
+        }
+        self.checkpoint().await
+    }
+
     /// Writes a profile checkpoint at a consistent cut of the log, if the profile store
     /// keeps one. Ingest pauses only while the store captures what to write.
     pub async fn checkpoint(&self) -> Result<Option<Seq>> {

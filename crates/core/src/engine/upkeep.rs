@@ -25,7 +25,7 @@ impl Engine {
         }
         self.backends.sink.maintain().await?;
         self.repair_profiles().await?;
-        self.checkpoint().await?;
+        self.checkpoint_if_due().await?;
         self.trim_log().await?;
         Ok(())
     }

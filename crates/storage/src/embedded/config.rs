@@ -13,6 +13,13 @@ const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
 /// needs it (for `reflex train` and for looking back at what came in).
 const DEFAULT_LOG_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
+/// A scheduled checkpoint waits until the log since the last one holds this many events
+/// per profile it would rewrite (see [`EmbeddedConfig::checkpoint_events_per_profile`]).
+const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 8;
+
+/// One minute: the longest a changed profile waits for its checkpoint by default.
+const DEFAULT_CHECKPOINT_MAX_INTERVAL_MS: i64 = 60_000;
+
 /// 128 MiB: room for checkpoints, compaction and snapshots after ingest stops.
 const DEFAULT_MIN_FREE_BYTES: u64 = 128 * 1024 * 1024;
 
@@ -35,6 +42,17 @@ pub struct EmbeddedConfig {
     /// refused with `UNAVAILABLE` (and readiness turns NOT_SERVING) while checkpoints,
     /// compaction and snapshots can still write; ingest resumes once space returns.
     pub min_free_bytes: u64,
+    /// A checkpoint rewrites each changed profile whole (its recent items, purchases,
+    /// counters), so writing one every maintenance tick under heavy traffic costs a
+    /// profile's encoding per few events. A scheduled checkpoint therefore waits until the
+    /// log since the last one holds at least this many events per changed profile (or
+    /// `checkpoint_max_interval_ms` passed): its cost per event stays a fraction of a
+    /// profile, and the log that recovery replays stays short. 0 checkpoints on every
+    /// maintenance tick.
+    pub checkpoint_events_per_profile: u64,
+    /// The longest a changed profile waits for a checkpoint, in ms; it bounds the log that
+    /// start-up replays after a crash to this stretch of traffic.
+    pub checkpoint_max_interval_ms: i64,
 }
 
 impl Default for EmbeddedConfig {
@@ -45,6 +63,8 @@ impl Default for EmbeddedConfig {
             dedupe_window_ms: DEFAULT_DEDUPE_WINDOW_MS,
             log_retention_ms: DEFAULT_LOG_RETENTION_MS,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            checkpoint_events_per_profile: DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE,
+            checkpoint_max_interval_ms: DEFAULT_CHECKPOINT_MAX_INTERVAL_MS,
         }
     }
 }
@@ -70,6 +90,15 @@ impl EmbeddedConfig {
             return Err(Error::invalid(
                 "log_retention_ms",
                 format!("is {}, must not be negative", self.log_retention_ms),
+            ));
+        }
+        if self.checkpoint_max_interval_ms < 0 {
+            return Err(Error::invalid(
+                "store.embedded.checkpoint_max_interval_ms",
+                format!(
+                    "is {}, must not be negative",
+                    self.checkpoint_max_interval_ms
+                ),
             ));
         }
         if self.data_dir.as_os_str().is_empty() {

@@ -75,6 +75,9 @@ struct Shared {
     persist: PersistMode,
     dedupe_window_ms: i64,
     log_retention_ms: i64,
+    /// When a scheduled checkpoint is due (see [`EmbeddedConfig`]).
+    checkpoint_events_per_profile: u64,
+    checkpoint_max_interval_ms: i64,
     /// The free-space floor of ingest, and whether a failed write stopped the database.
     disk: disk::DiskGuard,
     log: LogState,
@@ -115,6 +118,8 @@ impl EmbeddedStore {
                 persist: config.durability.persist_mode(),
                 dedupe_window_ms: config.dedupe_window_ms,
                 log_retention_ms: config.log_retention_ms,
+                checkpoint_events_per_profile: config.checkpoint_events_per_profile,
+                checkpoint_max_interval_ms: config.checkpoint_max_interval_ms,
                 disk: disk::DiskGuard::new(dir, config.min_free_bytes),
                 log: LogState::new(last_seq),
                 profile_state,

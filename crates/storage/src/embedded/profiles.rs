@@ -7,7 +7,7 @@
 //! exactly once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -33,6 +33,8 @@ pub(super) struct ProfileState {
     dirty: Mutex<Vec<UserId>>,
     /// Log position the `profiles` keyspace is consistent with.
     durable_seq: AtomicU64,
+    /// Wall-clock time the last checkpoint was captured (the store's opening before any).
+    captured_ms: AtomicI64,
     /// Keeps checkpoint writes one at a time, so an older one never lands after a newer.
     checkpoint_writer: Mutex<()>,
 }
@@ -74,6 +76,7 @@ impl ProfileState {
             live,
             dirty: Mutex::new(Vec::new()),
             durable_seq: AtomicU64::new(checkpoint_seq(meta)?),
+            captured_ms: AtomicI64::new(now_ms()),
             checkpoint_writer: Mutex::new(()),
         })
     }
@@ -150,6 +153,7 @@ impl ProfileState {
     /// Takes the dirty users and the state each must be written with: a reference to
     /// the profile (copied only if an event changes it before the write), or a deletion.
     fn capture(&self, now: TimestampMs) -> Vec<Change> {
+        self.captured_ms.store(now, Ordering::Relaxed);
         let users = std::mem::take(&mut *self.dirty.lock());
         let mut changes: Vec<Change> = Vec::with_capacity(users.len());
         for user in users {
@@ -185,6 +189,20 @@ impl ProfileState {
         }
         self.dirty.lock().extend(again);
     }
+}
+
+/// Whether a scheduled checkpoint is worth writing: `events` logged since the last one,
+/// `changed` profiles it would rewrite, `waited_ms` since the last capture.
+fn checkpoint_due(
+    events: u64,
+    changed: u64,
+    waited_ms: i64,
+    events_per_profile: u64,
+    max_interval_ms: i64,
+) -> bool {
+    changed == 0
+        || events >= changed.saturating_mul(events_per_profile)
+        || waited_ms >= max_interval_ms
 }
 
 /// The log position the `profiles` keyspace is consistent with, 0 before any checkpoint.
@@ -316,6 +334,25 @@ impl ProfileStore for EmbeddedStore {
             debug!(seq, profiles = count, "profile checkpoint written");
             Ok(())
         }))
+    }
+
+    /// Due when the log since the last checkpoint holds `checkpoint_events_per_profile`
+    /// events per changed profile, when `checkpoint_max_interval_ms` passed since the last
+    /// capture, or when only the position moved (nothing to rewrite: a cheap write that
+    /// lets the log be trimmed).
+    fn checkpoint_due(&self, seq: Seq) -> bool {
+        let state = &self.shared.profile_state;
+        let durable = state.durable_seq();
+        if seq <= durable && state.pending() == 0 {
+            return false;
+        }
+        checkpoint_due(
+            seq.saturating_sub(durable),
+            state.pending() as u64,
+            now_ms().saturating_sub(state.captured_ms.load(Ordering::Relaxed)),
+            self.shared.checkpoint_events_per_profile,
+            self.shared.checkpoint_max_interval_ms,
+        )
     }
 
     /// Profiles held in memory, including expired ones not yet evicted by maintenance.

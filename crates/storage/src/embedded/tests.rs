@@ -731,3 +731,57 @@ async fn a_database_stopped_by_a_full_disk_is_reopened_once_space_returns() {
         [Appended::Duplicate]
     );
 }
+
+#[tokio::test]
+async fn a_scheduled_checkpoint_waits_for_enough_log_per_changed_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(
+        EmbeddedConfig {
+            checkpoint_events_per_profile: 4,
+            ..config(dir.path())
+        },
+        ProfilePolicy::default(),
+    )
+    .unwrap();
+    assert!(!store.checkpoint_due(0), "nothing happened");
+    let now = now_ms();
+    // Two users changed by 6 events: 3 per profile, under 4.
+    store
+        .apply(&updates(&views("a", "alice", 3), 1, now))
+        .await
+        .unwrap();
+    store
+        .apply(&updates(&views("b", "bob", 3), 4, now))
+        .await
+        .unwrap();
+    assert!(!store.checkpoint_due(6));
+    // Alice's two more events: 8 events for two profiles.
+    store
+        .apply(&updates(&views("a2", "alice", 2), 7, now))
+        .await
+        .unwrap();
+    assert!(store.checkpoint_due(8));
+    checkpoint(&store, 8).await;
+    assert!(!store.checkpoint_due(8), "written");
+    // Events that changed no profile (filtered ones) only move the position: due.
+    assert!(store.checkpoint_due(9));
+}
+
+#[tokio::test]
+async fn a_changed_profile_waits_no_longer_than_the_max_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(
+        EmbeddedConfig {
+            checkpoint_events_per_profile: 1_000,
+            checkpoint_max_interval_ms: 0,
+            ..config(dir.path())
+        },
+        ProfilePolicy::default(),
+    )
+    .unwrap();
+    store
+        .apply(&updates(&views("a", "alice", 1), 1, now_ms()))
+        .await
+        .unwrap();
+    assert!(store.checkpoint_due(1), "the interval has passed");
+}
