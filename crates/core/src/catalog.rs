@@ -139,6 +139,19 @@ impl ItemIndex {
         })
     }
 
+    /// Interns `id` (see [`intern`](Self::intern)) and makes it share the index's string,
+    /// so a profile that keeps it holds no copy of its own: a profile's recent items
+    /// then cost a pointer each, not a string allocation per event.
+    pub fn canonicalize(&self, id: &mut ItemId) -> ItemIdx {
+        let idx = self.intern(id);
+        if let Some(shared) = self.id(idx)
+            && !Arc::ptr_eq(shared.as_arc(), id.as_arc())
+        {
+            *id = shared.clone();
+        }
+        idx
+    }
+
     /// The index of `id` if it was ever seen.
     pub fn get(&self, id: &str) -> Option<ItemIdx> {
         self.by_id.get(id).map(|r| *r)
@@ -199,6 +212,19 @@ mod tests {
 
     fn id(s: &str) -> ItemId {
         ItemId::parse(s, "item_id").unwrap()
+    }
+
+    #[test]
+    fn canonical_ids_share_the_index_string() {
+        let index = ItemIndex::default();
+        let mut first = id("milk");
+        let mut second = id("milk");
+        assert!(!Arc::ptr_eq(first.as_arc(), second.as_arc()));
+        assert_eq!(index.canonicalize(&mut first), 0);
+        assert_eq!(index.canonicalize(&mut second), 0);
+        assert!(Arc::ptr_eq(first.as_arc(), second.as_arc()));
+        assert_eq!(second.as_str(), "milk");
+        assert_eq!(index.canonicalize(&mut id("bread")), 1);
     }
 
     #[test]

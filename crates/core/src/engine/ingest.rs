@@ -59,6 +59,21 @@ impl Engine {
                 records.len()
             )));
         }
+        // What profiles keep shares the item index's strings (one per item, not one per
+        // event held in a profile).
+        for (record, outcome) in records.iter_mut().zip(&appended) {
+            if let (
+                LogRecord::Event {
+                    event,
+                    filtered: false,
+                    ..
+                },
+                Appended::At(_),
+            ) = (record, outcome)
+            {
+                self.backends.items.canonicalize(&mut event.item_id);
+            }
+        }
         let mut updates = Vec::with_capacity(records.len());
         for ((record, outcome), slot) in records.iter().zip(&appended).zip(&slots) {
             let LogRecord::Event {

@@ -48,7 +48,7 @@ impl Engine {
         let mut replayed = 0u64;
         let mut first = true;
         loop {
-            let page = self.backends.sink.read(after, 4096).await?;
+            let mut page = self.backends.sink.read(after, 4096).await?;
             let Some((last, _)) = page.last() else { break };
             if first && page[0].0 > after + 1 {
                 warn!(
@@ -60,6 +60,16 @@ impl Engine {
             first = false;
             after = *last;
             replayed += page.len() as u64;
+            for (_, record) in &mut page {
+                if let LogRecord::Event {
+                    event,
+                    filtered: false,
+                    ..
+                } = record
+                {
+                    self.backends.items.canonicalize(&mut event.item_id);
+                }
+            }
             let mut updates = Vec::with_capacity(page.len());
             for (seq, record) in &page {
                 let profile_due = profile_seq.is_some_and(|d| *seq > d);
