@@ -12,6 +12,10 @@ use crate::profile::Profile;
 use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate, SignalEvent};
 use crate::types::{Event, RawEvent, Seq, UserId, now_ms};
 
+/// Events learnt between two yields of the worker thread in [`Engine::ingest`]: a few
+/// hundred microseconds of CPU.
+const LEARN_SLICE: usize = 64;
+
 impl Engine {
     /// Ingests one batch. Invalid events are rejected with their reason while the rest
     /// proceed; an oversize batch is refused whole.
@@ -97,8 +101,13 @@ impl Engine {
             self.backends.profiles.apply(&updates).await?;
             // An accepted event is in the model before its ack, also when the model
             // follows the shared log: then whichever comes first, this or following,
-            // teaches it (once).
-            for u in &updates {
+            // teaches it (once). Learning a whole batch takes milliseconds of CPU, so it
+            // yields the worker thread between slices: a `Recommend` queued behind it on
+            // the same worker waits for one slice, not for the batch.
+            for (i, u) in updates.iter().enumerate() {
+                if i > 0 && i % LEARN_SLICE == 0 {
+                    tokio::task::yield_now().await;
+                }
                 if !self.follows_log || self.claim_for_ingest(u.seq) {
                     self.learn(u.event, u.weight, true);
                 }
