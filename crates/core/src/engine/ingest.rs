@@ -233,6 +233,39 @@ mod tests {
         assert_eq!(h.engine.stats().events_applied, 1);
     }
 
+    /// A large batch does not hold the thread it runs on for all of its learning: a task
+    /// waiting on the same (single) thread, as a `Recommend` on the same tokio worker
+    /// would, runs before the batch is done.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_batch_lets_other_tasks_on_its_thread_run_before_it_is_done() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let h = Harness::new().await;
+        let done = Arc::new(AtomicBool::new(false));
+        let waiting = tokio::spawn({
+            let done = Arc::clone(&done);
+            async move { done.load(Ordering::SeqCst) }
+        });
+        let batch = (0..500)
+            .map(|i| {
+                let user = format!("u{}", i % 50);
+                raw(
+                    &format!("e{i}"),
+                    &user,
+                    &format!("i{}", i % 40),
+                    RawKind::View,
+                )
+            })
+            .collect();
+        let outcomes = h.engine.ingest(batch).await.unwrap();
+        done.store(true, Ordering::SeqCst);
+        assert!(outcomes.iter().all(|o| *o == EventOutcome::Accepted));
+        assert!(
+            !waiting.await.unwrap(),
+            "the waiting task ran only after the whole batch"
+        );
+    }
+
     /// Replicas on a shared store: the model follows the log, yet the replica that acks
     /// an event has it in its model at the ack (as without a shared log), and following
     /// does not teach it again; other replicas learn it by following.
