@@ -393,3 +393,93 @@ async fn filtered_events_are_not_pending() {
     );
     assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
 }
+
+/// One script call covers every user of a batch: users interleaved in one batch (views,
+/// purchases, late events, explicit sessions) end up as the reference `Profile::apply`
+/// makes them, every position is confirmed, and the same batch again, or part of it in
+/// another batch with new events, changes nothing twice.
+#[tokio::test]
+async fn a_batch_of_many_users_is_applied_per_user_as_the_reference_and_once() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let policy = ProfilePolicy::default();
+    let kinds = [EventKind::View, EventKind::Purchase, EventKind::Click];
+    let base = 1_700_000_000_000i64;
+    let events: Vec<reflex_core::Event> = (0..120i64)
+        .map(|i| {
+            let mut e = event(
+                &format!("many-{i}"),
+                &format!("many-u{}", i % 7),
+                &format!("item-{}", i % 5),
+                kinds[(i % 3) as usize].clone(),
+                base + i * 1_000 + if i % 11 == 3 { -50_000 } else { 0 },
+            );
+            if i % 17 == 0 {
+                e.session_id = Some(format!("s-{}", i / 34).into());
+            }
+            e
+        })
+        .collect();
+    let records: Vec<LogRecord> = events.iter().cloned().map(conformance::record).collect();
+    let seqs: Vec<Seq> = store
+        .append(&records)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| match a {
+            Appended::At(s) => s,
+            Appended::Duplicate => panic!("fresh ids are not duplicates"),
+        })
+        .collect();
+    let now = reflex_core::types::now_ms();
+    let updates: Vec<_> = seqs
+        .iter()
+        .zip(&events)
+        .enumerate()
+        .map(|(i, (seq, e))| reflex_core::ProfileUpdate {
+            seq: *seq,
+            event: e,
+            weight: 0.5 + i as f32 / 4.0,
+            now_ms: now + i as i64,
+        })
+        .collect();
+    store.apply(&updates).await.unwrap();
+    assert!(store.unapplied(-1_000, 1_000).await.unwrap().is_empty());
+
+    let profiles = |store: Arc<RedisStore>| async move {
+        let mut got = Vec::new();
+        for u in 0..7 {
+            let name = format!("many-u{u}");
+            let p = ProfileStore::get(&*store, &user(&name)).await.unwrap();
+            got.push(p.unwrap_or_else(|| panic!("{name} has a profile")));
+        }
+        got
+    };
+    let first = profiles(store.clone()).await;
+    for (u, got) in first.iter().enumerate() {
+        let name = user(&format!("many-u{u}"));
+        let mut expected = reflex_core::Profile::new(name.clone());
+        for update in updates.iter().filter(|x| x.event.user_id == name) {
+            expected.apply(update.event, update.weight, &policy, update.now_ms);
+        }
+        assert_eq!(got, &expected, "user many-u{u}");
+    }
+
+    // The whole batch again, then its second half with a new event of a new user.
+    store.apply(&updates).await.unwrap();
+    let extra = event("many-new", "many-new-u", "item-1", EventKind::View, base);
+    let [Appended::At(extra_seq)] = store
+        .append(&[conformance::record(extra.clone())])
+        .await
+        .unwrap()[..]
+    else {
+        panic!("a fresh id is appended")
+    };
+    let mut again: Vec<_> = updates[60..].to_vec();
+    again.push(update(extra_seq, &extra, now));
+    store.apply(&again).await.unwrap();
+    assert_eq!(profiles(store.clone()).await, first);
+    assert_eq!(views_of(&store, "many-new-u").await, (1, 1, 1));
+    assert!(store.unapplied(-1_000, 1_000).await.unwrap().is_empty());
+}
