@@ -95,9 +95,11 @@ return out
 /// the two can still apply an older position twice there.
 ///
 /// Per user, the hash fields it needs (counters and version included) are read with one
-/// `HMGET` and written with one `HSET`, and the recent list's head is read once; the
-/// pending positions of the whole call are checked with one `ZMSCORE` and confirmed with
-/// one `ZREM` (per 1,000).
+/// `HMGET` and written with one `HSET`; the recent list's head is not read (its event
+/// time is last-seen, `ls`: the newest event is never trimmed), and the purchase list is
+/// only given a TTL when the purchase count says it exists. The pending positions of the
+/// whole call are checked with one `ZMSCORE` and confirmed with one `ZREM` (per 1,000).
+/// A user's first event costs `HMGET`, `LPUSH`, `HSET` and two `PEXPIREAT`s.
 pub(super) const APPLY: &str = r#"
 local max_recent = tonumber(ARGV[1])
 local max_purchased = tonumber(ARGV[2])
@@ -135,8 +137,8 @@ end
 
 -- Applies ARGV[from .. to] (7 per event) to the user whose keys are h, r, b.
 local function apply_user(h, r, b, from, to)
-  local names = {'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't', 'v'}
-  local slot_of = {}
+  local names = {'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't', 'v', 'c:purchase'}
+  local slot_of = {['c:purchase'] = 9}
   for o = from, to, 7 do
     local field = 'c:' .. ARGV[o + 4]
     if not slot_of[field] then
@@ -152,8 +154,9 @@ local function apply_user(h, r, b, from, to)
   local counts = {}
   local session_changed, ls_changed, t_changed = false, false, false
   local applied_now = 0
-  -- Event time of the recent list's head, read once (false: not read yet, nil: empty).
-  local head_ms = false
+  -- Event time of the recent list's head (nil: empty): the newest event applied, which
+  -- the list never drops, so last-seen (`ls`) without reading the list.
+  local head_ms = ls_s and ls or nil
   local function fresh(seq)
     local listed = string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true)
     if pending[seq] then
@@ -176,10 +179,6 @@ local function apply_user(h, r, b, from, to)
 
     if max_recent > 0 then
       local entry = ts_s .. '\31' .. w .. '\31' .. kind .. '\31' .. item
-      if head_ms == false then
-        local head = redis.call('LINDEX', r, 0)
-        head_ms = head and entry_ms(head) or nil
-      end
       if (not head_ms) or head_ms <= ts then
         if redis.call('LPUSH', r, entry) > max_recent then
           redis.call('LTRIM', r, 0, max_recent - 1)
@@ -188,7 +187,7 @@ local function apply_user(h, r, b, from, to)
       else
         local entries = redis.call('LRANGE', r, 0, max_recent - 1)
         local pos = #entries + 1
-        for j = 2, #entries do
+        for j = 1, #entries do
           if entry_ms(entries[j]) <= ts then
             pos = j
             break
@@ -262,7 +261,10 @@ local function apply_user(h, r, b, from, to)
   local expire_at = string.format('%d', t + ttl)
   redis.call('PEXPIREAT', h, expire_at)
   redis.call('PEXPIREAT', r, expire_at)
-  redis.call('PEXPIREAT', b, expire_at)
+  -- Purchases are only ever listed with their count: no count, no list to expire.
+  if tonumber(f[9] or '0') + (counts['c:purchase'] or 0) > 0 then
+    redis.call('PEXPIREAT', b, expire_at)
+  end
 end
 
 local k, o = first_key, 6

@@ -90,6 +90,20 @@ async fn every_profile_key_carries_the_ttl_and_keys_share_the_users_slot() {
             "{key} expires in {left} ms"
         );
     }
+    // A later view renews every key's TTL, the purchase list's too (the script expires
+    // that list only when the purchase count says it exists).
+    let later = event("ttl-2", "ttl-user", "hat", EventKind::View, 2_000);
+    store
+        .apply(&[update(2, &later, now + 600_000)])
+        .await
+        .unwrap();
+    for key in store.user_keys(&user("ttl-user")) {
+        let left: i64 = client.pttl(&key).await.unwrap();
+        assert!(
+            left > ttl + 540_000 && left <= ttl + 600_000,
+            "{key} expires in {left} ms after the later event"
+        );
+    }
 }
 
 #[tokio::test]
