@@ -62,81 +62,15 @@ if #pending > 0 then redis.call('ZADD', KEYS[3], unpack(pending)) end
 return out
 "#;
 
-/// Applies events to the profiles of one or more users, for each exactly as
-/// `Profile::apply` does in memory: counters, the recent list ordered newest first by
-/// event time and bounded, the session, the bounded purchase list, last-seen and touched
-/// times, the version, and the TTL (`PEXPIREAT` touched + ttl, so a profile touched too
-/// long ago is gone at once).
-///
-/// One call covers every user of a batch whose keys share a hash slot: all of them on a
-/// standalone Redis, where a batch costs one call whatever its users; on Cluster the
-/// caller groups users by slot. `EVALSHA` and the Lua call around each script cost Redis
-/// more CPU than the few commands a user's events need, so fewer calls is what lets one
-/// Redis ingest more.
-///
-/// KEYS: on a standalone Redis first the pending set and the sequence counter of the log
-/// (on Cluster those live in another slot and cannot be given), then per user its
-/// profile hash, recent list and purchase list.
-/// ARGV: max recent, max purchased, session gap ms, ttl ms, `1` when the pending set and
-/// counter are given (else `0`), then per user the number of its events followed by, per
-/// event, the seven (log position, event ms, ingested ms, weight, kind label, item id,
-/// session id or empty), a user's events in order. Recent entries are
-/// `ms \x1f weight \x1f kind \x1f item`.
-///
-/// Exactly once: with the pending set given, an event is applied only if its position is
-/// pending, and the same script removes it from the set, so applying and confirming are
-/// one atomic step: a script that runs after its caller timed out, a repair that read the
-/// set before the first apply confirmed, or a client that sends the script twice find
-/// the position no longer pending and change nothing. A position beyond the log's
-/// counter was never appended (callers that apply without the log, like the conformance
-/// suite) and falls back to the guard below. Without the pending set (Cluster), and for
-/// such positions, an event whose position is among the profile's last 16 applied (field
-/// `as`) is skipped, and the caller confirms after the script: a stall or a kill between
-/// the two can still apply an older position twice there.
-///
-/// Per user, the hash fields it needs (counters and version included) are read with one
-/// `HMGET` and written with one `HSET`; the recent list's head is not read (its event
-/// time is last-seen, `ls`: the newest event is never trimmed), and the purchase list is
-/// only given a TTL when the purchase count says it exists. The pending positions of the
-/// whole call are checked with one `ZMSCORE` and confirmed with one `ZREM` (per 1,000).
-/// A user's first event costs `HMGET`, `LPUSH`, `HSET` and two `PEXPIREAT`s.
-pub(super) const APPLY: &str = r#"
-local max_recent = tonumber(ARGV[1])
-local max_purchased = tonumber(ARGV[2])
-local gap = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local pend = nil
-local first_key = 1
-if ARGV[5] == '1' then
-  pend = KEYS[1]
-  first_key = 3
-end
-local function entry_ms(e)
-  return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
-end
--- With the pending set: which positions are pending (to apply and confirm), and the
--- log's last position (a position at or below it that is not pending was applied).
-local pending, last, confirm = {}, nil, {}
-if pend then
-  last = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local seqs = {}
-  local o = 6
-  while o <= #ARGV do
-    local n = tonumber(ARGV[o])
-    for e = 0, n - 1 do seqs[#seqs + 1] = ARGV[o + 1 + e * 7] end
-    o = o + 1 + n * 7
-  end
-  for i = 1, #seqs, 1000 do
-    local chunk = {unpack(seqs, i, math.min(i + 999, #seqs))}
-    local scores = redis.call('ZMSCORE', pend, unpack(chunk))
-    for j = 1, #chunk do
-      if scores[j] then pending[chunk[j]] = true end
-    end
-  end
-end
-
--- Applies ARGV[from .. to] (7 per event) to the user whose keys are h, r, b.
-local function apply_user(h, r, b, from, to)
+/// The Lua function both profile scripts use to apply one user's events: see [`APPLY`].
+macro_rules! apply_user_lua {
+    () => {
+        r#"
+-- Applies the events at ARGV[from .. to] (7 values each: position or record index,
+-- event ms, ingested ms, weight, kind, item, session) to the user whose keys are h, r,
+-- b; take(o) gives the position of the event at o, or nil to skip it. Uses the locals
+-- max_recent, max_purchased, gap and ttl, which the script defines before it.
+local function apply_user(h, r, b, from, to, take)
   local names = {'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't', 'v', 'c:purchase'}
   local slot_of = {['c:purchase'] = 9}
   for o = from, to, 7 do
@@ -157,19 +91,15 @@ local function apply_user(h, r, b, from, to)
   -- Event time of the recent list's head (nil: empty): the newest event applied, which
   -- the list never drops, so last-seen (`ls`) without reading the list.
   local head_ms = ls_s and ls or nil
-  local function fresh(seq)
-    local listed = string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true)
-    if pending[seq] then
-      pending[seq] = nil
-      confirm[#confirm + 1] = seq
-      return not listed
-    end
-    if last and tonumber(seq) <= last then return false end
-    return not listed
+  local function entry_ms(e)
+    return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
   end
   for o = from, to, 7 do
-    local seq = ARGV[o]
-    if fresh(seq) then
+    local seq = take(o)
+    if seq and string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true) then
+      seq = nil -- among the last 16 applied
+    end
+    if seq then
     applied_now = applied_now + 1
     applied = seq .. (applied == '' and '' or ',') .. applied
     local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
@@ -266,18 +196,174 @@ local function apply_user(h, r, b, from, to)
     redis.call('PEXPIREAT', b, expire_at)
   end
 end
+"#
+    };
+}
 
+/// Applies events to the profiles of one or more users, for each exactly as
+/// `Profile::apply` does in memory: counters, the recent list ordered newest first by
+/// event time and bounded, the session, the bounded purchase list, last-seen and touched
+/// times, the version, and the TTL (`PEXPIREAT` touched + ttl, so a profile touched too
+/// long ago is gone at once).
+///
+/// One call covers every user of a batch whose keys share a hash slot: all of them on a
+/// standalone Redis, where a batch costs one call whatever its users; on Cluster the
+/// caller groups users by slot. `EVALSHA` and the Lua call around each script cost Redis
+/// more CPU than the few commands a user's events need, so fewer calls is what lets one
+/// Redis ingest more.
+///
+/// KEYS: on a standalone Redis first the pending set and the sequence counter of the log
+/// (on Cluster those live in another slot and cannot be given), then per user its
+/// profile hash, recent list and purchase list.
+/// ARGV: max recent, max purchased, session gap ms, ttl ms, `1` when the pending set and
+/// counter are given (else `0`), then per user the number of its events followed by, per
+/// event, the seven (log position, event ms, ingested ms, weight, kind label, item id,
+/// session id or empty), a user's events in order. Recent entries are
+/// `ms \x1f weight \x1f kind \x1f item`.
+///
+/// Exactly once: with the pending set given, an event is applied only if its position is
+/// pending, and the same script removes it from the set, so applying and confirming are
+/// one atomic step: a script that runs after its caller timed out, a repair that read the
+/// set before the first apply confirmed, or a client that sends the script twice find
+/// the position no longer pending and change nothing. A position beyond the log's
+/// counter was never appended (callers that apply without the log, like the conformance
+/// suite) and falls back to the guard below. Without the pending set (Cluster), and for
+/// such positions, an event whose position is among the profile's last 16 applied (field
+/// `as`) is skipped, and the caller confirms after the script: a stall or a kill between
+/// the two can still apply an older position twice there.
+///
+/// Per user, the hash fields it needs (counters and version included) are read with one
+/// `HMGET` and written with one `HSET`; the recent list's head is not read (its event
+/// time is last-seen, `ls`: the newest event is never trimmed), and the purchase list is
+/// only given a TTL when the purchase count says it exists. The pending positions of the
+/// whole call are checked with one `ZMSCORE` and confirmed with one `ZREM` (per 1,000).
+/// A user's first event costs `HMGET`, `LPUSH`, `HSET` and two `PEXPIREAT`s.
+pub(super) const APPLY: &str = concat!(
+    r#"
+local max_recent = tonumber(ARGV[1])
+local max_purchased = tonumber(ARGV[2])
+local gap = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])"#,
+    apply_user_lua!(),
+    r#"local pend = nil
+local first_key = 1
+if ARGV[5] == '1' then
+  pend = KEYS[1]
+  first_key = 3
+end
+-- With the pending set: which positions are pending (to apply and confirm), and the
+-- log's last position (a position at or below it that is not pending was applied).
+local pending, last, confirm = {}, nil, {}
+if pend then
+  last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local seqs = {}
+  local o = 6
+  while o <= #ARGV do
+    local n = tonumber(ARGV[o])
+    for e = 0, n - 1 do seqs[#seqs + 1] = ARGV[o + 1 + e * 7] end
+    o = o + 1 + n * 7
+  end
+  for i = 1, #seqs, 1000 do
+    local chunk = {unpack(seqs, i, math.min(i + 999, #seqs))}
+    local scores = redis.call('ZMSCORE', pend, unpack(chunk))
+    for j = 1, #chunk do
+      if scores[j] then pending[chunk[j]] = true end
+    end
+  end
+end
+-- An event is applied if its position is pending (and confirmed with it), or, beyond
+-- the log's counter or without the pending set, unless the profile lists it.
+local function take(o)
+  local seq = ARGV[o]
+  if pending[seq] then
+    pending[seq] = nil
+    confirm[#confirm + 1] = seq
+    return seq
+  end
+  if last and tonumber(seq) <= last then return nil end
+  return seq
+end
 local k, o = first_key, 6
 while o <= #ARGV do
   local n = tonumber(ARGV[o])
-  apply_user(KEYS[k], KEYS[k + 1], KEYS[k + 2], o + 1, o + n * 7)
+  apply_user(KEYS[k], KEYS[k + 1], KEYS[k + 2], o + 1, o + n * 7, take)
   k, o = k + 3, o + 1 + n * 7
 end
 for i = 1, #confirm, 1000 do
   redis.call('ZREM', pend, unpack(confirm, i, math.min(i + 999, #confirm)))
 end
 return 1
-"#;
+
+"#
+);
+
+/// Appends records as [`APPEND`] does and applies the new events to their users' profiles
+/// as [`APPLY`] does, in one step: for a standalone Redis, where one script reaches the
+/// log and every profile. Nothing is ever pending in between (the step is atomic: a
+/// script that runs late, after its caller timed out, runs whole), so the pending set is
+/// not touched, and a batch costs one `EVALSHA` and one round trip.
+///
+/// KEYS: log stream, sequence counter, one dedupe key per event record, then per user its
+/// profile hash, recent list and purchase list.
+/// ARGV: dedupe window ms, max log length (0 = unbounded), max recent, max purchased,
+/// session gap ms, ttl ms, the number of records, per record the triple of [`APPEND`]
+/// (`1` apply, `2` filtered, `0` erase; ingested ms; encoded record), then per user the
+/// number of its events followed by, per event, the seven of [`APPLY`] with the record's
+/// index (from 1) in place of its log position.
+/// Returns one integer per record: its sequence number, or 0 for a duplicate (not applied).
+pub(super) const APPEND_APPLY: &str = concat!(
+    r#"
+local window = ARGV[1]
+local maxlen = tonumber(ARGV[2])
+local max_recent = tonumber(ARGV[3])
+local max_purchased = tonumber(ARGV[4])
+local gap = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
+local fresh, count, k = {}, 0, 2
+for i = 1, n do
+  local base = 8 + (i - 1) * 3
+  if ARGV[base] ~= '0' then
+    k = k + 1
+    fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
+  else
+    fresh[i] = true
+  end
+  if fresh[i] then count = count + 1 end
+end
+local out, seq_of = {}, {}
+local seq = 0
+if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
+for i = 1, n do
+  local base = 8 + (i - 1) * 3
+  if fresh[i] then
+    seq = seq + 1
+    local id = string.format('%d-0', seq)
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
+    else
+      redis.call('XADD', KEYS[1], id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
+    end
+    out[i] = seq
+    seq_of[string.format('%d', i)] = string.format('%d', seq)
+  else
+    out[i] = 0
+  end
+end
+"#,
+    apply_user_lua!(),
+    r#"
+-- A record appended now is applied; a duplicate (no position) is not.
+local function take(o) return seq_of[ARGV[o]] end
+local o = 8 + n * 3
+while o <= #ARGV do
+  local m = tonumber(ARGV[o])
+  apply_user(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], o + 1, o + m * 7, take)
+  k, o = k + 3, o + 1 + m * 7
+end
+return out
+"#
+);
 
 /// Reads one profile consistently (no update can land between the three reads).
 ///

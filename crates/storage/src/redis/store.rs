@@ -37,6 +37,7 @@ pub struct RedisStore {
     pub(super) config: RedisConfig,
     pub(super) policy: ProfilePolicy,
     pub(super) append: Script,
+    pub(super) append_apply: Script,
     pub(super) apply: Script,
     pub(super) get: Script,
     pub(super) catalog_upsert: Script,
@@ -145,6 +146,7 @@ impl RedisStore {
             lease_release: Script::from_lua(scripts::LEASE_RELEASE),
             record_rollback: Script::from_lua(scripts::RECORD_ROLLBACK),
             append: Script::from_lua(scripts::APPEND),
+            append_apply: Script::from_lua(scripts::APPEND_APPLY),
             apply: Script::from_lua(scripts::APPLY),
             get: Script::from_lua(scripts::GET),
             pool,
@@ -153,6 +155,7 @@ impl RedisStore {
         };
         for script in [
             &store.append,
+            &store.append_apply,
             &store.apply,
             &store.get,
             &store.catalog_upsert,

@@ -497,3 +497,85 @@ async fn a_batch_of_many_users_is_applied_per_user_as_the_reference_and_once() {
     assert_eq!(views_of(&store, "many-new-u").await, (1, 1, 1));
     assert!(store.unapplied(-1_000, 1_000).await.unwrap().is_empty());
 }
+
+/// Ingest's one-call path on a standalone Redis: a batch with several users, a filtered
+/// event and an id twice is appended (positions and duplicates as `append` answers) and
+/// its new events applied as the reference `Profile::apply` does, with nothing left
+/// pending; the same batch again is all duplicates and changes no profile.
+#[tokio::test]
+async fn append_applying_appends_and_applies_in_one_step_once() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let policy = ProfilePolicy::default();
+    let base = 1_700_000_000_000i64;
+    let kinds = [EventKind::View, EventKind::Purchase, EventKind::AddToCart];
+    let now = reflex_core::types::now_ms();
+    let mut records: Vec<LogRecord> = (0..40i64)
+        .map(|i| LogRecord::Event {
+            event: event(
+                &format!("one-{i}"),
+                &format!("one-u{}", i % 4),
+                &format!("item-{}", i % 6),
+                kinds[(i % 3) as usize].clone(),
+                base + i * 500 - if i % 7 == 2 { 9_000 } else { 0 },
+            ),
+            filtered: i == 5,
+            ingested_ms: now,
+        })
+        .collect();
+    records.push(records[3].clone()); // the same id again in the batch
+    let weights: Vec<f32> = (0..records.len()).map(|i| 0.5 + i as f32).collect();
+    let appended = store
+        .append_applying(&records, &weights)
+        .await
+        .expect("a standalone redis appends and applies in one call")
+        .unwrap();
+    assert_eq!(appended.len(), records.len());
+    assert_eq!(appended[40], Appended::Duplicate);
+    let seqs: Vec<Seq> = appended[..40]
+        .iter()
+        .map(|a| match a {
+            Appended::At(s) => *s,
+            Appended::Duplicate => panic!("fresh ids are not duplicates"),
+        })
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<Seq>>());
+    assert_eq!(store.last_seq().await.unwrap(), 40);
+    assert_eq!(store.read(0, 100).await.unwrap().len(), 40);
+    assert!(store.unapplied(-1_000, 100).await.unwrap().is_empty());
+
+    let mut first = Vec::new();
+    for u in 0..4 {
+        let name = user(&format!("one-u{u}"));
+        let mut expected = reflex_core::Profile::new(name.clone());
+        for (i, record) in records[..40].iter().enumerate() {
+            if let LogRecord::Event {
+                event,
+                filtered: false,
+                ..
+            } = record
+                && event.user_id == name
+            {
+                expected.apply(event, weights[i], &policy, now);
+            }
+        }
+        let got = ProfileStore::get(&*store, &name).await.unwrap();
+        assert_eq!(got.as_ref(), Some(&expected), "user one-u{u}");
+        first.push(got);
+    }
+
+    let again = store
+        .append_applying(&records, &weights)
+        .await
+        .expect("still one call")
+        .unwrap();
+    assert!(again.iter().all(|a| *a == Appended::Duplicate), "{again:?}");
+    for u in 0..4 {
+        let got = ProfileStore::get(&*store, &user(&format!("one-u{u}")))
+            .await
+            .unwrap();
+        assert_eq!(got, first[u]);
+    }
+    assert_eq!(store.last_seq().await.unwrap(), 40);
+}
