@@ -571,11 +571,11 @@ async fn append_applying_appends_and_applies_in_one_step_once() {
         .expect("still one call")
         .unwrap();
     assert!(again.iter().all(|a| *a == Appended::Duplicate), "{again:?}");
-    for u in 0..4 {
+    for (u, before) in first.iter().enumerate() {
         let got = ProfileStore::get(&*store, &user(&format!("one-u{u}")))
             .await
             .unwrap();
-        assert_eq!(got, first[u]);
+        assert_eq!(&got, before, "user one-u{u}");
     }
     assert_eq!(store.last_seq().await.unwrap(), 40);
 }
