@@ -61,6 +61,22 @@ pub trait EventSink: Send + Sync + 'static {
     /// them to apply once they are recorded.
     async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>>;
 
+    /// Records `records` as [`append`](Self::append) does and, in the same atomic step,
+    /// applies each newly recorded event that is not filtered to its profile, as
+    /// [`ProfileStore::apply`] would with `weights[i]` (the weight of `records[i]`) at the
+    /// record's ingest time. `None` when the sink cannot (the default): the caller then
+    /// appends and applies. Only a sink that is also the profile store may do it (the
+    /// Redis store on a standalone Redis, where one script reaches both): one call per
+    /// batch instead of two, and nothing pending between them.
+    async fn append_applying(
+        &self,
+        records: &[LogRecord],
+        weights: &[f32],
+    ) -> Option<Result<Vec<Appended>>> {
+        let _ = (records, weights);
+        None
+    }
+
     /// Up to `limit` records after position `after`, in order.
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>>;
 

@@ -29,14 +29,19 @@ impl<T: ?Sized> Instrumented<T> {
     async fn timed<R>(&self, op: &'static str, call: impl Future<Output = Result<R>>) -> Result<R> {
         let started = Instant::now();
         let result = call.await;
+        self.record(op, started, result.is_err());
+        result
+    }
+
+    /// Records one call of `op` that began at `started`.
+    fn record(&self, op: &'static str, started: Instant, failed: bool) {
         self.metrics
             .backend_seconds
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
+        if failed {
             self.metrics.backend_errors.with_label_values(&[op]).inc();
         }
-        result
     }
 }
 
@@ -44,6 +49,17 @@ impl<T: ?Sized> Instrumented<T> {
 impl EventSink for Instrumented<dyn EventSink> {
     async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
         self.timed("append", self.inner.append(records)).await
+    }
+
+    async fn append_applying(
+        &self,
+        records: &[LogRecord],
+        weights: &[f32],
+    ) -> Option<Result<Vec<Appended>>> {
+        let started = Instant::now();
+        let result = self.inner.append_applying(records, weights).await?;
+        self.record("append_apply", started, result.is_err());
+        Some(result)
     }
 
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>> {

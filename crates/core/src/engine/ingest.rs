@@ -54,8 +54,21 @@ impl Engine {
             return Ok(outcomes);
         }
 
+        let weights: Vec<f32> = records
+            .iter()
+            .map(|record| match record {
+                LogRecord::Event { event, .. } => self.weight(event),
+                LogRecord::Erase { .. } => 0.0,
+            })
+            .collect();
         let _gate = self.apply_gate.read().await;
-        let appended = self.backends.sink.append(&records).await?;
+        // A sink that also holds the profiles may append and apply in one step (one
+        // round trip to a shared store); otherwise append, then apply what is new.
+        let (appended, applied) = match self.backends.sink.append_applying(&records, &weights).await
+        {
+            Some(appended) => (appended?, true),
+            None => (self.backends.sink.append(&records).await?, false),
+        };
         if appended.len() != records.len() {
             return Err(Error::Internal(format!(
                 "sink answered {} outcomes for {} records",
@@ -79,7 +92,9 @@ impl Engine {
             }
         }
         let mut updates = Vec::with_capacity(records.len());
-        for ((record, outcome), slot) in records.iter().zip(&appended).zip(&slots) {
+        for (((record, outcome), slot), weight) in
+            records.iter().zip(&appended).zip(&slots).zip(&weights)
+        {
             let LogRecord::Event {
                 event, filtered, ..
             } = record
@@ -92,13 +107,15 @@ impl Engine {
                 Appended::At(seq) => updates.push(ProfileUpdate {
                     seq: *seq,
                     event,
-                    weight: self.weight(event),
+                    weight: *weight,
                     now_ms: now,
                 }),
             }
         }
         if !updates.is_empty() {
-            self.backends.profiles.apply(&updates).await?;
+            if !applied {
+                self.backends.profiles.apply(&updates).await?;
+            }
             // An accepted event is in the model before its ack, also when the model
             // follows the shared log: then whichever comes first, this or following,
             // teaches it (once). Learning a whole batch takes milliseconds of CPU, so it

@@ -17,12 +17,14 @@
 //! slot so their update script is atomic. On Cluster the log therefore lives on one shard
 //! and profiles spread over all of them.
 //!
-//! Every write is one Lua script ([`scripts`]), called with `EVALSHA`. A batch costs one
-//! append script plus one apply script per distinct user, all sent at once, which the
-//! client pipelines on its connections: a handful of round trips per batch, not one per
-//! event. On a standalone Redis the apply script also takes its positions out of the
-//! pending set, so each event is applied exactly once; on Cluster (another slot) the
-//! store confirms them after the scripts.
+//! Every write is one Lua script ([`scripts`]), called with `EVALSHA`. On a standalone
+//! Redis an ingested batch costs one call that appends it and applies it to every user's
+//! profile at once (`EventSink::append_applying`): one round trip, nothing pending in
+//! between. On Cluster it costs one append call plus one apply call per hash slot among
+//! the batch's users, sent at once and pipelined on the client's connections. The apply
+//! script, given the pending set (standalone), applies and confirms a position in one
+//! step, so each event is applied exactly once; on Cluster (another slot) the store
+//! confirms after the scripts.
 
 //!
 //! Layout: `store.rs` holds [`RedisStore`] and its connection; `log.rs`, `profiles.rs`,

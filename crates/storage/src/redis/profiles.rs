@@ -1,11 +1,13 @@
-//! Profiles in Redis: [`ProfileStore`] for [`RedisStore`], each user's keys changed by
-//! one Lua script per batch, which mirrors [`Profile::apply`].
+//! Profiles in Redis: [`ProfileStore`] for [`RedisStore`], a batch's users changed by
+//! one Lua script call (one per hash slot on Cluster), which mirrors [`Profile::apply`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface, Value};
+use fred::util::redis_keyslot;
 use futures_util::{TryStreamExt, future};
 use reflex_core::profile::{Interaction, Session};
 use reflex_core::types::now_ms;
@@ -13,37 +15,75 @@ use reflex_core::{
     Error, EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId,
 };
 
-use super::store::{RedisStore, redis_error, reply_error};
+use super::store::{PROFILE_COUNT_MAX_AGE, RedisStore, redis_error, reply_error};
 use crate::remote::by_user;
 
+/// The users of one apply script call, each with its events in order.
+type UserGroup<'u, 'e> = Vec<(&'u UserId, Vec<&'u ProfileUpdate<'e>>)>;
+
 impl RedisStore {
-    async fn apply_user(&self, user: &UserId, updates: &[&ProfileUpdate<'_>]) -> Result<()> {
-        let mut args: Vec<Value> = Vec::with_capacity(4 + updates.len() * 7);
+    /// Applies the events of `users` with one script call: every user of a batch on a
+    /// standalone Redis, the users of one hash slot on Cluster.
+    async fn apply_users(&self, users: &[(&UserId, Vec<&ProfileUpdate<'_>>)]) -> Result<()> {
+        let events: usize = users.iter().map(|(_, ups)| ups.len()).sum();
+        let confirms = self.confirms_in_apply();
+        let mut args: Vec<Value> = Vec::with_capacity(5 + users.len() + events * 7);
         args.push(Value::from(self.policy.max_recent as i64));
         args.push(Value::from(self.policy.max_purchased as i64));
         args.push(Value::from(self.policy.session_gap_ms));
         args.push(Value::from(self.policy.ttl_ms));
-        for u in updates {
-            let e = u.event;
-            args.push(Value::from(u.seq as i64));
-            args.push(Value::from(e.timestamp_ms));
-            args.push(Value::from(u.now_ms));
-            args.push(Value::from(u.weight.to_string()));
-            args.push(Value::from(e.kind.label()));
-            args.push(Value::from(e.item_id.as_str()));
-            args.push(Value::from(e.session_id.as_deref().unwrap_or("")));
-        }
-        let mut keys: Vec<String> = self.user_keys(user).into();
-        if self.confirms_in_apply() {
+        args.push(Value::from(if confirms { "1" } else { "0" }));
+        let mut keys: Vec<String> = Vec::with_capacity(2 + users.len() * 3);
+        if confirms {
             keys.push(self.pending_key.clone());
             keys.push(self.seq_key.clone());
         }
+        for (user, updates) in users {
+            keys.extend(self.user_keys(user));
+            args.push(Value::from(updates.len() as i64));
+            for u in updates {
+                let e = u.event;
+                args.push(Value::from(u.seq as i64));
+                args.push(Value::from(e.timestamp_ms));
+                args.push(Value::from(u.now_ms));
+                args.push(Value::from(u.weight.to_string()));
+                args.push(Value::from(e.kind.label()));
+                args.push(Value::from(e.item_id.as_str()));
+                args.push(Value::from(e.session_id.as_deref().unwrap_or("")));
+            }
+        }
         self.run(&self.apply, keys, args)
             .await
-            .map_err(|e| redis_error("applying events to a profile in redis", e))?;
+            .map_err(|e| redis_error("applying events to profiles in redis", e))?;
         Ok(())
     }
+
+    /// Splits a batch's users into groups whose keys one script call may touch together:
+    /// one group on a standalone Redis, one per hash slot on Cluster. Each group goes out
+    /// in calls of at most [`MAX_USERS_PER_CALL`] users.
+    fn groups<'u, 'e>(&self, users: UserGroup<'u, 'e>) -> Vec<UserGroup<'u, 'e>> {
+        let mut groups: Vec<UserGroup<'u, 'e>> = Vec::new();
+        if self.clustered {
+            let mut by_slot: HashMap<u16, usize> = HashMap::new();
+            for entry in users {
+                let slot = redis_keyslot(self.user_keys(entry.0)[0].as_bytes());
+                let index = *by_slot.entry(slot).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[index].push(entry);
+            }
+        } else {
+            groups.push(users);
+        }
+        groups
+    }
 }
+
+/// The most users one apply script call covers: a batch of the default 500 events is one
+/// call; the bound keeps one script from holding Redis (single-threaded) for long with
+/// bigger batches.
+const MAX_USERS_PER_CALL: usize = 1_000;
 
 #[async_trait]
 impl ProfileStore for RedisStore {
@@ -79,11 +119,15 @@ impl ProfileStore for RedisStore {
     }
 
     async fn apply(&self, updates: &[ProfileUpdate<'_>]) -> Result<()> {
-        // Each user's events in order; users' scripts go out at once and are pipelined.
-        let by_user = by_user(updates);
-        future::try_join_all(by_user.iter().map(|(user, ups)| self.apply_user(user, ups))).await?;
+        // Each user's events in order; one script call for all users (per hash slot on
+        // Cluster), the calls sent at once and pipelined.
+        let groups = self.groups(by_user(updates));
+        let calls = groups
+            .iter()
+            .flat_map(|group| group.chunks(MAX_USERS_PER_CALL));
+        future::try_join_all(calls.map(|users| self.apply_users(users))).await?;
         if self.confirms_in_apply() {
-            // Each script confirmed its positions itself, atomically with applying them.
+            // The script confirmed its positions itself, atomically with applying them.
             return Ok(());
         }
         // On Cluster the pending set is in another slot: confirmed after the scripts.
@@ -132,7 +176,18 @@ impl ProfileStore for RedisStore {
         Ok(removed > 0)
     }
 
+    /// Counts by scanning the profile keys, at most every [`PROFILE_COUNT_MAX_AGE`]; in
+    /// between the last count answers.
     async fn count(&self) -> Result<usize> {
+        let cached = *self
+            .profile_count
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((at, n)) = cached
+            && at.elapsed() < PROFILE_COUNT_MAX_AGE
+        {
+            return Ok(n);
+        }
         let pattern = format!("{}:p:*", self.config.prefix);
         let client = self.pool.next();
         let keys = if client.is_clustered() {
@@ -146,7 +201,12 @@ impl ProfileStore for RedisStore {
                 .try_fold(0usize, |n, _| future::ready(Ok(n + 1)))
                 .await
         };
-        keys.map_err(|e| redis_error("counting profiles in redis", e))
+        let n = keys.map_err(|e| redis_error("counting profiles in redis", e))?;
+        *self
+            .profile_count
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((Instant::now(), n));
+        Ok(n)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The Lua scripts that make each Redis write atomic. Each runs as one `EVALSHA` and
-//! touches only the keys it is given, all in one hash slot, so it works on Cluster too.
+//! touches only the keys it is given, all in one hash slot on Cluster.
 
 /// Appends records to the log. Per event record it sets the dedupe key with `SET NX PX`
 /// and, only if that succeeded, `XADD`s the record with stream id `<seq>-0`, the
@@ -62,17 +62,164 @@ if #pending > 0 then redis.call('ZADD', KEYS[3], unpack(pending)) end
 return out
 "#;
 
-/// Applies events to one user's profile, exactly as `Profile::apply` does in memory:
-/// counters (`HINCRBY`), the recent list ordered newest first by event time and bounded,
-/// the session, the bounded purchase list, last-seen and touched times, the version, and
-/// the TTL (`PEXPIREAT` touched + ttl, so a profile touched too long ago is gone at once).
+/// The Lua function both profile scripts use to apply one user's events: see [`APPLY`].
+macro_rules! apply_user_lua {
+    () => {
+        r#"
+-- Applies the events at ARGV[from .. to] (7 values each: position or record index,
+-- event ms, ingested ms, weight, kind, item, session) to the user whose keys are h, r,
+-- b; take(o) gives the position of the event at o, or nil to skip it. Uses the locals
+-- max_recent, max_purchased, gap and ttl, which the script defines before it.
+local function apply_user(h, r, b, from, to, take)
+  local names = {'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't', 'v', 'c:purchase'}
+  local slot_of = {['c:purchase'] = 9}
+  for o = from, to, 7 do
+    local field = 'c:' .. ARGV[o + 4]
+    if not slot_of[field] then
+      names[#names + 1] = field
+      slot_of[field] = #names
+    end
+  end
+  local f = redis.call('HMGET', h, unpack(names))
+  local applied = f[1] or ''
+  local sid_now, sst_s, slt_s, sn = f[2], f[3], f[4], tonumber(f[5] or '0')
+  local ls_s, t_s = f[6], f[7]
+  local ls, t = tonumber(ls_s or '0'), tonumber(t_s or '0')
+  local counts = {}
+  local session_changed, ls_changed, t_changed = false, false, false
+  local applied_now = 0
+  -- Event time of the recent list's head (nil: empty): the newest event applied, which
+  -- the list never drops, so last-seen (`ls`) without reading the list.
+  local head_ms = ls_s and ls or nil
+  local function entry_ms(e)
+    return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
+  end
+  for o = from, to, 7 do
+    local seq = take(o)
+    if seq and string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true) then
+      seq = nil -- among the last 16 applied
+    end
+    if seq then
+    applied_now = applied_now + 1
+    applied = seq .. (applied == '' and '' or ',') .. applied
+    local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
+    local ts, now = tonumber(ts_s), tonumber(now_s)
+    local field = 'c:' .. kind
+    counts[field] = (counts[field] or 0) + 1
+
+    if max_recent > 0 then
+      local entry = ts_s .. '\31' .. w .. '\31' .. kind .. '\31' .. item
+      if (not head_ms) or head_ms <= ts then
+        if redis.call('LPUSH', r, entry) > max_recent then
+          redis.call('LTRIM', r, 0, max_recent - 1)
+        end
+        head_ms = ts
+      else
+        local entries = redis.call('LRANGE', r, 0, max_recent - 1)
+        local pos = #entries + 1
+        for j = 1, #entries do
+          if entry_ms(entries[j]) <= ts then
+            pos = j
+            break
+          end
+        end
+        if pos <= max_recent then
+          if pos > #entries then
+            redis.call('RPUSH', r, entry)
+          else
+            redis.call('LINSERT', r, 'BEFORE', entries[pos], entry)
+          end
+        end
+        redis.call('LTRIM', r, 0, max_recent - 1)
+      end
+    end
+
+    local extend
+    if sid ~= '' then
+      extend = (sid_now == sid)
+      if not extend then
+        sid_now, sst_s, slt_s, sn = sid, ts_s, ts_s, 1
+      end
+    else
+      extend = sid_now and slt_s and (ts - tonumber(slt_s) <= gap)
+      if not extend then
+        sid_now, sst_s, slt_s, sn = 'auto-' .. ts_s, ts_s, ts_s, 1
+      end
+    end
+    if extend then
+      if ts < tonumber(sst_s) then sst_s = ts_s end
+      if ts > tonumber(slt_s) then slt_s = ts_s end
+      sn = sn + 1
+    end
+    session_changed = true
+
+    if kind == 'purchase' and not redis.call('LPOS', b, item) then
+      redis.call('RPUSH', b, item)
+      if max_purchased > 0 then
+        redis.call('LTRIM', b, -max_purchased, -1)
+      else
+        redis.call('DEL', b)
+      end
+    end
+
+    if ts > ls then ls, ls_s, ls_changed = ts, ts_s, true end
+    if now > t then t, t_s, t_changed = now, now_s, true end
+    end
+  end
+  if applied_now == 0 then return end
+  local kept, count = {}, 0
+  for p in string.gmatch(applied, '[^,]+') do
+    count = count + 1
+    if count > 16 then break end
+    kept[count] = p
+  end
+  local fields = {'as', table.concat(kept, ','),
+    'v', string.format('%d', tonumber(f[8] or '0') + applied_now)}
+  for field, n in pairs(counts) do
+    fields[#fields + 1] = field
+    fields[#fields + 1] = string.format('%d', tonumber(f[slot_of[field]] or '0') + n)
+  end
+  if session_changed then
+    fields[#fields + 1] = 'sid'; fields[#fields + 1] = sid_now
+    fields[#fields + 1] = 'sst'; fields[#fields + 1] = sst_s
+    fields[#fields + 1] = 'slt'; fields[#fields + 1] = slt_s
+    fields[#fields + 1] = 'sn'; fields[#fields + 1] = string.format('%d', sn)
+  end
+  if ls_changed then fields[#fields + 1] = 'ls'; fields[#fields + 1] = ls_s end
+  if t_changed then fields[#fields + 1] = 't'; fields[#fields + 1] = t_s end
+  redis.call('HSET', h, unpack(fields))
+  local expire_at = string.format('%d', t + ttl)
+  redis.call('PEXPIREAT', h, expire_at)
+  redis.call('PEXPIREAT', r, expire_at)
+  -- Purchases are only ever listed with their count: no count, no list to expire.
+  if tonumber(f[9] or '0') + (counts['c:purchase'] or 0) > 0 then
+    redis.call('PEXPIREAT', b, expire_at)
+  end
+end
+"#
+    };
+}
+
+/// Applies events to the profiles of one or more users, for each exactly as
+/// `Profile::apply` does in memory: counters, the recent list ordered newest first by
+/// event time and bounded, the session, the bounded purchase list, last-seen and touched
+/// times, the version, and the TTL (`PEXPIREAT` touched + ttl, so a profile touched too
+/// long ago is gone at once).
 ///
-/// KEYS: profile hash, recent list, purchase list, and on a standalone Redis also the
-/// pending set and the sequence counter of the log (on Cluster those live in another
-/// slot and cannot be given).
-/// ARGV: max recent, max purchased, session gap ms, ttl ms, then per event the seven
-/// (log position, event ms, ingested ms, weight, kind label, item id, session id or
-/// empty). Recent entries are `ms \x1f weight \x1f kind \x1f item`.
+/// One call covers every user of a batch whose keys share a hash slot: all of them on a
+/// standalone Redis, where a batch costs one call whatever its users; on Cluster the
+/// caller groups users by slot. `EVALSHA` and the Lua call around each script cost Redis
+/// more CPU than the few commands a user's events need, so fewer calls is what lets one
+/// Redis ingest more.
+///
+/// KEYS: on a standalone Redis first the pending set and the sequence counter of the log
+/// (on Cluster those live in another slot and cannot be given), then per user its
+/// profile hash, recent list and purchase list.
+/// ARGV: max recent, max purchased, session gap ms, ttl ms, `1` when the pending set and
+/// counter are given (else `0`), then per user the number of its events followed by, per
+/// event, the seven (log position, event ms, ingested ms, weight, kind label, item id,
+/// session id or empty), a user's events in order. Recent entries are
+/// `ms \x1f weight \x1f kind \x1f item`.
 ///
 /// Exactly once: with the pending set given, an event is applied only if its position is
 /// pending, and the same script removes it from the set, so applying and confirming are
@@ -85,35 +232,37 @@ return out
 /// `as`) is skipped, and the caller confirms after the script: a stall or a kill between
 /// the two can still apply an older position twice there.
 ///
-/// The hash fields it needs are read with one `HMGET` and written with one `HSET` (plus
-/// one `HINCRBY` for the version and one per kind), and the recent list's head is read
-/// once: every `redis.call` costs Redis CPU, which is what bounds ingest on this backend.
-pub(super) const APPLY: &str = r#"
-local h, r, b, pend = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+/// Per user, the hash fields it needs (counters and version included) are read with one
+/// `HMGET` and written with one `HSET`; the recent list's head is not read (its event
+/// time is last-seen, `ls`: the newest event is never trimmed), and the purchase list is
+/// only given a TTL when the purchase count says it exists. The pending positions of the
+/// whole call are checked with one `ZMSCORE` and confirmed with one `ZREM` (per 1,000).
+/// A user's first event costs `HMGET`, `LPUSH`, `HSET` and two `PEXPIREAT`s.
+pub(super) const APPLY: &str = concat!(
+    r#"
 local max_recent = tonumber(ARGV[1])
 local max_purchased = tonumber(ARGV[2])
 local gap = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local function entry_ms(e)
-  return tonumber(string.sub(e, 1, string.find(e, '\31', 1, true) - 1))
+local ttl = tonumber(ARGV[4])"#,
+    apply_user_lua!(),
+    r#"local pend = nil
+local first_key = 1
+if ARGV[5] == '1' then
+  pend = KEYS[1]
+  first_key = 3
 end
-local f = redis.call('HMGET', h, 'as', 'sid', 'sst', 'slt', 'sn', 'ls', 't')
-local applied = f[1] or ''
-local sid_now, sst_s, slt_s, sn = f[2], f[3], f[4], tonumber(f[5] or '0')
-local ls_s, t_s = f[6], f[7]
-local ls, t = tonumber(ls_s or '0'), tonumber(t_s or '0')
-local session_changed, ls_changed, t_changed = false, false, false
-local counts, kinds = {}, {}
-local applied_now = 0
--- Event time of the recent list's head, read once (false: not read yet, nil: empty).
-local head_ms = false
 -- With the pending set: which positions are pending (to apply and confirm), and the
 -- log's last position (a position at or below it that is not pending was applied).
 local pending, last, confirm = {}, nil, {}
 if pend then
-  last = tonumber(redis.call('GET', KEYS[5]) or '0')
+  last = tonumber(redis.call('GET', KEYS[2]) or '0')
   local seqs = {}
-  for o = 5, #ARGV, 7 do seqs[#seqs + 1] = ARGV[o] end
+  local o = 6
+  while o <= #ARGV do
+    local n = tonumber(ARGV[o])
+    for e = 0, n - 1 do seqs[#seqs + 1] = ARGV[o + 1 + e * 7] end
+    o = o + 1 + n * 7
+  end
   for i = 1, #seqs, 1000 do
     local chunk = {unpack(seqs, i, math.min(i + 999, #seqs))}
     local scores = redis.call('ZMSCORE', pend, unpack(chunk))
@@ -122,122 +271,99 @@ if pend then
     end
   end
 end
-local function fresh(seq)
-  local listed = string.find(',' .. applied .. ',', ',' .. seq .. ',', 1, true)
+-- An event is applied if its position is pending (and confirmed with it), or, beyond
+-- the log's counter or without the pending set, unless the profile lists it.
+local function take(o)
+  local seq = ARGV[o]
   if pending[seq] then
     pending[seq] = nil
     confirm[#confirm + 1] = seq
-    return not listed
+    return seq
   end
-  if last and tonumber(seq) <= last then return false end
-  return not listed
+  if last and tonumber(seq) <= last then return nil end
+  return seq
 end
-for o = 5, #ARGV, 7 do
-  local seq = ARGV[o]
-  if fresh(seq) then
-  applied_now = applied_now + 1
-  applied = seq .. (applied == '' and '' or ',') .. applied
-  local ts_s, now_s, w, kind, item, sid = ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
-  local ts, now = tonumber(ts_s), tonumber(now_s)
-  if not counts[kind] then
-    counts[kind] = 0
-    kinds[#kinds + 1] = kind
-  end
-  counts[kind] = counts[kind] + 1
-
-  if max_recent > 0 then
-    local entry = ts_s .. '\31' .. w .. '\31' .. kind .. '\31' .. item
-    if head_ms == false then
-      local head = redis.call('LINDEX', r, 0)
-      head_ms = head and entry_ms(head) or nil
-    end
-    if (not head_ms) or head_ms <= ts then
-      if redis.call('LPUSH', r, entry) > max_recent then
-        redis.call('LTRIM', r, 0, max_recent - 1)
-      end
-      head_ms = ts
-    else
-      local entries = redis.call('LRANGE', r, 0, max_recent - 1)
-      local pos = #entries + 1
-      for j = 2, #entries do
-        if entry_ms(entries[j]) <= ts then
-          pos = j
-          break
-        end
-      end
-      if pos <= max_recent then
-        if pos > #entries then
-          redis.call('RPUSH', r, entry)
-        else
-          redis.call('LINSERT', r, 'BEFORE', entries[pos], entry)
-        end
-      end
-      redis.call('LTRIM', r, 0, max_recent - 1)
-    end
-  end
-
-  local extend
-  if sid ~= '' then
-    extend = (sid_now == sid)
-    if not extend then
-      sid_now, sst_s, slt_s, sn = sid, ts_s, ts_s, 1
-    end
-  else
-    extend = sid_now and slt_s and (ts - tonumber(slt_s) <= gap)
-    if not extend then
-      sid_now, sst_s, slt_s, sn = 'auto-' .. ts_s, ts_s, ts_s, 1
-    end
-  end
-  if extend then
-    if ts < tonumber(sst_s) then sst_s = ts_s end
-    if ts > tonumber(slt_s) then slt_s = ts_s end
-    sn = sn + 1
-  end
-  session_changed = true
-
-  if kind == 'purchase' and not redis.call('LPOS', b, item) then
-    redis.call('RPUSH', b, item)
-    if max_purchased > 0 then
-      redis.call('LTRIM', b, -max_purchased, -1)
-    else
-      redis.call('DEL', b)
-    end
-  end
-
-  if ts > ls then ls, ls_s, ls_changed = ts, ts_s, true end
-  if now > t then t, t_s, t_changed = now, now_s, true end
-  end
+local k, o = first_key, 6
+while o <= #ARGV do
+  local n = tonumber(ARGV[o])
+  apply_user(KEYS[k], KEYS[k + 1], KEYS[k + 2], o + 1, o + n * 7, take)
+  k, o = k + 3, o + 1 + n * 7
 end
 for i = 1, #confirm, 1000 do
   redis.call('ZREM', pend, unpack(confirm, i, math.min(i + 999, #confirm)))
 end
-if applied_now == 0 then return 0 end
-local kept, count = {}, 0
-for p in string.gmatch(applied, '[^,]+') do
-  count = count + 1
-  if count > 16 then break end
-  kept[count] = p
-end
-local fields = {'as', table.concat(kept, ',')}
-if session_changed then
-  fields[#fields + 1] = 'sid'; fields[#fields + 1] = sid_now
-  fields[#fields + 1] = 'sst'; fields[#fields + 1] = sst_s
-  fields[#fields + 1] = 'slt'; fields[#fields + 1] = slt_s
-  fields[#fields + 1] = 'sn'; fields[#fields + 1] = string.format('%d', sn)
-end
-if ls_changed then fields[#fields + 1] = 'ls'; fields[#fields + 1] = ls_s end
-if t_changed then fields[#fields + 1] = 't'; fields[#fields + 1] = t_s end
-redis.call('HSET', h, unpack(fields))
-redis.call('HINCRBY', h, 'v', applied_now)
-for _, kind in ipairs(kinds) do
-  redis.call('HINCRBY', h, 'c:' .. kind, counts[kind])
-end
-local expire_at = string.format('%d', t + ttl)
-redis.call('PEXPIREAT', h, expire_at)
-redis.call('PEXPIREAT', r, expire_at)
-redis.call('PEXPIREAT', b, expire_at)
 return 1
-"#;
+
+"#
+);
+
+/// Appends records as [`APPEND`] does and applies the new events to their users' profiles
+/// as [`APPLY`] does, in one step: for a standalone Redis, where one script reaches the
+/// log and every profile. Nothing is ever pending in between (the step is atomic: a
+/// script that runs late, after its caller timed out, runs whole), so the pending set is
+/// not touched, and a batch costs one `EVALSHA` and one round trip.
+///
+/// KEYS: log stream, sequence counter, one dedupe key per event record, then per user its
+/// profile hash, recent list and purchase list.
+/// ARGV: dedupe window ms, max log length (0 = unbounded), max recent, max purchased,
+/// session gap ms, ttl ms, the number of records, per record the triple of [`APPEND`]
+/// (`1` apply, `2` filtered, `0` erase; ingested ms; encoded record), then per user the
+/// number of its events followed by, per event, the seven of [`APPLY`] with the record's
+/// index (from 1) in place of its log position.
+/// Returns one integer per record: its sequence number, or 0 for a duplicate (not applied).
+pub(super) const APPEND_APPLY: &str = concat!(
+    r#"
+local window = ARGV[1]
+local maxlen = tonumber(ARGV[2])
+local max_recent = tonumber(ARGV[3])
+local max_purchased = tonumber(ARGV[4])
+local gap = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
+local fresh, count, k = {}, 0, 2
+for i = 1, n do
+  local base = 8 + (i - 1) * 3
+  if ARGV[base] ~= '0' then
+    k = k + 1
+    fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
+  else
+    fresh[i] = true
+  end
+  if fresh[i] then count = count + 1 end
+end
+local out, seq_of = {}, {}
+local seq = 0
+if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
+for i = 1, n do
+  local base = 8 + (i - 1) * 3
+  if fresh[i] then
+    seq = seq + 1
+    local id = string.format('%d-0', seq)
+    if maxlen > 0 then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
+    else
+      redis.call('XADD', KEYS[1], id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
+    end
+    out[i] = seq
+    seq_of[string.format('%d', i)] = string.format('%d', seq)
+  else
+    out[i] = 0
+  end
+end
+"#,
+    apply_user_lua!(),
+    r#"
+-- A record appended now is applied; a duplicate (no position) is not.
+local function take(o) return seq_of[ARGV[o]] end
+local o = 8 + n * 3
+while o <= #ARGV do
+  local m = tonumber(ARGV[o])
+  apply_user(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], o + 1, o + m * 7, take)
+  k, o = k + 3, o + 1 + m * 7
+end
+return out
+"#
+);
 
 /// Reads one profile consistently (no update can land between the three reads).
 ///

@@ -90,6 +90,20 @@ async fn every_profile_key_carries_the_ttl_and_keys_share_the_users_slot() {
             "{key} expires in {left} ms"
         );
     }
+    // A later view renews every key's TTL, the purchase list's too (the script expires
+    // that list only when the purchase count says it exists).
+    let later = event("ttl-2", "ttl-user", "hat", EventKind::View, 2_000);
+    store
+        .apply(&[update(2, &later, now + 600_000)])
+        .await
+        .unwrap();
+    for key in store.user_keys(&user("ttl-user")) {
+        let left: i64 = client.pttl(&key).await.unwrap();
+        assert!(
+            left > ttl + 540_000 && left <= ttl + 600_000,
+            "{key} expires in {left} ms after the later event"
+        );
+    }
 }
 
 #[tokio::test]
@@ -392,4 +406,176 @@ async fn filtered_events_are_not_pending() {
         [Appended::Duplicate]
     );
     assert!(store.unapplied(-1_000, 10).await.unwrap().is_empty());
+}
+
+/// One script call covers every user of a batch: users interleaved in one batch (views,
+/// purchases, late events, explicit sessions) end up as the reference `Profile::apply`
+/// makes them, every position is confirmed, and the same batch again, or part of it in
+/// another batch with new events, changes nothing twice.
+#[tokio::test]
+async fn a_batch_of_many_users_is_applied_per_user_as_the_reference_and_once() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let policy = ProfilePolicy::default();
+    let kinds = [EventKind::View, EventKind::Purchase, EventKind::Click];
+    let base = 1_700_000_000_000i64;
+    let events: Vec<reflex_core::Event> = (0..120i64)
+        .map(|i| {
+            let mut e = event(
+                &format!("many-{i}"),
+                &format!("many-u{}", i % 7),
+                &format!("item-{}", i % 5),
+                kinds[(i % 3) as usize].clone(),
+                base + i * 1_000 + if i % 11 == 3 { -50_000 } else { 0 },
+            );
+            if i % 17 == 0 {
+                e.session_id = Some(format!("s-{}", i / 34).into());
+            }
+            e
+        })
+        .collect();
+    let records: Vec<LogRecord> = events.iter().cloned().map(conformance::record).collect();
+    let seqs: Vec<Seq> = store
+        .append(&records)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| match a {
+            Appended::At(s) => s,
+            Appended::Duplicate => panic!("fresh ids are not duplicates"),
+        })
+        .collect();
+    let now = reflex_core::types::now_ms();
+    let updates: Vec<_> = seqs
+        .iter()
+        .zip(&events)
+        .enumerate()
+        .map(|(i, (seq, e))| reflex_core::ProfileUpdate {
+            seq: *seq,
+            event: e,
+            weight: 0.5 + i as f32 / 4.0,
+            now_ms: now + i as i64,
+        })
+        .collect();
+    store.apply(&updates).await.unwrap();
+    assert!(store.unapplied(-1_000, 1_000).await.unwrap().is_empty());
+
+    let profiles = |store: Arc<RedisStore>| async move {
+        let mut got = Vec::new();
+        for u in 0..7 {
+            let name = format!("many-u{u}");
+            let p = ProfileStore::get(&*store, &user(&name)).await.unwrap();
+            got.push(p.unwrap_or_else(|| panic!("{name} has a profile")));
+        }
+        got
+    };
+    let first = profiles(store.clone()).await;
+    for (u, got) in first.iter().enumerate() {
+        let name = user(&format!("many-u{u}"));
+        let mut expected = reflex_core::Profile::new(name.clone());
+        for update in updates.iter().filter(|x| x.event.user_id == name) {
+            expected.apply(update.event, update.weight, &policy, update.now_ms);
+        }
+        assert_eq!(got, &expected, "user many-u{u}");
+    }
+
+    // The whole batch again, then its second half with a new event of a new user.
+    store.apply(&updates).await.unwrap();
+    let extra = event("many-new", "many-new-u", "item-1", EventKind::View, base);
+    let [Appended::At(extra_seq)] = store
+        .append(&[conformance::record(extra.clone())])
+        .await
+        .unwrap()[..]
+    else {
+        panic!("a fresh id is appended")
+    };
+    let mut again: Vec<_> = updates[60..].to_vec();
+    again.push(update(extra_seq, &extra, now));
+    store.apply(&again).await.unwrap();
+    assert_eq!(profiles(store.clone()).await, first);
+    assert_eq!(views_of(&store, "many-new-u").await, (1, 1, 1));
+    assert!(store.unapplied(-1_000, 1_000).await.unwrap().is_empty());
+}
+
+/// Ingest's one-call path on a standalone Redis: a batch with several users, a filtered
+/// event and an id twice is appended (positions and duplicates as `append` answers) and
+/// its new events applied as the reference `Profile::apply` does, with nothing left
+/// pending; the same batch again is all duplicates and changes no profile.
+#[tokio::test]
+async fn append_applying_appends_and_applies_in_one_step_once() {
+    let Some((_server, store)) = fresh().await else {
+        return;
+    };
+    let policy = ProfilePolicy::default();
+    let base = 1_700_000_000_000i64;
+    let kinds = [EventKind::View, EventKind::Purchase, EventKind::AddToCart];
+    let now = reflex_core::types::now_ms();
+    let mut records: Vec<LogRecord> = (0..40i64)
+        .map(|i| LogRecord::Event {
+            event: event(
+                &format!("one-{i}"),
+                &format!("one-u{}", i % 4),
+                &format!("item-{}", i % 6),
+                kinds[(i % 3) as usize].clone(),
+                base + i * 500 - if i % 7 == 2 { 9_000 } else { 0 },
+            ),
+            filtered: i == 5,
+            ingested_ms: now,
+        })
+        .collect();
+    records.push(records[3].clone()); // the same id again in the batch
+    let weights: Vec<f32> = (0..records.len()).map(|i| 0.5 + i as f32).collect();
+    let appended = store
+        .append_applying(&records, &weights)
+        .await
+        .expect("a standalone redis appends and applies in one call")
+        .unwrap();
+    assert_eq!(appended.len(), records.len());
+    assert_eq!(appended[40], Appended::Duplicate);
+    let seqs: Vec<Seq> = appended[..40]
+        .iter()
+        .map(|a| match a {
+            Appended::At(s) => *s,
+            Appended::Duplicate => panic!("fresh ids are not duplicates"),
+        })
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<Seq>>());
+    assert_eq!(store.last_seq().await.unwrap(), 40);
+    assert_eq!(store.read(0, 100).await.unwrap().len(), 40);
+    assert!(store.unapplied(-1_000, 100).await.unwrap().is_empty());
+
+    let mut first = Vec::new();
+    for u in 0..4 {
+        let name = user(&format!("one-u{u}"));
+        let mut expected = reflex_core::Profile::new(name.clone());
+        for (i, record) in records[..40].iter().enumerate() {
+            if let LogRecord::Event {
+                event,
+                filtered: false,
+                ..
+            } = record
+                && event.user_id == name
+            {
+                expected.apply(event, weights[i], &policy, now);
+            }
+        }
+        let got = ProfileStore::get(&*store, &name).await.unwrap();
+        assert_eq!(got.as_ref(), Some(&expected), "user one-u{u}");
+        first.push(got);
+    }
+
+    let again = store
+        .append_applying(&records, &weights)
+        .await
+        .expect("still one call")
+        .unwrap();
+    assert!(again.iter().all(|a| *a == Appended::Duplicate), "{again:?}");
+    for (u, before) in first.iter().enumerate() {
+        let got = ProfileStore::get(&*store, &user(&format!("one-u{u}")))
+            .await
+            .unwrap();
+        assert_eq!(&got, before, "user one-u{u}");
+    }
+    assert_eq!(store.last_seq().await.unwrap(), 40);
 }
