@@ -351,12 +351,13 @@ impl ProfileStore for EmbeddedStore {
     fn checkpoint_due(&self, seq: Seq) -> bool {
         let state = &self.shared.profile_state;
         let durable = state.durable_seq();
-        if seq <= durable && state.pending() == 0 {
+        let changed = state.pending() as u64;
+        if seq <= durable && changed == 0 {
             return false;
         }
         checkpoint_due(
             seq.saturating_sub(durable),
-            state.pending() as u64,
+            changed,
             now_ms().saturating_sub(state.captured_ms.load(Ordering::Relaxed)),
             self.shared.checkpoint_events_per_profile,
             self.shared.checkpoint_max_interval_ms,
