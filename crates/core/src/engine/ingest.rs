@@ -7,6 +7,7 @@ use tracing::debug;
 
 use super::evaluation::Sample;
 use super::{Engine, EventOutcome};
+use crate::catalog::ItemIdx;
 use crate::error::{Error, Result};
 use crate::profile::Profile;
 use crate::traits::{Appended, LogRecord, Observation, ProfileUpdate, SignalEvent};
@@ -77,23 +78,29 @@ impl Engine {
             )));
         }
         // What profiles keep shares the item index's strings (one per item, not one per
-        // event held in a profile).
+        // event held in a profile); the index found here is the one the model learns.
+        let mut items = Vec::with_capacity(records.len());
         for (record, outcome) in records.iter_mut().zip(&appended) {
-            if let (
-                LogRecord::Event {
-                    event,
-                    filtered: false,
-                    ..
-                },
-                Appended::At(_),
-            ) = (record, outcome)
-            {
-                self.backends.items.canonicalize(&mut event.item_id);
-            }
+            items.push(match (record, outcome) {
+                (
+                    LogRecord::Event {
+                        event,
+                        filtered: false,
+                        ..
+                    },
+                    Appended::At(_),
+                ) => self.backends.items.canonicalize(&mut event.item_id),
+                _ => ItemIdx::MAX,
+            });
         }
         let mut updates = Vec::with_capacity(records.len());
-        for (((record, outcome), slot), weight) in
-            records.iter().zip(&appended).zip(&slots).zip(&weights)
+        let mut learnt = Vec::with_capacity(records.len());
+        for ((((record, outcome), slot), weight), item) in records
+            .iter()
+            .zip(&appended)
+            .zip(&slots)
+            .zip(&weights)
+            .zip(&items)
         {
             let LogRecord::Event {
                 event, filtered, ..
@@ -104,12 +111,15 @@ impl Engine {
             match outcome {
                 Appended::Duplicate => outcomes[*slot] = EventOutcome::Duplicate,
                 Appended::At(_) if *filtered => {}
-                Appended::At(seq) => updates.push(ProfileUpdate {
-                    seq: *seq,
-                    event,
-                    weight: *weight,
-                    now_ms: now,
-                }),
+                Appended::At(seq) => {
+                    updates.push(ProfileUpdate {
+                        seq: *seq,
+                        event,
+                        weight: *weight,
+                        now_ms: now,
+                    });
+                    learnt.push(*item);
+                }
             }
         }
         if !updates.is_empty() {
@@ -121,12 +131,12 @@ impl Engine {
             // teaches it (once). Learning a whole batch takes milliseconds of CPU, so it
             // yields the worker thread between slices: a `Recommend` queued behind it on
             // the same worker waits for one slice, not for the batch.
-            for (i, u) in updates.iter().enumerate() {
+            for (i, (u, item)) in updates.iter().zip(&learnt).enumerate() {
                 if i > 0 && i % LEARN_SLICE == 0 {
                     tokio::task::yield_now().await;
                 }
                 if !self.follows_log || self.claim_for_ingest(u.seq) {
-                    self.learn(u.event, u.weight, true);
+                    self.learn(u.event, *item, u.weight, true);
                 }
             }
         }
@@ -152,11 +162,10 @@ impl Engine {
         self.config.weights.weight(&event.kind, event.weight)
     }
 
-    /// Teaches the model one event, unless its user is held out; with `evaluate`, a
-    /// sampled event is first handed to the evaluation with the item's vector as it is
-    /// before learning (prequential).
-    pub(super) fn learn(&self, event: &Event, weight: f32, evaluate: bool) {
-        let item = self.backends.items.intern(&event.item_id);
+    /// Teaches the model one event (`item` is its item's index), unless its user is held
+    /// out; with `evaluate`, a sampled event is first handed to the evaluation with the
+    /// item's vector as it is before learning (prequential).
+    pub(super) fn learn(&self, event: &Event, item: ItemIdx, weight: f32, evaluate: bool) {
         let holdout = self.sampler.holdout(event.user_id.as_str());
         if let Some(signals) = &self.signals {
             signals.observe(&SignalEvent {

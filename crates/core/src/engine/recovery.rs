@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use tracing::{debug, info, warn};
 
 use super::{Engine, Followed};
+use crate::catalog::ItemIdx;
 use crate::error::{Error, Result};
 use crate::model_store::StoredModel;
 use crate::traits::{LogRecord, ProfileUpdate};
@@ -60,18 +61,19 @@ impl Engine {
             first = false;
             after = *last;
             replayed += page.len() as u64;
+            let mut items = Vec::with_capacity(page.len());
             for (_, record) in &mut page {
-                if let LogRecord::Event {
-                    event,
-                    filtered: false,
-                    ..
-                } = record
-                {
-                    self.backends.items.canonicalize(&mut event.item_id);
-                }
+                items.push(match record {
+                    LogRecord::Event {
+                        event,
+                        filtered: false,
+                        ..
+                    } => self.backends.items.canonicalize(&mut event.item_id),
+                    _ => ItemIdx::MAX,
+                });
             }
             let mut updates = Vec::with_capacity(page.len());
-            for (seq, record) in &page {
+            for ((seq, record), item) in page.iter().zip(&items) {
                 let profile_due = profile_seq.is_some_and(|d| *seq > d);
                 let model_due = *seq > model_seq;
                 match record {
@@ -83,7 +85,7 @@ impl Engine {
                         let weight = self.weight(event);
                         if model_due {
                             // Replayed events were scored when they first came.
-                            self.learn(event, weight, false);
+                            self.learn(event, *item, weight, false);
                         }
                         if profile_due {
                             updates.push(ProfileUpdate {
@@ -184,7 +186,10 @@ impl Engine {
                         event,
                         filtered: false,
                         ..
-                    } => self.learn(event, self.weight(event), true),
+                    } => {
+                        let item = self.backends.items.intern(&event.item_id);
+                        self.learn(event, item, self.weight(event), true);
+                    }
                     LogRecord::Event { filtered: true, .. } => {}
                     LogRecord::Erase { user_id, .. } => self.forget_user(user_id),
                 }

@@ -1,6 +1,51 @@
 //! The Lua scripts that make each Redis write atomic. Each runs as one `EVALSHA` and
 //! touches only the keys it is given, all in one hash slot on Cluster.
 
+/// The Lua function both log scripts use to append records: see [`APPEND`].
+macro_rules! append_records_lua {
+    () => {
+        r#"
+-- Appends the n records whose triples (1 apply, 2 filtered or 0 erase; ingested ms;
+-- encoded record) start at ARGV[first], taking dedupe keys from KEYS[k + 1] on; KEYS[1]
+-- is the log stream and KEYS[2] the sequence counter. Calls appended(i, seq, o) for
+-- each record appended (o: where its triple starts). Returns the sequence number of
+-- each record (0 for a duplicate) and the index of the last dedupe key taken. Uses the
+-- locals window and maxlen, which the script defines before it.
+local function append_records(first, n, k, appended)
+  local fresh, count = {}, 0
+  for i = 1, n do
+    if ARGV[first + (i - 1) * 3] ~= '0' then
+      k = k + 1
+      fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
+    else
+      fresh[i] = true
+    end
+    if fresh[i] then count = count + 1 end
+  end
+  local out, seq = {}, 0
+  if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
+  for i = 1, n do
+    local o = first + (i - 1) * 3
+    if fresh[i] then
+      seq = seq + 1
+      local id = string.format('%d-0', seq)
+      if maxlen > 0 then
+        redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[o + 1], 'r', ARGV[o + 2])
+      else
+        redis.call('XADD', KEYS[1], id, 't', ARGV[o + 1], 'r', ARGV[o + 2])
+      end
+      out[i] = seq
+      appended(i, seq, o)
+    else
+      out[i] = 0
+    end
+  end
+  return out, k
+end
+"#
+    };
+}
+
 /// Appends records to the log. Per event record it sets the dedupe key with `SET NX PX`
 /// and, only if that succeeded, `XADD`s the record with stream id `<seq>-0`, the
 /// sequence numbers taken for the whole call with one `INCRBY`; erase records are always
@@ -17,50 +62,29 @@
 /// (`1` for an event to apply, `2` for a filtered event, `0` for an erase; ingested ms;
 /// encoded record).
 /// Returns one integer per record: its sequence number, or 0 for a duplicate.
-pub(super) const APPEND: &str = r#"
+pub(super) const APPEND: &str = concat!(
+    r#"
 local window = ARGV[1]
 local maxlen = tonumber(ARGV[2])
 local n = (#ARGV - 2) / 3
-local fresh, count, k = {}, 0, 3
-for i = 1, n do
-  local base = 2 + (i - 1) * 3
-  if ARGV[base + 1] ~= '0' then
-    k = k + 1
-    fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
-  else
-    fresh[i] = true
-  end
-  if fresh[i] then count = count + 1 end
-end
-local out, pending = {}, {}
-local seq = 0
-if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
-for i = 1, n do
-  local base = 2 + (i - 1) * 3
-  if fresh[i] then
-    seq = seq + 1
-    local id = string.format('%d-0', seq)
-    if maxlen > 0 then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
-    else
-      redis.call('XADD', KEYS[1], id, 't', ARGV[base + 2], 'r', ARGV[base + 3])
+"#,
+    append_records_lua!(),
+    r#"
+local pending = {}
+local out = append_records(3, n, 3, function(i, seq, o)
+  if ARGV[o] == '1' then
+    pending[#pending + 1] = ARGV[o + 1]
+    pending[#pending + 1] = string.format('%d', seq)
+    if #pending >= 1000 then
+      redis.call('ZADD', KEYS[3], unpack(pending))
+      pending = {}
     end
-    if ARGV[base + 1] == '1' then
-      pending[#pending + 1] = ARGV[base + 2]
-      pending[#pending + 1] = string.format('%d', seq)
-      if #pending >= 1000 then
-        redis.call('ZADD', KEYS[3], unpack(pending))
-        pending = {}
-      end
-    end
-    out[i] = seq
-  else
-    out[i] = 0
   end
-end
+end)
 if #pending > 0 then redis.call('ZADD', KEYS[3], unpack(pending)) end
 return out
-"#;
+"#
+);
 
 /// The Lua function both profile scripts use to apply one user's events: see [`APPLY`].
 macro_rules! apply_user_lua {
@@ -320,36 +344,13 @@ local max_purchased = tonumber(ARGV[4])
 local gap = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local n = tonumber(ARGV[7])
-local fresh, count, k = {}, 0, 2
-for i = 1, n do
-  local base = 8 + (i - 1) * 3
-  if ARGV[base] ~= '0' then
-    k = k + 1
-    fresh[i] = redis.call('SET', KEYS[k], '1', 'NX', 'PX', window) and true or false
-  else
-    fresh[i] = true
-  end
-  if fresh[i] then count = count + 1 end
-end
-local out, seq_of = {}, {}
-local seq = 0
-if count > 0 then seq = redis.call('INCRBY', KEYS[2], count) - count end
-for i = 1, n do
-  local base = 8 + (i - 1) * 3
-  if fresh[i] then
-    seq = seq + 1
-    local id = string.format('%d-0', seq)
-    if maxlen > 0 then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
-    else
-      redis.call('XADD', KEYS[1], id, 't', ARGV[base + 1], 'r', ARGV[base + 2])
-    end
-    out[i] = seq
-    seq_of[string.format('%d', i)] = string.format('%d', seq)
-  else
-    out[i] = 0
-  end
-end
+"#,
+    append_records_lua!(),
+    r#"
+local seq_of = {}
+local out, k = append_records(8, n, 2, function(i, seq)
+  seq_of[string.format('%d', i)] = string.format('%d', seq)
+end)
 "#,
     apply_user_lua!(),
     r#"
