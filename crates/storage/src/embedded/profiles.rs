@@ -6,6 +6,7 @@
 //! crash the engine replays the log after that position, so an acked event is applied
 //! exactly once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -15,7 +16,9 @@ use fjall::{Keyspace, PersistMode};
 use parking_lot::Mutex;
 use reflex_core::traits::BoxFuture;
 use reflex_core::types::{IdHashState, TimestampMs, now_ms};
-use reflex_core::{Profile, ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId};
+use reflex_core::{
+    ItemId, Profile, ProfilePolicy, ProfileStore, ProfileUpdate, Result, Seq, UserId,
+};
 use tracing::debug;
 
 use super::{
@@ -65,9 +68,13 @@ impl ProfileState {
         policy: ProfilePolicy,
     ) -> Result<Self, StoreError> {
         let live = DashMap::with_hasher(IdHashState::default());
+        // Decoding gives every entry a string of its own; the loaded profiles share one
+        // per item instead (a profile's recent items then cost a pointer each).
+        let mut items: HashSet<ItemId> = HashSet::new();
         for guard in profiles.iter() {
             let (key, value) = guard.into_inner()?;
-            let profile: Profile = decode(&value, "profile", &key)?;
+            let mut profile: Profile = decode(&value, "profile", &key)?;
+            share_item_ids(&mut profile, &mut items);
             let slot = Slot {
                 profile: Arc::new(profile),
                 dirty: false,
@@ -247,6 +254,24 @@ impl Shared {
         self.commit(batch)?;
         state.durable_seq.store(seq, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Makes `profile`'s item ids the strings in `seen` (adding those not there yet), so
+/// profiles loaded together hold one string per item.
+fn share_item_ids(profile: &mut Profile, seen: &mut HashSet<ItemId>) {
+    let ids = profile
+        .recent
+        .iter_mut()
+        .map(|entry| &mut entry.item_id)
+        .chain(profile.purchased.iter_mut());
+    for id in ids {
+        match seen.get(id) {
+            Some(shared) => *id = shared.clone(),
+            None => {
+                seen.insert(id.clone());
+            }
+        }
     }
 }
 

@@ -224,6 +224,34 @@ async fn checkpoints_restore_profiles_and_their_position_on_reopen() {
 }
 
 #[tokio::test]
+async fn profiles_loaded_from_a_checkpoint_share_one_string_per_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = now_ms();
+    let (alice, bob) = (views("a", "alice", 3), views("b", "bob", 2));
+    store.apply(&updates(&alice, 1, now)).await.unwrap();
+    store.apply(&updates(&bob, 4, now)).await.unwrap();
+    checkpoint(&store, 5).await;
+    drop(store);
+
+    let store = open(dir.path());
+    let (a, b) = (
+        profile(&store, "alice").await.unwrap(),
+        profile(&store, "bob").await.unwrap(),
+    );
+    let shared = a.recent[0].item_id.as_arc();
+    let entries = a.recent.iter().chain(&b.recent);
+    assert_eq!(entries.clone().count(), 5);
+    for entry in entries {
+        assert_eq!(entry.item_id.as_str(), "item");
+        assert!(
+            Arc::ptr_eq(entry.item_id.as_arc(), shared),
+            "every loaded entry of the item holds the same string"
+        );
+    }
+}
+
+#[tokio::test]
 async fn expired_profiles_are_evicted_and_deleted_by_the_next_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let policy = ProfilePolicy::default();
