@@ -20,6 +20,14 @@ const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 8;
 /// One minute: the longest a changed profile waits for its checkpoint by default.
 const DEFAULT_CHECKPOINT_MAX_INTERVAL_MS: i64 = 60_000;
 
+/// 64 MiB (fjall's own default): the size at which a keyspace's memtable is written out
+/// (see [`EmbeddedConfig::memtable_bytes`]). Measured with 4 streams flat out for 60 s:
+/// 16 MiB saves about 1.2 KiB per user at 100k users but ingests 13% fewer events/s.
+const DEFAULT_MEMTABLE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The smallest memtable accepted: below it every few hundred events would make a table.
+const MIN_MEMTABLE_BYTES: u64 = 1024 * 1024;
+
 /// 128 MiB: room for checkpoints, compaction and snapshots after ingest stops.
 const DEFAULT_MIN_FREE_BYTES: u64 = 128 * 1024 * 1024;
 
@@ -53,6 +61,12 @@ pub struct EmbeddedConfig {
     /// The longest a changed profile waits for a checkpoint, in ms; it bounds the log that
     /// start-up replays after a crash to this stretch of traffic.
     pub checkpoint_max_interval_ms: i64,
+    /// How much of the event log, the dedupe keys and the profile checkpoints each stays
+    /// in memory (a memtable) before it is written out as a table, in bytes. Memory grows
+    /// by up to about three times this (more while a flush lags), so it is a fixed cost of
+    /// the process; larger memtables mean fewer, larger tables and less compaction. Set
+    /// when a keyspace is created: a data directory made before keeps its size.
+    pub memtable_bytes: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -65,6 +79,7 @@ impl Default for EmbeddedConfig {
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             checkpoint_events_per_profile: DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE,
             checkpoint_max_interval_ms: DEFAULT_CHECKPOINT_MAX_INTERVAL_MS,
+            memtable_bytes: DEFAULT_MEMTABLE_BYTES,
         }
     }
 }
@@ -88,7 +103,7 @@ impl EmbeddedConfig {
         }
         if self.log_retention_ms < 0 {
             return Err(Error::invalid(
-                "log_retention_ms",
+                "store.embedded.log_retention_ms",
                 format!("is {}, must not be negative", self.log_retention_ms),
             ));
         }
@@ -98,6 +113,15 @@ impl EmbeddedConfig {
                 format!(
                     "is {}, must not be negative",
                     self.checkpoint_max_interval_ms
+                ),
+            ));
+        }
+        if self.memtable_bytes < MIN_MEMTABLE_BYTES {
+            return Err(Error::invalid(
+                "store.embedded.memtable_bytes",
+                format!(
+                    "is {}, must be at least {MIN_MEMTABLE_BYTES} (1 MiB)",
+                    self.memtable_bytes
                 ),
             ));
         }
@@ -163,5 +187,15 @@ mod tests {
             ..EmbeddedConfig::default()
         };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn refuses_a_memtable_under_a_mebibyte_naming_the_key() {
+        let config = EmbeddedConfig {
+            memtable_bytes: 4096,
+            ..EmbeddedConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("store.embedded.memtable_bytes"), "{err}");
     }
 }

@@ -74,6 +74,8 @@ struct Shared {
     /// How appends and catalog writes reach the disk.
     persist: PersistMode,
     dedupe_window_ms: i64,
+    /// What the database is opened with, also on a reopen.
+    tuning: reopen::Tuning,
     log_retention_ms: i64,
     /// When a scheduled checkpoint is due (see [`EmbeddedConfig`]).
     checkpoint_events_per_profile: u64,
@@ -98,8 +100,11 @@ impl EmbeddedStore {
         let dir = &config.data_dir;
         let context = || format!("opening embedded store in {}", dir.display());
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(context(), e))?;
-        let handles = Handles::open(dir, config.dedupe_window_ms)
-            .map_err(|e| Error::storage(context(), e))?;
+        let tuning = reopen::Tuning {
+            dedupe_window_ms: config.dedupe_window_ms,
+            memtable_bytes: config.memtable_bytes,
+        };
+        let handles = Handles::open(dir, tuning).map_err(|e| Error::storage(context(), e))?;
         let last_seq =
             log::last_seq_on_disk(&handles.events).map_err(fault("reading the log's end"))?;
         let profile_state = ProfileState::load(&handles.profiles, &handles.meta, policy)
@@ -117,6 +122,7 @@ impl EmbeddedStore {
                 reopen: Mutex::new(reopen::Attempts::default()),
                 persist: config.durability.persist_mode(),
                 dedupe_window_ms: config.dedupe_window_ms,
+                tuning,
                 log_retention_ms: config.log_retention_ms,
                 checkpoint_events_per_profile: config.checkpoint_events_per_profile,
                 checkpoint_max_interval_ms: config.checkpoint_max_interval_ms,

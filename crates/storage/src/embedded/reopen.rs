@@ -41,6 +41,15 @@ const LOCKED_PAUSE: Duration = Duration::from_millis(100);
 /// How long a reopen waits for the stopped database's last files to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The settings the database and its keyspaces are opened with (again on a reopen).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tuning {
+    /// How long a dedupe key lives (the compaction filter drops it after).
+    pub(super) dedupe_window_ms: i64,
+    /// The memtable size of the keyspaces every event writes to.
+    pub(super) memtable_bytes: u64,
+}
+
 /// The open database and its keyspaces (see the crate's `embedded` module for what each
 /// holds).
 pub(super) struct Handles {
@@ -55,8 +64,8 @@ pub(super) struct Handles {
 
 impl Handles {
     /// Opens (or creates) the database in `dir` and its keyspaces.
-    pub(super) fn open(dir: &Path, dedupe_window_ms: i64) -> Result<Self, StoreError> {
-        let expiry = log::DedupeExpiry::assigner(dedupe_window_ms);
+    pub(super) fn open(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
+        let expiry = log::DedupeExpiry::assigner(tuning.dedupe_window_ms);
         let db = Database::builder(dir)
             .with_compaction_filter_factories(expiry)
             .open()
@@ -68,7 +77,14 @@ impl Handles {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|source| StoreError::Keyspace { name, source })
         };
-        let events = keyspace("events")?;
+        // The keyspaces every event writes to hold at most `memtable_bytes` in memory.
+        let written_per_event = |name: &'static str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(tuning.memtable_bytes)
+            })
+            .map_err(|source| StoreError::Keyspace { name, source })
+        };
+        let events = written_per_event("events")?;
         // Nearly every dedupe lookup is for a new id, answered by the tables' bloom
         // filters alone; fjall pins only level 0's filters by default, so once the keys
         // of the window reached deeper levels each lookup read and checksummed a filter
@@ -79,6 +95,7 @@ impl Handles {
         let dedupe = db
             .keyspace(DEDUPE_KEYSPACE, || {
                 KeyspaceCreateOptions::default()
+                    .max_memtable_size(tuning.memtable_bytes)
                     .filter_block_pinning_policy(PinningPolicy::all(true))
             })
             .map_err(|source| StoreError::Keyspace {
@@ -88,7 +105,7 @@ impl Handles {
         Ok(Self {
             events,
             dedupe,
-            profiles: keyspace("profiles")?,
+            profiles: written_per_event("profiles")?,
             meta: keyspace("meta")?,
             items: keyspace("items")?,
             models: keyspace("models")?,
@@ -97,10 +114,10 @@ impl Handles {
     }
 
     /// [`Handles::open`], tried again for a while when the directory is still locked.
-    fn open_when_unlocked(dir: &Path, dedupe_window_ms: i64) -> Result<Self, StoreError> {
+    fn open_when_unlocked(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
         let mut tries = 0;
         loop {
-            match Self::open(dir, dedupe_window_ms) {
+            match Self::open(dir, tuning) {
                 Err(StoreError::Locked(_)) if tries < LOCKED_RETRIES => {
                     tries += 1;
                     std::thread::sleep(LOCKED_PAUSE);
@@ -183,7 +200,7 @@ impl Shared {
             }
             wait_until_closed(&self.data_dir);
         }
-        let handles = Handles::open_when_unlocked(&self.data_dir, self.dedupe_window_ms)?;
+        let handles = Handles::open_when_unlocked(&self.data_dir, self.tuning)?;
         // No append runs without a database, but the lock keeps the log's end still
         // while the records after it are compared and removed.
         let writer = self.log.writer.lock();

@@ -83,6 +83,42 @@ async fn positions_and_dedupe_survive_reopen() {
 }
 
 #[tokio::test]
+async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        memtable_bytes: 1024 * 1024,
+        ..config(dir.path())
+    };
+    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
+    // Several MiB of log records (and their dedupe keys) in batches of 500.
+    let padding = "x".repeat(100);
+    for batch in 0..40 {
+        let records: Vec<LogRecord> = (0..500)
+            .map(|i| view(&format!("{padding}-{batch}-{i}"), "u"))
+            .collect();
+        store.append(&records).await.unwrap();
+    }
+    let handles = store.shared.handles().unwrap();
+    // Flushes run in fjall's background workers: wait for them (a 64 MiB memtable, the
+    // default, would still hold everything).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (handles.events.table_count() == 0 || handles.dedupe.table_count() == 0)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        handles.events.table_count() > 0,
+        "the log was never written out"
+    );
+    assert!(
+        handles.dedupe.table_count() > 0,
+        "dedupe keys never written out"
+    );
+    assert_eq!(store.last_seq().await.unwrap(), 20_000);
+}
+
+#[tokio::test]
 async fn compaction_drops_only_expired_dedupe_keys() {
     let dir = tempfile::tempdir().unwrap();
     // The window is long enough for the compaction below to run inside it on a busy
