@@ -17,13 +17,15 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// The cluster bus port of a node started for [`RedisCluster`], `None` otherwise.
+    cluster_bus: Option<u16>,
 }
 
 impl RedisServer {
     /// Starts `redis-server` (from `PATH`, or `REFLEX_REDIS_SERVER`), or `None` when it is
     /// not installed, so callers can print that they skipped.
     pub fn start() -> Option<Self> {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// Like [`start`](Self::start), but with an append-only file that redis writes before
@@ -31,10 +33,10 @@ impl RedisServer {
     /// server, not of the machine). It is never fsynced: on a busy CI disk an fsync per
     /// write took longer than the replicas' command timeout and failed unrelated steps.
     pub fn start_persistent() -> Option<Self> {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(persistent: bool) -> Option<Self> {
+    fn start_with(persistent: bool, clustered: bool) -> Option<Self> {
         let binary = std::env::var("REFLEX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let installed = Command::new(&binary)
             .arg("--version")
@@ -51,6 +53,8 @@ impl RedisServer {
             port: 0,
             dir,
             persistent,
+            // Redis's default bus port (port + 10000) can fall outside the port range.
+            cluster_bus: clustered.then(reserve_free_port),
         };
         // Another process may take the port between choosing it and redis binding it;
         // then this redis exits (or someone else answers), and a new port is tried.
@@ -72,6 +76,15 @@ impl RedisServer {
                 ["--appendonly", "yes", "--appendfsync", "no"]
             } else {
                 ["--appendonly", "no", "--appendfsync", "no"]
+            })
+            .args(match self.cluster_bus {
+                Some(bus) => vec![
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-port".to_owned(),
+                    bus.to_string(),
+                ],
+                None => Vec::new(),
             })
             .arg("--dir")
             .arg(self.dir.path())
@@ -173,6 +186,86 @@ impl RedisServer {
         if let Err(e) = self.spawn(&binary) {
             panic!("restarting redis-server on port {}: {e}", self.port);
         }
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), each a [`RedisServer`] of its own,
+/// its 16384 slots spread by `redis-cli --cluster create`; killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts the three nodes and forms the cluster, or `None` when `redis-server` or
+    /// `redis-cli` is not installed, so callers can print that they skipped.
+    pub fn start() -> Option<Self> {
+        let cli = std::env::var("REFLEX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+        let has_cli = Command::new(&cli)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_cli {
+            return None;
+        }
+        let nodes = (0..3)
+            .map(|_| RedisServer::start_with(false, true))
+            .collect::<Option<Vec<_>>>()?;
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output();
+        match created {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => panic!("running redis-cli: {e}"),
+        }
+        // Every node must have learnt the slot map before a client asks any of them.
+        let start = Instant::now();
+        for node in &nodes {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output();
+                if info
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "the cluster on {addrs:?} was not ready within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(Self { nodes })
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// The `redis-cluster://` URL naming every node.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for (i, node) in self.nodes[1..].iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port));
+        }
+        url
     }
 }
 

@@ -67,6 +67,88 @@ crate::conformance_suite! {
     skip: {},
 }
 
+/// The same suite against a real three-node Redis Cluster: keys spread over the nodes by
+/// hash slot, scripts called per slot, the log and dedupe keys on their own slots.
+mod cluster {
+    use super::*;
+    use crate::testing::RedisCluster;
+
+    /// A fresh cluster and the stores opened on it as the server opens them, or `None`
+    /// (after saying so) without `redis-server` and `redis-cli`.
+    async fn for_case(setup: Setup) -> Option<(RedisCluster, Stores)> {
+        let Some(cluster) = RedisCluster::start() else {
+            eprintln!("SKIPPED: redis-server and redis-cli are needed for a Redis Cluster");
+            return None;
+        };
+        let mut config = StoreConfig {
+            backend: Backend::Redis,
+            redis: RedisConfig::new(cluster.url(), "test"),
+            ..StoreConfig::default()
+        };
+        if let Some(window) = setup.dedupe_window_ms {
+            config.redis.dedupe_window_ms = window;
+        }
+        let stores = config.open(&setup.policy).await.unwrap();
+        Some((cluster, stores))
+    }
+
+    crate::conformance_suite! {
+        backend: for_case,
+        skip: {},
+    }
+
+    #[tokio::test]
+    async fn a_cluster_url_makes_a_clustered_store_whose_users_spread_over_the_nodes() {
+        let Some(cluster) = RedisCluster::start() else {
+            eprintln!("SKIPPED: redis-server and redis-cli are needed for a Redis Cluster");
+            return;
+        };
+        let store = RedisStore::connect(
+            RedisConfig::new(cluster.url(), "test"),
+            ProfilePolicy::default(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            store.clustered,
+            "a redis-cluster:// URL makes a clustered client"
+        );
+        let now = reflex_core::types::now_ms();
+        let events: Vec<_> = (0..60)
+            .map(|i| {
+                event(
+                    &format!("e{i}"),
+                    &format!("u{i}"),
+                    "shoe",
+                    EventKind::View,
+                    1_000,
+                )
+            })
+            .collect();
+        let updates: Vec<_> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| update(i as u64 + 1, e, now))
+            .collect();
+        store.apply(&updates).await.unwrap();
+        for i in 0..60 {
+            let profile = ProfileStore::get(&*store, &user(&format!("u{i}")))
+                .await
+                .unwrap();
+            assert_eq!(profile.map(|p| p.version), Some(1), "user u{i}");
+        }
+        // Each node holds some of the users' keys.
+        for port in cluster.ports() {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "dbsize"])
+                .output()
+                .unwrap();
+            let keys: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            assert!(keys > 0, "node {port} holds no key");
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_profile_key_carries_the_ttl_and_keys_share_the_users_slot() {
     let Some((server, store)) = fresh().await else {
