@@ -1,4 +1,4 @@
-//! Several `reflex serve` replicas on one real Redis: the same users served consistently
+//! Several `reflex serve` replicas on one real Redis (standalone, and a Cluster): the same users served consistently
 //! by any replica, duplicates recognised across replicas, catalog changes seen by all,
 //! and a Redis outage answered with UNAVAILABLE, then recovered from without loss.
 
@@ -8,23 +8,28 @@ use reflex_server::proto;
 use reflex_server::proto::EventKind::{Purchase, View};
 use reflex_server::proto::event_service_client::EventServiceClient;
 use reflex_server::proto::recommend_service_client::RecommendServiceClient;
-use reflex_storage::testing::RedisServer;
+use reflex_storage::testing::{RedisCluster, RedisServer};
 use tonic::transport::Channel;
 
 use crate::recommend::{CATEGORIES, PER_CATEGORY, category_share, train};
 use crate::support::*;
 
-fn redis_env(redis: &RedisServer) -> Vec<(&'static str, String)> {
+fn redis_env(url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("REFLEX_STORE__BACKEND", "redis".to_string()),
-        ("REFLEX_STORE__REDIS__URL", redis.url()),
+        ("REFLEX_STORE__REDIS__URL", url.to_string()),
         ("REFLEX_STORE__REDIS__COMMAND_TIMEOUT_MS", "500".to_string()),
     ]
 }
 
 fn start_replica(redis: &RedisServer, extra: &[(&str, &str)]) -> (tempfile::TempDir, Reflex) {
+    start_replica_at(&redis.url(), extra)
+}
+
+/// A replica on the Redis (standalone or Cluster) at `url`.
+fn start_replica_at(url: &str, extra: &[(&str, &str)]) -> (tempfile::TempDir, Reflex) {
     let dir = tempfile::tempdir().unwrap();
-    let env = redis_env(redis);
+    let env = redis_env(url);
     let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     all.extend_from_slice(extra);
     let server = Reflex::start_with(dir.path(), &all);
@@ -50,8 +55,24 @@ async fn two_replicas_serve_the_same_users_from_one_redis() {
         eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
         return;
     };
-    let (_a_dir, a) = start_replica(&redis, &[]);
-    let (_b_dir, b) = start_replica(&redis, &[]);
+    two_replicas_serve_the_same_users(&redis.url()).await;
+}
+
+#[tokio::test]
+async fn two_replicas_serve_the_same_users_from_a_redis_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        eprintln!("SKIPPED: redis-server and redis-cli are needed for a Redis Cluster");
+        return;
+    };
+    two_replicas_serve_the_same_users(&cluster.url()).await;
+}
+
+/// Two replicas on the Redis at `url`: history and catalog through A reach B, an event
+/// acked by A is in B's very next answer, a duplicate sent to B is recognised, and a
+/// catalog change through B reaches A's filters.
+async fn two_replicas_serve_the_same_users(url: &str) {
+    let (_a_dir, a) = start_replica_at(url, &[]);
+    let (_b_dir, b) = start_replica_at(url, &[]);
     let (a, b) = (a.channel().await, b.channel().await);
 
     // Catalog and history go in through A only; B learns them from the shared store.
