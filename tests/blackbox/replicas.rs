@@ -709,7 +709,7 @@ async fn through_ten_faults_every_acked_event_is_applied_exactly_once() {
             "0",
         ),
     ];
-    let mut replicas = vec![
+    let mut replicas = [
         start_replica(&redis, &settings),
         start_replica(&redis, &settings),
     ];
