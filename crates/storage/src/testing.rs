@@ -38,13 +38,7 @@ impl RedisServer {
 
     fn start_with(persistent: bool, clustered: bool) -> Option<Self> {
         let binary = std::env::var("REFLEX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let installed = Command::new(&binary)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
+        if !installed(&binary) {
             return None;
         }
         let dir = tempfile::tempdir().ok()?;
@@ -194,6 +188,8 @@ impl RedisServer {
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// The `redis-cli` binary (from `PATH`, or `REFLEX_REDIS_CLI`).
+    cli: String,
 }
 
 impl RedisCluster {
@@ -201,13 +197,7 @@ impl RedisCluster {
     /// `redis-cli` is not installed, so callers can print that they skipped.
     pub fn start() -> Option<Self> {
         let cli = std::env::var("REFLEX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
-        let has_cli = Command::new(&cli)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !has_cli {
+        if !installed(&cli) {
             return None;
         }
         let nodes = (0..3)
@@ -231,18 +221,14 @@ impl RedisCluster {
             ),
             Err(e) => panic!("running redis-cli: {e}"),
         }
+        let cluster = Self { nodes, cli };
         // Every node must have learnt the slot map before a client asks any of them.
         let start = Instant::now();
-        for node in &nodes {
-            loop {
-                let info = Command::new(&cli)
-                    .args(["-p", &node.port.to_string(), "cluster", "info"])
-                    .output();
-                if info
-                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
-                {
-                    break;
-                }
+        for node in 0..cluster.nodes.len() {
+            while !cluster
+                .cli(node, &["cluster", "info"])
+                .contains("cluster_state:ok")
+            {
                 assert!(
                     start.elapsed() < Duration::from_secs(30),
                     "the cluster on {addrs:?} was not ready within 30 s"
@@ -250,12 +236,22 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Some(Self { nodes })
+        Some(cluster)
     }
 
-    /// The nodes' ports.
-    pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
+    /// How many nodes it has.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// `redis-cli ARGS…` against node `node`: its answer, trimmed (empty when it fails).
+    pub fn cli(&self, node: usize, args: &[&str]) -> String {
+        Command::new(&self.cli)
+            .args(["-p", &self.nodes[node].port.to_string()])
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default()
     }
 
     /// The `redis-cluster://` URL naming every node.
@@ -273,6 +269,16 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether `binary --version` runs and succeeds.
+fn installed(binary: &str) -> bool {
+    Command::new(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Ports handed to servers of this process. A stopped server keeps its port for

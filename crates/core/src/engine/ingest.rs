@@ -78,29 +78,25 @@ impl Engine {
             )));
         }
         // What profiles keep shares the item index's strings (one per item, not one per
-        // event held in a profile); the index found here is the one the model learns.
+        // event held in a profile). The index found here is the one the model learns:
+        // `items` holds one per update below, in the same order.
         let mut items = Vec::with_capacity(records.len());
         for (record, outcome) in records.iter_mut().zip(&appended) {
-            items.push(match (record, outcome) {
-                (
-                    LogRecord::Event {
-                        event,
-                        filtered: false,
-                        ..
-                    },
-                    Appended::At(_),
-                ) => self.backends.items.canonicalize(&mut event.item_id),
-                _ => ItemIdx::MAX,
-            });
+            if let (
+                LogRecord::Event {
+                    event,
+                    filtered: false,
+                    ..
+                },
+                Appended::At(_),
+            ) = (record, outcome)
+            {
+                items.push(self.backends.items.canonicalize(&mut event.item_id));
+            }
         }
-        let mut updates = Vec::with_capacity(records.len());
-        let mut learnt = Vec::with_capacity(records.len());
-        for ((((record, outcome), slot), weight), item) in records
-            .iter()
-            .zip(&appended)
-            .zip(&slots)
-            .zip(&weights)
-            .zip(&items)
+        let mut updates = Vec::with_capacity(items.len());
+        for (((record, outcome), slot), weight) in
+            records.iter().zip(&appended).zip(&slots).zip(&weights)
         {
             let LogRecord::Event {
                 event, filtered, ..
@@ -111,15 +107,12 @@ impl Engine {
             match outcome {
                 Appended::Duplicate => outcomes[*slot] = EventOutcome::Duplicate,
                 Appended::At(_) if *filtered => {}
-                Appended::At(seq) => {
-                    updates.push(ProfileUpdate {
-                        seq: *seq,
-                        event,
-                        weight: *weight,
-                        now_ms: now,
-                    });
-                    learnt.push(*item);
-                }
+                Appended::At(seq) => updates.push(ProfileUpdate {
+                    seq: *seq,
+                    event,
+                    weight: *weight,
+                    now_ms: now,
+                }),
             }
         }
         if !updates.is_empty() {
@@ -131,7 +124,7 @@ impl Engine {
             // teaches it (once). Learning a whole batch takes milliseconds of CPU, so it
             // yields the worker thread between slices: a `Recommend` queued behind it on
             // the same worker waits for one slice, not for the batch.
-            for (i, (u, item)) in updates.iter().zip(&learnt).enumerate() {
+            for (i, (u, item)) in updates.iter().zip(&items).enumerate() {
                 if i > 0 && i % LEARN_SLICE == 0 {
                     tokio::task::yield_now().await;
                 }

@@ -138,13 +138,9 @@ mod cluster {
             assert_eq!(profile.map(|p| p.version), Some(1), "user u{i}");
         }
         // Each node holds some of the users' keys.
-        for port in cluster.ports() {
-            let out = std::process::Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "dbsize"])
-                .output()
-                .unwrap();
-            let keys: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-            assert!(keys > 0, "node {port} holds no key");
+        for node in 0..cluster.node_count() {
+            let keys: u64 = cluster.cli(node, &["dbsize"]).parse().unwrap();
+            assert!(keys > 0, "node {node} holds no key");
         }
     }
 }
