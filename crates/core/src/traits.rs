@@ -366,6 +366,13 @@ pub trait SignalModel: Send + Sync + 'static {
     /// share of `item`'s followers each one is.
     fn related(&self, item: ItemIdx, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
 
+    /// Replaces the item-to-item weights fitted in batch (the background refit's):
+    /// per source item, its targets with positive weights, heaviest first. A model that
+    /// uses none ignores them.
+    fn install_item_item(&self, rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)>) {
+        let _ = rows;
+    }
+
     /// Everything learnt, encoded, items named through `id_of`.
     fn export(&self, id_of: &dyn Fn(ItemIdx) -> Option<ItemId>) -> Result<Vec<u8>>;
 

@@ -200,6 +200,21 @@ impl TrainingSet {
         Csr::from_triples(self.users.len(), self.items.len(), &triples)
     }
 
+    /// Fits the item-to-item weights ([`crate::ease`]) to [`Self::matrix`], items by id:
+    /// per source item, its targets and weights, heaviest first.
+    pub fn fit_item_item(
+        &self,
+        config: &crate::EaseConfig,
+    ) -> Result<Vec<(ItemId, Vec<(ItemId, f32)>)>, ModelError> {
+        let fit = crate::ease::fit(&self.matrix(), config)?;
+        let id = |c: u32| self.items[c as usize].clone();
+        Ok(fit
+            .rows
+            .into_iter()
+            .map(|(source, row)| (id(source), row.into_iter().map(|(j, w)| (id(j), w)).collect()))
+            .collect())
+    }
+
     /// Fits implicit ALS to [`Self::matrix`]; refuses a `config` that
     /// [`AlsConfig::validate`] refuses.
     pub fn fit(&self, config: &AlsConfig) -> Result<AlsModel, ModelError> {

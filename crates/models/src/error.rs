@@ -12,6 +12,14 @@ pub enum ModelError {
         /// What the settings' `validate` found, naming the field.
         reason: String,
     },
+    /// A fit's numbers went wrong (a matrix that should be positive definite was not).
+    #[error("numerical failure in the {fit} fit: {reason}")]
+    Numerical {
+        /// Which fit.
+        fit: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl ModelError {

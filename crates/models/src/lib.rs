@@ -24,6 +24,8 @@
 //!   with genre embeddings, cold-start events reported apart
 //! - [`signals`]: [`Signals`], the `SignalModel`: repurchase ("buy it again") and
 //!   next-item co-occurrence, probabilities from counts learnt per event
+//! - [`ease`]: [`EaseConfig`], item-to-item weights (EASE) fitted in the background refit
+//!   over the most popular items, which the signals blend with their co-occurrence
 //! - [`factors`]: [`ItemFactors`], the lock-free growable item vector store
 //! - [`retriever`]: [`ExactRetriever`], the `Retriever` scanning the store in place
 //! - [`ann`]: [`AnnRetriever`] (usearch HNSW, background upserts, atomic rebuilds) and
@@ -44,6 +46,7 @@ pub mod batch;
 pub mod config;
 pub mod content;
 pub mod content_eval;
+pub mod ease;
 pub mod error;
 pub mod eval;
 pub mod factors;
@@ -60,6 +63,7 @@ pub use ann::{AnnConfig, AnnError, AnnRetriever, AnnStats, HybridRetriever, Quan
 pub use batch::TrainingSet;
 pub use config::{MfConfig, NegativeSampling};
 pub use content::{ContentConfig, ContentEmbeddings};
+pub use ease::{EaseConfig, ItemItemFit};
 pub use error::ModelError;
 pub use factors::{ItemFactors, StoredVector};
 pub use mf::OnlineMf;

@@ -1,7 +1,9 @@
 //! The little dense linear algebra the models need: dot products, outer-product and
-//! symmetric matrix–vector kernels, and a Cholesky solve of a small symmetric
-//! positive-definite system. Written out by hand so no linear algebra crate is pulled in
-//! for k×k problems with k ≤ a few hundred.
+//! symmetric matrix–vector kernels, a Cholesky solve of a small symmetric
+//! positive-definite system, and the in-place inverse of one (EASE's item × item fit,
+//! up to a few thousand rows, in the background refit). Written out by hand so no linear
+//! algebra crate is pulled in for these few kernels (a crate like faer would add much
+//! build time and target-dir disk for one inverse).
 //!
 //! The Gram kernels ([`add_outer_lower`], [`sub_sym_product`]), on the learning and
 //! fold-in paths, are compiled twice: for the baseline target, and for AVX2 with fused
@@ -256,6 +258,51 @@ pub fn cholesky_solve(a: &[f32], b: &[f32], k: usize) -> Option<Vec<f32>> {
     Some(y.into_iter().map(|v| v as f32).collect())
 }
 
+dispatched! {
+    /// `y += a · x` over `f64` slices (the shorter length if they differ).
+    pub fn axpy_f64(a: f64, x: &[f64], y: &mut [f64]) = axpy_f64_impl;
+}
+
+#[inline(always)]
+fn axpy_f64_impl<const FMA: bool>(a: f64, x: &[f64], y: &mut [f64]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = if FMA { a.mul_add(*xi, *yi) } else { a * *xi + *yi };
+    }
+}
+
+/// Inverts the symmetric positive-definite `n × n` matrix `a` (row-major, both
+/// triangles) in place by Gauss–Jordan elimination without pivoting (safe for a
+/// positive-definite matrix, whose pivots stay positive): `n³` multiply-adds, each row
+/// update a contiguous axpy. Returns `false`, leaving `a` in an unspecified state, when
+/// a pivot is not positive and finite (the matrix was not positive definite).
+pub fn invert_spd(a: &mut [f64], n: usize) -> bool {
+    if a.len() != n * n {
+        return false;
+    }
+    let mut pivot_row = vec![0.0f64; n];
+    for k in 0..n {
+        let p = a[k * n + k];
+        if !(p > 0.0 && p.is_finite()) {
+            return false;
+        }
+        let inv = 1.0 / p;
+        a[k * n + k] = 1.0;
+        for (dst, src) in pivot_row.iter_mut().zip(&mut a[k * n..k * n + n]) {
+            *src *= inv;
+            *dst = *src;
+        }
+        for i in (0..n).filter(|&i| i != k) {
+            let row = &mut a[i * n..i * n + n];
+            let f = row[k];
+            if f != 0.0 {
+                row[k] = 0.0;
+                axpy_f64(-f, &pivot_row, row);
+            }
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +396,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_inverse_times_its_matrix_is_the_identity() {
+        let n = 7;
+        // A Gram matrix plus a ridge: symmetric positive definite.
+        let m: Vec<f64> = (0..n * n).map(|i| ((i * 37 % 11) as f64) / 5.0 - 1.0).collect();
+        let mut g = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                g[i * n + j] = (0..n).map(|r| m[r * n + i] * m[r * n + j]).sum::<f64>();
+            }
+            g[i * n + i] += 0.5;
+        }
+        let mut inv = g.clone();
+        assert!(invert_spd(&mut inv, n));
+        for i in 0..n {
+            for j in 0..n {
+                let v: f64 = (0..n).map(|r| g[i * n + r] * inv[r * n + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-9, "({i},{j}) = {v}");
+            }
+        }
+        // Not positive definite: refused.
+        let mut bad = vec![1.0, 2.0, 2.0, 1.0];
+        assert!(!invert_spd(&mut bad, 2));
     }
 }

@@ -35,8 +35,10 @@
 //! a full purchase list drops its stalest quarter).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use reflex_core::types::IdHashState;
@@ -88,6 +90,14 @@ pub struct SignalsConfig {
     /// A user with no event for this long (wall clock, as a profile's TTL counts) is
     /// forgotten, in ms.
     pub user_ttl_ms: i64,
+    /// Share of the next-item estimate given to the item-to-item weights the background
+    /// refit fits ([`crate::ease`]), once there are any; the rest stays with the
+    /// co-occurrence counts. 0 leaves the fitted weights unused.
+    pub item_item_share: f32,
+    /// How many of the user's latest items the fitted weights score from.
+    pub item_item_sources: usize,
+    /// Weight of such a source item per position back (1: the plain set of items).
+    pub item_item_decay: f32,
 }
 
 impl Default for SignalsConfig {
@@ -104,6 +114,9 @@ impl Default for SignalsConfig {
             max_followers: 300,
             max_user_items: 200,
             user_ttl_ms: 30 * 24 * 3600 * 1000,
+            item_item_share: 0.4,
+            item_item_sources: 50,
+            item_item_decay: 1.0,
         }
     }
 }
@@ -121,6 +134,13 @@ impl SignalsConfig {
         unit("basket_decay", self.basket_decay)?;
         unit("pair_decay", self.pair_decay)?;
         unit("source_decay", self.source_decay)?;
+        unit("item_item_decay", self.item_item_decay)?;
+        if !(self.item_item_share.is_finite() && (0.0..=1.0).contains(&self.item_item_share)) {
+            return Err(format!(
+                "item_item_share is {}, expected a number in [0, 1]",
+                self.item_item_share
+            ));
+        }
         if self.user_ttl_ms <= 0 {
             return Err(format!("user_ttl_ms is {}, expected > 0", self.user_ttl_ms));
         }
@@ -136,6 +156,7 @@ impl SignalsConfig {
         for (name, v, max) in [
             ("window", self.window, 100),
             ("sources", self.sources, 100),
+            ("item_item_sources", self.item_item_sources, 1_000),
             ("max_followers", self.max_followers, 10_000),
             ("max_user_items", self.max_user_items, 100_000),
         ] {
@@ -233,6 +254,14 @@ pub struct Signals {
     /// Wall clock as of the last [`SignalModel::maintain`] (coarse: no clock read per
     /// event).
     wall_ms: AtomicI64,
+    /// The item-to-item weights the last refit installed, swapped whole.
+    item_item: ArcSwapOption<ItemItem>,
+}
+
+/// Fitted item-to-item weights: per source item, its targets with positive weights.
+#[derive(Debug, Default)]
+struct ItemItem {
+    rows: HashMap<ItemIdx, Box<[(ItemIdx, f32)]>>,
 }
 
 impl Signals {
@@ -248,6 +277,7 @@ impl Signals {
             totals: Totals::default(),
             clock_ms: AtomicI64::new(i64::MIN),
             wall_ms: AtomicI64::new(reflex_core::types::now_ms()),
+            item_item: ArcSwapOption::empty(),
         })
     }
 
@@ -623,10 +653,13 @@ impl SignalModel for Signals {
             }
         }
 
-        // What follows the latest items, for items the user never bought.
+        // What follows the latest items, for items the user never bought: the
+        // co-occurrence estimate P1, blended with the fitted item-to-item weights
+        // (normalised over the eligible candidates) once a refit installed them.
         let firsts = self.totals.firsts.load(Ordering::Relaxed).max(1) as f32;
         let kappa = self.config.smoothing;
-        let mut weights: HashMap<ItemIdx, f32> = HashMap::new();
+        // Per candidate: (co-occurrence weight, fitted score).
+        let mut weights: HashMap<ItemIdx, (f32, f32)> = HashMap::new();
         let (mut wsum, mut prior) = (0.0f32, 0.0f32);
         let mut w = 1.0f32;
         let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
@@ -640,7 +673,7 @@ impl SignalModel for Signals {
                 let st = slot.stats.lock();
                 let norm = w / (st.out_mass + kappa);
                 for (j, c) in st.followers.iter() {
-                    *weights.entry(j).or_default() += c * norm;
+                    weights.entry(j).or_default().0 += c * norm;
                 }
                 prior += kappa * norm;
             } else {
@@ -648,6 +681,21 @@ impl SignalModel for Signals {
             }
             wsum += w;
             w *= self.config.source_decay;
+        }
+        let share_fitted = self.config.item_item_share;
+        let fitted = self.item_item.load();
+        if let (Some(fitted), true) = (fitted.as_deref(), share_fitted > 0.0) {
+            used.clear();
+            let mut w = 1.0f32;
+            for &source in recent.iter().take(self.config.item_item_sources) {
+                if !used.contains(&source) {
+                    used.push(source);
+                    for &(j, b) in fitted.rows.get(&source).into_iter().flatten() {
+                        weights.entry(j).or_default().1 += w * b;
+                    }
+                }
+                w *= self.config.item_item_decay;
+            }
         }
         if wsum > 0.0 && !weights.is_empty() {
             let baskets = self.totals.baskets.load(Ordering::Relaxed) as f32;
@@ -661,20 +709,30 @@ impl SignalModel for Signals {
             };
             let share = self.global_repeat_share();
             let mine = (u.repeats as f32 + K_SHARE * share) / (u.eligible as f32 + K_SHARE);
-            let scale = size * (1.0 - mine) / (1.0 - share).max(1e-6) / wsum;
-            for (j, c) in weights {
-                if u.bought(j) || !filter(j) {
-                    continue;
-                }
+            let scale = size * (1.0 - mine) / (1.0 - share).max(1e-6);
+            let eligible: Vec<(ItemIdx, f32, f32)> = weights
+                .into_iter()
+                .filter(|&(j, _)| !u.bought(j) && filter(j))
+                .map(|(j, (c, e))| (j, c, e))
+                .collect();
+            let fitted_total: f32 = eligible.iter().map(|c| c.2).sum();
+            let share_fitted = if fitted_total > 0.0 { share_fitted } else { 0.0 };
+            for (j, c, e) in eligible {
                 let q = self
                     .slot_if_any(j)
                     .map_or(0.0, |s| s.firsts.load(Ordering::Relaxed) as f32)
                     / firsts;
+                let p1 = (c + prior * q) / wsum;
+                let mix = if share_fitted > 0.0 {
+                    (1.0 - share_fitted) * p1 + share_fitted * e / fitted_total
+                } else {
+                    p1
+                };
                 out.push(SignalCandidate {
                     item: j,
                     // An expected count in the next basket; the chance of at least
                     // one (Poisson), so it stays a probability beside the repeats.
-                    probability: -(-scale * (c + prior * q)).exp_m1(),
+                    probability: -(-scale * mix).exp_m1(),
                     source: SignalSource::Sequence,
                 });
             }
@@ -686,6 +744,15 @@ impl SignalModel for Signals {
         });
         out.truncate(k);
         out
+    }
+
+    fn install_item_item(&self, rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)>) {
+        let rows = rows
+            .into_iter()
+            .filter(|(_, targets)| !targets.is_empty())
+            .map(|(source, targets)| (source, targets.into_boxed_slice()))
+            .collect();
+        self.item_item.store(Some(Arc::new(ItemItem { rows })));
     }
 
     fn rebought(&self, item: ItemIdx) -> bool {
@@ -772,6 +839,17 @@ impl SignalModel for Signals {
                 .collect();
             users.push((entry.key().clone(), u));
         }
+        let mut fitted: Vec<(u32, Vec<(u32, f32)>)> = Vec::new();
+        if let Some(ii) = self.item_item.load().as_deref() {
+            let mut sources: Vec<_> = ii.rows.iter().collect();
+            sources.sort_unstable_by_key(|(s, _)| **s);
+            for (&source, row) in sources {
+                let Some(me) = name(source) else { continue };
+                let row: Vec<(u32, f32)> =
+                    row.iter().filter_map(|&(j, w)| Some((name(j)?, w))).collect();
+                fitted.push((me, row));
+            }
+        }
         let t = &self.totals;
         let stored = StoredSignals {
             format: STORED_FORMAT,
@@ -789,12 +867,28 @@ impl SignalModel for Signals {
             items,
             users,
         };
-        postcard::to_allocvec(&stored).map_err(|e| Error::storage("encoding the signals", e))
+        let mut bytes = postcard::to_allocvec(&stored)
+            .map_err(|e| Error::storage("encoding the signals", e))?;
+        // The fitted weights follow the counts, so a snapshot from before they existed
+        // (nothing after the counts) still reads.
+        if !fitted.is_empty() {
+            bytes.extend(
+                postcard::to_allocvec(&fitted)
+                    .map_err(|e| Error::storage("encoding the item-to-item weights", e))?,
+            );
+        }
+        Ok(bytes)
     }
 
     fn import(&self, bytes: &[u8], intern: &dyn Fn(&ItemId) -> ItemIdx) -> Result<()> {
-        let stored: StoredSignals =
-            postcard::from_bytes(bytes).map_err(|e| Error::storage("decoding the signals", e))?;
+        let (stored, rest): (StoredSignals, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|e| Error::storage("decoding the signals", e))?;
+        let fitted_stored: Vec<(u32, Vec<(u32, f32)>)> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            postcard::from_bytes(rest)
+                .map_err(|e| Error::storage("decoding the item-to-item weights", e))?
+        };
         if stored.format != STORED_FORMAT {
             return Err(Error::invalid(
                 "signals",
@@ -820,6 +914,14 @@ impl SignalModel for Signals {
                 .collect::<Result<Vec<_>>>()?;
             followers.sort_unstable_by_key(|f| f.0);
             items.push((map(it.item)?, it, followers));
+        }
+        let mut fitted = Vec::with_capacity(fitted_stored.len());
+        for (source, row) in &fitted_stored {
+            let row = row
+                .iter()
+                .map(|&(j, w)| Ok((map(j)?, w)))
+                .collect::<Result<Vec<_>>>()?;
+            fitted.push((map(*source)?, row));
         }
         let mut users = Vec::with_capacity(stored.users.len());
         for (user, u) in &stored.users {
@@ -867,6 +969,11 @@ impl SignalModel for Signals {
             counter.store(v, Ordering::Relaxed);
         }
         self.clock_ms.store(stored.clock_ms, Ordering::Relaxed);
+        if fitted.is_empty() {
+            self.item_item.store(None);
+        } else {
+            self.install_item_item(fitted);
+        }
         Ok(())
     }
 }
@@ -1141,6 +1248,8 @@ mod tests {
         let s = grocery();
         view(&s, "me", 1, 60 * DAY);
         view(&s, "me", 3, 60 * DAY + 1);
+        s.install_item_item(vec![(3, vec![(50, 0.5), (51, 0.25)])]);
+        assert!(ranked(&s, "me").contains(&(50, SignalSource::Sequence)));
         let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
         let bytes = s.export(&id).unwrap();
         let t = Signals::new(SignalsConfig::default()).unwrap();
@@ -1169,6 +1278,56 @@ mod tests {
         assert!(t.rebought(101) && !t.rebought(102));
         assert_eq!(t.users(), s.users());
         assert!(t.import(&bytes[..bytes.len() / 2], &|_| 0).is_err());
+        // A snapshot without fitted weights (as every one before them) still reads, and
+        // leaves none behind.
+        let without = grocery();
+        view(&without, "me", 1, 60 * DAY);
+        view(&without, "me", 3, 60 * DAY + 1);
+        let bytes = without.export(&id).unwrap();
+        t.import(&bytes, &|id: &ItemId| {
+            id.as_str()
+                .trim_start_matches("item-")
+                .parse::<ItemIdx>()
+                .unwrap()
+        })
+        .unwrap();
+        assert!(!ranked(&t, "me").iter().any(|&(i, _)| i == 50 || i == 51));
+    }
+
+    #[test]
+    fn fitted_item_to_item_weights_propose_what_the_counts_never_saw() {
+        let with_share = |share: f32| {
+            let s = Signals::new(SignalsConfig {
+                item_item_share: share,
+                ..SignalsConfig::default()
+            })
+            .unwrap();
+            // Everyone who views 10 goes on to 11; nobody was ever seen going to 20.
+            for u in 0..10 {
+                let who = format!("v{u}");
+                view(&s, &who, 10, u * HOUR);
+                view(&s, &who, 11, u * HOUR + 1);
+            }
+            view(&s, "me", 10, 100 * HOUR);
+            buy(&s, "me", 21, 100 * HOUR + 1);
+            view(&s, "me", 10, 100 * HOUR + 2);
+            // The fit says 10 predicts 20 strongly, and 21, which "me" bought.
+            s.install_item_item(vec![(10, vec![(20, 2.0), (21, 1.0)])]);
+            s
+        };
+        let s = with_share(0.4);
+        let got = ranked(&s, "me");
+        assert!(got.contains(&(20, SignalSource::Sequence)), "{got:?}");
+        assert!(got.contains(&(11, SignalSource::Sequence)), "{got:?}");
+        assert!(
+            !got.contains(&(21, SignalSource::Sequence)),
+            "what the user bought is not proposed as new: {got:?}"
+        );
+        let filtered = s.candidates(&user("me"), &latest(&s, "me"), 10, &|i| i != 20);
+        assert!(filtered.iter().all(|c| c.item != 20));
+        // A share of 0 leaves the fitted weights unused.
+        let got = ranked(&with_share(0.0), "me");
+        assert!(!got.iter().any(|&(i, _)| i == 20), "{got:?}");
     }
 
     #[test]
@@ -1194,6 +1353,13 @@ mod tests {
                     ..SignalsConfig::default()
                 },
                 "smoothing",
+            ),
+            (
+                SignalsConfig {
+                    item_item_share: 1.5,
+                    ..SignalsConfig::default()
+                },
+                "item_item_share",
             ),
         ] {
             let err = Signals::new(config).err().unwrap().to_string();

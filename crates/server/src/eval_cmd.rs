@@ -247,13 +247,16 @@ async fn run_protocol(
     if let Some(r) = &out.replay.refit {
         println!(
             "refit: {} ({} events fitted in {:.1} s; holdout hr@10 {:.4} for the fit against \
-             {:.4} for the running model, {} users)",
+             {:.4} for the running model, {} users); item-to-item weights for {} items in \
+             {:.1} s",
             r.outcome.label(),
             r.events,
             r.fit_secs,
             r.candidate.hit_rate(),
             r.running.hit_rate(),
-            r.holdout_cases
+            r.holdout_cases,
+            r.item_item_sources,
+            r.item_item_secs
         );
     }
     println!(

@@ -13,7 +13,7 @@ use anyhow::Context;
 use reflex_core::{
     Engine, HoldoutCase, HoldoutFigures, ItemId, KindWeights, LogRecord, ModelVersion, Seq, UserId,
 };
-use reflex_models::{AlsConfig, MfConfig, OnlineMf, TrainingSet};
+use reflex_models::{AlsConfig, EaseConfig, MfConfig, OnlineMf, TrainingSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -44,6 +44,9 @@ pub struct RefitConfig {
     pub iterations: usize,
     /// ALS worker threads; keep it below the cores so serving keeps some.
     pub threads: usize,
+    /// The item-to-item weights (EASE over the most popular items) fitted with every
+    /// refit and given to the behaviour signals.
+    pub item_item: EaseConfig,
 }
 
 impl Default for RefitConfig {
@@ -56,6 +59,7 @@ impl Default for RefitConfig {
             min_gain: 0.02,
             iterations: AlsConfig::default().iterations,
             threads: 1,
+            item_item: EaseConfig::default(),
         }
     }
 }
@@ -75,7 +79,9 @@ impl RefitConfig {
         if self.iterations == 0 {
             return Err("iterations must be at least 1".into());
         }
-        Ok(())
+        self.item_item
+            .validate()
+            .map_err(|e| format!("item_item.{e}"))
     }
 }
 
@@ -124,6 +130,10 @@ pub struct RefitReport {
     pub fit_secs: f64,
     /// The installed version.
     pub version: Option<ModelVersion>,
+    /// Source items given item-to-item weights (0 when not fitted).
+    pub item_item_sources: usize,
+    /// Seconds fitting the item-to-item weights.
+    pub item_item_secs: f64,
 }
 
 /// Runs refits one at a time for one engine.
@@ -185,17 +195,22 @@ impl Refitter {
             running: HoldoutFigures::default(),
             fit_secs: 0.0,
             version: None,
+            item_item_sources: 0,
+            item_item_secs: 0.0,
         };
         if !forced && log_seq.saturating_sub(*last) < self.config.min_new_events {
             return Ok(skipped(Outcome::Skipped));
         }
         let started = Instant::now();
         let (set, cases) = self.read(log_seq).await?;
+        let (set, item_item_sources, item_item_secs) = self.fit_item_item(set).await?;
         if set.events() == 0 || (cases.len() < self.config.min_holdout_users && !install_anyway) {
             *last = log_seq;
             let mut report = skipped(Outcome::TooFewHoldoutUsers);
             report.holdout_cases = cases.len();
             report.events = set.events();
+            report.item_item_sources = item_item_sources;
+            report.item_item_secs = item_item_secs;
             info!(
                 cases = cases.len(),
                 needed = self.config.min_holdout_users,
@@ -251,6 +266,8 @@ impl Refitter {
             running,
             fit_secs,
             version: None,
+            item_item_sources,
+            item_item_secs,
         };
         let figures = format!(
             "holdout hr@{K} {:.4} against {:.4} over {holdout_cases} users",
@@ -273,6 +290,28 @@ impl Refitter {
             info!(%figures, "refit not installed: the running model ranks the holdout as well");
         }
         Ok(report)
+    }
+
+    /// Fits the item-to-item weights to `set` off the runtime and gives them to the
+    /// behaviour signals (when enabled and there are events); hands `set` back with the
+    /// source items installed and the seconds the fit took.
+    async fn fit_item_item(&self, set: TrainingSet) -> anyhow::Result<(TrainingSet, usize, f64)> {
+        let config = self.config.item_item.clone();
+        if !config.enabled || set.events() == 0 {
+            return Ok((set, 0, 0.0));
+        }
+        let started = Instant::now();
+        let (set, fitted) = tokio::task::spawn_blocking(move || {
+            let fitted = set.fit_item_item(&config);
+            (set, fitted)
+        })
+        .await
+        .context("the item-to-item fit task failed")?;
+        let rows = fitted.context("fitting the item-to-item weights")?;
+        let secs = started.elapsed().as_secs_f64();
+        let installed = self.engine.install_item_item(rows);
+        info!(sources = installed, secs, "item-to-item weights installed");
+        Ok((set, installed, secs))
     }
 
     /// Reads the log through `through`: every event outside the holdout into a training

@@ -203,6 +203,29 @@ impl Engine {
         Ok((saved, replayed))
     }
 
+    /// Gives the behaviour signals new item-to-item weights fitted in batch (items by
+    /// id, interned here): they take effect on the next request and are saved with the
+    /// next model version. Returns the source items installed (0 without signals).
+    pub fn install_item_item(&self, rows: Vec<(ItemId, Vec<(ItemId, f32)>)>) -> usize {
+        let Some(signals) = &self.signals else {
+            return 0;
+        };
+        let items = &self.backends.items;
+        let rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)> = rows
+            .into_iter()
+            .map(|(source, targets)| {
+                let targets = targets
+                    .into_iter()
+                    .map(|(j, w)| (items.intern(&j), w))
+                    .collect();
+                (items.intern(&source), targets)
+            })
+            .collect();
+        let installed = rows.len();
+        signals.install_item_item(rows);
+        installed
+    }
+
     /// Teaches the model alone one logged event (unless its user is held out).
     fn observe_model(&self, event: &Event) {
         if self.sampler.holdout(event.user_id.as_str()) {
