@@ -348,6 +348,10 @@ async fn a_refit_is_judged_on_the_holdout_and_installed_only_when_it_ranks_bette
     );
     assert!(judged.events > 0 && judged.events < 80 * 16, "{judged:?}");
     assert!(
+        judged.item_item_sources >= CATEGORIES.len() as u64,
+        "every refit fits the item-to-item weights: {judged:?}"
+    );
+    assert!(
         judged.candidate_hit_rate_at_10 > 0.0,
         "ALS learns the loyal categories: {judged:?}"
     );

@@ -330,6 +330,10 @@ pub struct SignalCandidate {
     pub source: SignalSource,
 }
 
+/// Item-to-item weights fitted in batch: per source item, its targets with positive
+/// weights, heaviest first; items numbered (`ItemIdx`) or named (`ItemId`).
+pub type ItemItemWeights<I = ItemIdx> = Vec<(I, Vec<(I, f32)>)>;
+
 /// Behaviour signals learnt online from every accepted event: what each user comes back
 /// to ("buy it again", learnt per item from everyone's repurchases) and what follows what
 /// (next-item co-occurrence). Their scores are probabilities estimated from counts, so
@@ -369,7 +373,7 @@ pub trait SignalModel: Send + Sync + 'static {
     /// Replaces the item-to-item weights fitted in batch (the background refit's):
     /// per source item, its targets with positive weights, heaviest first. A model that
     /// uses none ignores them.
-    fn install_item_item(&self, rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)>) {
+    fn install_item_item(&self, rows: ItemItemWeights) {
         let _ = rows;
     }
 

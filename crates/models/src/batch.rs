@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use flate2::read::GzDecoder;
 
 use reflex_core::model_store::StoredModel;
-use reflex_core::{ItemId, UserId};
+use reflex_core::{ItemId, ItemItemWeights, UserId};
 
 use crate::als::{self, AlsConfig, AlsModel, Csr};
 use crate::error::ModelError;
@@ -205,13 +205,18 @@ impl TrainingSet {
     pub fn fit_item_item(
         &self,
         config: &crate::EaseConfig,
-    ) -> Result<Vec<(ItemId, Vec<(ItemId, f32)>)>, ModelError> {
+    ) -> Result<ItemItemWeights<ItemId>, ModelError> {
         let fit = crate::ease::fit(&self.matrix(), config)?;
         let id = |c: u32| self.items[c as usize].clone();
         Ok(fit
             .rows
             .into_iter()
-            .map(|(source, row)| (id(source), row.into_iter().map(|(j, w)| (id(j), w)).collect()))
+            .map(|(source, row)| {
+                (
+                    id(source),
+                    row.into_iter().map(|(j, w)| (id(j), w)).collect(),
+                )
+            })
             .collect())
     }
 

@@ -266,7 +266,11 @@ dispatched! {
 #[inline(always)]
 fn axpy_f64_impl<const FMA: bool>(a: f64, x: &[f64], y: &mut [f64]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = if FMA { a.mul_add(*xi, *yi) } else { a * *xi + *yi };
+        *yi = if FMA {
+            a.mul_add(*xi, *yi)
+        } else {
+            a * *xi + *yi
+        };
     }
 }
 
@@ -402,7 +406,9 @@ mod tests {
     fn an_inverse_times_its_matrix_is_the_identity() {
         let n = 7;
         // A Gram matrix plus a ridge: symmetric positive definite.
-        let m: Vec<f64> = (0..n * n).map(|i| ((i * 37 % 11) as f64) / 5.0 - 1.0).collect();
+        let m: Vec<f64> = (0..n * n)
+            .map(|i| ((i * 37 % 11) as f64) / 5.0 - 1.0)
+            .collect();
         let mut g = vec![0.0f64; n * n];
         for i in 0..n {
             for j in 0..n {

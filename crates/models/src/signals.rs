@@ -25,6 +25,11 @@
 //!   `λ = S_u·(1 − π_u)/(1 − π)·P1(j)`, with `S_u` the user's expected basket size and
 //!   `π_u` the share of their events that are repeats (both shrunk toward everyone's),
 //!   reported as the chance of at least one, `1 − e^(−λ)`.
+//!   Once a background refit has installed item-to-item weights ([`crate::ease`]),
+//!   `P1` becomes `(1 − β)·P1 + β·E(j)`, with β [`SignalsConfig::item_item_share`] and
+//!   `E` the fitted scores from the latest [`SignalsConfig::item_item_sources`] items
+//!   (weighted [`SignalsConfig::item_item_decay`] per position back), normalised over
+//!   the eligible candidates.
 //!
 //! Measured (`reflex eval --protocol`, see BENCHMARKS.md), one set of defaults for
 //! every data set. Clock skew: an event older than the user's latest by more than a
@@ -43,8 +48,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use reflex_core::types::IdHashState;
 use reflex_core::{
-    Error, EventKind, ItemId, ItemIdx, Result, Scored, SignalCandidate, SignalEvent, SignalModel,
-    SignalSource, UserId,
+    Error, EventKind, ItemId, ItemIdx, ItemItemWeights, Result, Scored, SignalCandidate,
+    SignalEvent, SignalModel, SignalSource, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -116,7 +121,7 @@ impl Default for SignalsConfig {
             user_ttl_ms: 30 * 24 * 3600 * 1000,
             item_item_share: 0.4,
             item_item_sources: 50,
-            item_item_decay: 1.0,
+            item_item_decay: 0.9,
         }
     }
 }
@@ -716,7 +721,11 @@ impl SignalModel for Signals {
                 .map(|(j, (c, e))| (j, c, e))
                 .collect();
             let fitted_total: f32 = eligible.iter().map(|c| c.2).sum();
-            let share_fitted = if fitted_total > 0.0 { share_fitted } else { 0.0 };
+            let share_fitted = if fitted_total > 0.0 {
+                share_fitted
+            } else {
+                0.0
+            };
             for (j, c, e) in eligible {
                 let q = self
                     .slot_if_any(j)
@@ -746,7 +755,7 @@ impl SignalModel for Signals {
         out
     }
 
-    fn install_item_item(&self, rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)>) {
+    fn install_item_item(&self, rows: ItemItemWeights) {
         let rows = rows
             .into_iter()
             .filter(|(_, targets)| !targets.is_empty())
@@ -845,8 +854,10 @@ impl SignalModel for Signals {
             sources.sort_unstable_by_key(|(s, _)| **s);
             for (&source, row) in sources {
                 let Some(me) = name(source) else { continue };
-                let row: Vec<(u32, f32)> =
-                    row.iter().filter_map(|&(j, w)| Some((name(j)?, w))).collect();
+                let row: Vec<(u32, f32)> = row
+                    .iter()
+                    .filter_map(|&(j, w)| Some((name(j)?, w)))
+                    .collect();
                 fitted.push((me, row));
             }
         }

@@ -495,6 +495,7 @@ impl ModelService for Reflex {
             running_hit_rate_at_10: report.running.hit_rate(),
             events: report.events,
             version: report.version.map(convert::model_version),
+            item_item_sources: report.item_item_sources as u64,
         }))
     }
 }

@@ -17,7 +17,9 @@ use super::Engine;
 use crate::catalog::ItemIdx;
 use crate::error::Result;
 use crate::model_store::{ItemState, ModelState, ModelVersion, StoredModel};
-use crate::traits::{EventSink, HistoryEntry, LogRecord, Observation, OnlineModel};
+use crate::traits::{
+    EventSink, HistoryEntry, ItemItemWeights, LogRecord, Observation, OnlineModel,
+};
 use crate::types::{Event, ItemId, Seq, TimestampMs, UserId};
 
 /// One holdout user's case: the events before their last one, and that last item.
@@ -206,12 +208,12 @@ impl Engine {
     /// Gives the behaviour signals new item-to-item weights fitted in batch (items by
     /// id, interned here): they take effect on the next request and are saved with the
     /// next model version. Returns the source items installed (0 without signals).
-    pub fn install_item_item(&self, rows: Vec<(ItemId, Vec<(ItemId, f32)>)>) -> usize {
+    pub fn install_item_item(&self, rows: ItemItemWeights<ItemId>) -> usize {
         let Some(signals) = &self.signals else {
             return 0;
         };
         let items = &self.backends.items;
-        let rows: Vec<(ItemIdx, Vec<(ItemIdx, f32)>)> = rows
+        let rows: ItemItemWeights = rows
             .into_iter()
             .map(|(source, targets)| {
                 let targets = targets
