@@ -1,13 +1,16 @@
 //! What a shop gets: real grocery purchases replayed through the gRPC API of the real
 //! binary, then `Recommend` for every shopper, scored against their held-out last
 //! order. The figure must agree with what `reflex eval --protocol next-basket` reports
-//! for the served ranking, and beat the "buy it again" list every shop already has.
+//! for the served ranking, and beat the "buy it again" list every shop already has;
+//! after a refit (which gives the signals fitted item-to-item weights) it must agree
+//! with `reflex eval --refit`.
 
 use prost_types::Timestamp;
 use reflex_models::eval::protocol::{Protocol, Split, score};
 use reflex_models::eval::{data_dir, read_ratings_file};
 use reflex_server::proto;
 use reflex_server::proto::catalog_service_client::CatalogServiceClient;
+use reflex_server::proto::model_service_client::ModelServiceClient;
 use reflex_server::proto::recommend_service_client::RecommendServiceClient;
 use reflex_server::served_eval::user_id;
 
@@ -15,6 +18,39 @@ use crate::support::*;
 
 /// `profiles.session_gap_ms` by default: the basket gap the server and `reflex eval` use.
 const BASKET_GAP_MS: i64 = 30 * 60 * 1000;
+
+/// Both the server and `reflex eval` run with these: the per-user rate limit off, as for
+/// an import, and a smaller item-to-item fit than the default 2,000 items (the test build
+/// is barely optimised, and the fit is cubic in the items).
+const ENV: [(&str, &str); 2] = [
+    (
+        "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
+        "0",
+    ),
+    ("REFLEX_REFIT__ITEM_ITEM__ITEMS", "500"),
+];
+
+/// `reflex eval --protocol next-basket` on `path` (small ALS: its figure is not
+/// compared here), in its own process, with `extra` arguments.
+fn reflex_eval(path: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reflex"))
+        .args(["eval", "--protocol", "next-basket", "--json"])
+        .args(["--factors", "8", "--iterations", "2"])
+        .args(extra)
+        .arg("--data")
+        .arg(path)
+        .envs(ENV)
+        .env("RUST_LOG", "warn")
+        .env_remove("REFLEX_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reflex eval failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
 
 fn figure(json: &serde_json::Value, system: &str) -> f64 {
     json["systems"]
@@ -39,14 +75,7 @@ async fn served_next_basket_figures_match_reflex_eval_and_beat_buy_it_again() {
     let history = split.history(&data);
 
     let dir = tempfile::tempdir().unwrap();
-    // A replay far faster than life: the per-user rate limit is off, as for an import.
-    let server = Reflex::start_with(
-        dir.path(),
-        &[(
-            "REFLEX_ENGINE__BOT_FILTER__MAX_EVENTS_PER_USER_PER_SEC",
-            "0",
-        )],
-    );
+    let server = Reflex::start_with(dir.path(), &ENV);
     let channel = server.channel().await;
     let items: Vec<proto::Item> = data
         .item_ids
@@ -96,21 +125,25 @@ async fn served_next_basket_figures_match_reflex_eval_and_beat_buy_it_again() {
     stream.finish().await;
 
     let position = |id: &str| data.item_ids.iter().position(|x| x == id).map(|p| p as u32);
-    let mut lists = Vec::with_capacity(split.targets.len());
     let mut sources = std::collections::HashMap::<i32, usize>::new();
-    for target in &split.targets {
-        let answer = recommend(&channel, &user_id(target.user), 10).await;
-        for item in &answer.items {
-            *sources.entry(item.source).or_default() += 1;
+    let ask_everyone = async |sources: &mut std::collections::HashMap<i32, usize>| {
+        let mut lists = Vec::with_capacity(split.targets.len());
+        for target in &split.targets {
+            let answer = recommend(&channel, &user_id(target.user), 10).await;
+            for item in &answer.items {
+                *sources.entry(item.source).or_default() += 1;
+            }
+            lists.push(
+                answer
+                    .items
+                    .iter()
+                    .filter_map(|s| position(&s.item_id))
+                    .collect::<Vec<u32>>(),
+            );
         }
-        lists.push(
-            answer
-                .items
-                .iter()
-                .filter_map(|s| position(&s.item_id))
-                .collect::<Vec<u32>>(),
-        );
-    }
+        lists
+    };
+    let lists = ask_everyone(&mut sources).await;
     let served = score("served over gRPC", &split, &history, &lists);
     assert!(
         sources.contains_key(&(proto::Source::Repeat as i32)),
@@ -137,22 +170,8 @@ async fn served_next_basket_figures_match_reflex_eval_and_beat_buy_it_again() {
             .all(|i| i.source == proto::Source::Sequence as i32)
     );
 
-    // The offline evaluation of the served path, in its own process (small ALS: its
-    // figure is not compared here).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reflex"))
-        .args(["eval", "--protocol", "next-basket", "--json"])
-        .args(["--factors", "8", "--iterations", "2", "--data"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .env_remove("REFLEX_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reflex eval failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The offline evaluation of the served path, in its own process.
+    let json = reflex_eval(&path, &[]);
     let offline = figure(&json, "Reflex, served");
     let buy_again = figure(&json, "personal frequency");
     eprintln!(
@@ -168,5 +187,38 @@ async fn served_next_basket_figures_match_reflex_eval_and_beat_buy_it_again() {
         served.recall_at_10 > buy_again * 1.03,
         "served {} does not beat buying again ({buy_again})",
         served.recall_at_10
+    );
+
+    // A refit over the API, as the learner runs on its schedule: whatever it decides
+    // about ALS, it gives the signals item-to-item weights, and the answers change to
+    // what `reflex eval --refit` measures.
+    let refit = ModelServiceClient::new(channel.clone())
+        .refit(proto::RefitRequest {
+            install_anyway: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(refit.item_item_sources > 100, "{refit:?}");
+    let refitted = score(
+        "served over gRPC after a refit",
+        &split,
+        &history,
+        &ask_everyone(&mut sources).await,
+    );
+    let offline_refit = figure(&reflex_eval(&path, &["--refit"]), "Reflex, served");
+    eprintln!(
+        "after a refit: gRPC {:.4}, reflex eval --refit {offline_refit:.4}",
+        refitted.recall_at_10
+    );
+    assert!(
+        (refitted.recall_at_10 - offline_refit).abs() <= 0.01,
+        "after a refit the API answers as reflex eval --refit measured: {} against \
+         {offline_refit}",
+        refitted.recall_at_10
+    );
+    assert!(
+        refitted.recall_at_10 != served.recall_at_10,
+        "the fitted weights change the answers"
     );
 }
