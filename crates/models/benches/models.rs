@@ -3,7 +3,9 @@
 //! and top-10 retrieval, exact (`ExactRetriever::search`, plain and through the 8-bit scan
 //! copy) and approximate (`AnnRetriever::search`: the usearch graph, the head and
 //! rescoring, at the default settings), over 10k and 100k items, and 1M when
-//! `REFLEX_BENCH_1M` is set (its setup trains a million items and takes a while).
+//! `REFLEX_BENCH_1M` is set (its setup trains a million items and takes a while); and
+//! the behaviour signals' candidates for a user with 50 recent items, without and with
+//! the refit's item-to-item weights (`SignalModel::candidates`).
 //!
 //! All at the default configuration (64 factors, 16 sampled negatives). Run with
 //! `cargo bench -p reflex-models`; figures and method are in BENCHMARKS.md.
@@ -13,9 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use reflex_core::{HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, UserId};
+use reflex_core::{
+    EventKind, HistoryEntry, ItemIdx, Observation, OnlineModel, Retriever, SignalEvent,
+    SignalModel, UserId,
+};
 use reflex_models::{
-    AnnConfig, AnnRetriever, ExactRetriever, MfConfig, NegativeSampling, OnlineMf,
+    AnnConfig, AnnRetriever, ExactRetriever, MfConfig, NegativeSampling, OnlineMf, Signals,
+    SignalsConfig,
 };
 
 fn user(n: usize) -> UserId {
@@ -133,12 +139,54 @@ fn search(c: &mut Criterion) {
     group.finish();
 }
 
+/// The signals' candidates for one user with 50 recent items, over 10k items that 20k
+/// users viewed 20 at a time, without and then with item-to-item weights for the 2,000
+/// most viewed items (100 targets each, as a refit installs them).
+fn signal_candidates(c: &mut Criterion) {
+    let items = 10_000usize;
+    let signals = Signals::new(SignalsConfig::default())
+        .unwrap_or_else(|e| panic!("benchmark signals config: {e}"));
+    // Popular items are the low numbers: item = (u · 7919 + k · k · 31) mod (a skewed range).
+    for u in 0..20_000usize {
+        let who = user(u);
+        for k in 0..20usize {
+            let range = if k % 2 == 0 { 2_000 } else { items };
+            signals.observe(&SignalEvent {
+                user: &who,
+                item: ((u * 7919 + k * k * 31) % range) as ItemIdx,
+                kind: &EventKind::View,
+                timestamp_ms: (u * 100 + k) as i64,
+                learn: true,
+            });
+        }
+    }
+    let recent: Vec<ItemIdx> = history(50, 2_000).iter().map(|h| h.item).collect();
+    let me = user(20_000);
+    let mut group = c.benchmark_group("signal_candidates");
+    group.bench_function("counts_only", |b| {
+        b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
+    });
+    let rows = (0..2_000u32)
+        .map(|s| {
+            let targets = (0..100u32)
+                .map(|t| ((s * 31 + t * 17) % items as u32, 1.0 / (t + 1) as f32))
+                .collect();
+            (s, targets)
+        })
+        .collect();
+    signals.install_item_item(rows);
+    group.bench_function("with_item_item", |b| {
+        b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = observe, fold_in, search
+    targets = observe, fold_in, search, signal_candidates
 }
 criterion_main!(benches);

@@ -266,7 +266,7 @@ pub struct Signals {
 /// Fitted item-to-item weights: per source item, its targets with positive weights.
 #[derive(Debug, Default)]
 struct ItemItem {
-    rows: HashMap<ItemIdx, Box<[(ItemIdx, f32)]>>,
+    rows: HashMap<ItemIdx, Box<[(ItemIdx, f32)]>, IdHashState>,
 }
 
 impl Signals {
@@ -664,7 +664,8 @@ impl SignalModel for Signals {
         let firsts = self.totals.firsts.load(Ordering::Relaxed).max(1) as f32;
         let kappa = self.config.smoothing;
         // Per candidate: (co-occurrence weight, fitted score).
-        let mut weights: HashMap<ItemIdx, (f32, f32)> = HashMap::new();
+        let mut weights: HashMap<ItemIdx, (f32, f32), IdHashState> =
+            HashMap::with_capacity_and_hasher(1024, IdHashState::default());
         let (mut wsum, mut prior) = (0.0f32, 0.0f32);
         let mut w = 1.0f32;
         let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
@@ -746,12 +747,19 @@ impl SignalModel for Signals {
                 });
             }
         }
-        out.sort_by(|a, b| {
+        // The best k in linear time, then only they sorted.
+        let order = |a: &SignalCandidate, b: &SignalCandidate| {
             b.probability
                 .total_cmp(&a.probability)
                 .then(a.item.cmp(&b.item))
-        });
-        out.truncate(k);
+        };
+        if k == 0 {
+            out.clear();
+        } else if out.len() > k {
+            out.select_nth_unstable_by(k - 1, order);
+            out.truncate(k);
+        }
+        out.sort_by(order);
         out
     }
 
