@@ -663,9 +663,11 @@ impl SignalModel for Signals {
         // (normalised over the eligible candidates) once a refit installed them.
         let firsts = self.totals.firsts.load(Ordering::Relaxed).max(1) as f32;
         let kappa = self.config.smoothing;
-        // Per candidate: (co-occurrence weight, fitted score).
+        // Per candidate: (co-occurrence weight, fitted score); sized for full follower
+        // lists up front, and not allocated at all for a user with no recent items.
+        let capacity = if recent.is_empty() { 0 } else { 1024 };
         let mut weights: HashMap<ItemIdx, (f32, f32), IdHashState> =
-            HashMap::with_capacity_and_hasher(1024, IdHashState::default());
+            HashMap::with_capacity_and_hasher(capacity, IdHashState::default());
         let (mut wsum, mut prior) = (0.0f32, 0.0f32);
         let mut w = 1.0f32;
         let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
