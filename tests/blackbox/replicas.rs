@@ -212,9 +212,17 @@ async fn a_redis_outage_is_unavailable_and_recovers_without_loss() {
         .await
         .unwrap();
     assert_eq!(statuses(&again), [proto::EventStatus::Duplicate]);
-    let r = recommend(&channel, "outage-u", 4).await;
-    assert!(!r.degraded);
-    assert_eq!(r.profile_version, 2);
+    // A read that was slow while Redis reloaded may have marked it down again for a
+    // moment (loaded CI machines): the answers come from the profile once the probe sees
+    // it answer.
+    eventually(Duration::from_secs(10), || async {
+        let r = recommend(&channel, "outage-u", 4).await;
+        match (r.degraded, r.profile_version) {
+            (false, 2) => Ok(()),
+            other => Err(format!("degraded, profile version: {other:?}")),
+        }
+    })
+    .await;
 }
 
 /// Redis stalls (SIGSTOP, longer than the command timeout): `Recommend` with a 1 s
@@ -585,9 +593,17 @@ async fn starts_before_redis_is_up_and_serves_once_it_is() {
     .await
     .unwrap();
     assert_eq!(ack.accepted, 2);
+    // Redis just came back: a read slower than the read timeout on a loaded machine
+    // answers degraded once, until the probe sees Redis answer.
+    eventually(Duration::from_secs(10), || async {
+        let r = recommend(&channel, "late", 4).await;
+        match (r.degraded, r.profile_version) {
+            (false, 2) => Ok(()),
+            other => Err(format!("degraded, profile version: {other:?}")),
+        }
+    })
+    .await;
     let r = recommend(&channel, "late", 4).await;
-    assert_eq!(r.profile_version, 2, "{r:?}");
-    assert!(!r.degraded);
     assert!(!ids(&r).contains(&"toys-2".to_string()), "purchased: {r:?}");
 }
 
