@@ -36,6 +36,11 @@ pub(crate) fn log_add_exp2(a: f64, b: f64) -> f64 {
     hi + (1.0 + (lo - hi).exp2()).log2()
 }
 
+/// The cached list's order: best stored score first, ties to the lower item.
+fn by_score(a: &(ItemIdx, f64), b: &(ItemIdx, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 #[derive(Default)]
 struct TopList {
     /// Best first: (item, stored log score).
@@ -54,7 +59,9 @@ pub(crate) struct Popularity {
     since_refresh: AtomicU64,
     refresh_events: u64,
     cache: usize,
-    refreshing: Mutex<()>,
+    /// Held by the thread rebuilding the list; guards its scratch bitset of the old
+    /// list's members.
+    refreshing: Mutex<Vec<u64>>,
 }
 
 impl Popularity {
@@ -66,7 +73,7 @@ impl Popularity {
             since_refresh: AtomicU64::new(0),
             refresh_events: refresh_events.max(1),
             cache: cache.max(1),
-            refreshing: Mutex::new(()),
+            refreshing: Mutex::new(Vec::new()),
         }
     }
 
@@ -113,15 +120,86 @@ impl Popularity {
         })
     }
 
-    /// Rebuilds the cached top list unless another thread is already at it.
+    /// Brings the cached top list up to date unless another thread is already at it.
+    ///
+    /// Between two such updates scores only grow (an event adds to its item's), so
+    /// the update starts from the old list: its entries whose score did not move stay
+    /// in order, and only the ones that moved, plus the items outside it that rose to
+    /// its last score, are sorted and merged in. That is exactly the list a full
+    /// rebuild makes, for a sort of the few that moved instead of a selection over
+    /// every item and a sort of the whole list. A score that fell (a snapshot loaded
+    /// meanwhile) makes it a full rebuild.
     fn try_rebuild(&self, store: &ItemFactors) {
-        if let Some(_guard) = self.refreshing.try_lock() {
+        if let Some(mut members) = self.refreshing.try_lock() {
             self.since_refresh.store(0, Ordering::Relaxed);
-            self.rebuild(store);
+            if !self.update(store, &mut members) {
+                self.rebuild(store);
+            }
         }
     }
 
-    /// Rebuilds the cached top list now.
+    /// The incremental update of [`Popularity::try_rebuild`]; `false` (nothing changed)
+    /// when it cannot apply and a full rebuild is needed.
+    fn update(&self, store: &ItemFactors, members: &mut Vec<u64>) -> bool {
+        let prev = self.top.load();
+        let Some(&(_, floor)) = prev.items.last() else {
+            return false;
+        };
+        if prev.complete || prev.items.len() < self.cache {
+            return false;
+        }
+        let known = store.len();
+        // One bit per item index up to the old list's highest.
+        let highest = prev.items.iter().map(|e| e.0 as usize).max().unwrap_or(0);
+        members.clear();
+        members.resize(highest / 64 + 1, 0);
+        let mut stay = Vec::with_capacity(prev.items.len());
+        let mut moved = Vec::new();
+        for &(idx, old) in &prev.items {
+            let now = store.popularity_log2(idx);
+            if now < old || now.is_nan() {
+                return false;
+            }
+            if let Some(word) = members.get_mut(idx as usize / 64) {
+                *word |= 1 << (idx % 64);
+            }
+            if now == old {
+                stay.push((idx, now));
+            } else {
+                moved.push((idx, now));
+            }
+        }
+        store.for_each_known_pop(|idx, l| {
+            let member = members
+                .get(idx as usize / 64)
+                .is_some_and(|w| w & (1 << (idx % 64)) != 0);
+            if !member && l >= floor && l > f64::NEG_INFINITY {
+                moved.push((idx, l));
+            }
+        });
+        moved.sort_unstable_by(by_score);
+        let mut items = Vec::with_capacity(self.cache);
+        let (mut a, mut b) = (stay.iter().peekable(), moved.iter().peekable());
+        while items.len() < self.cache {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if by_score(y, x).is_lt() => b.next(),
+                (Some(_), _) => a.next(),
+                (None, _) => b.next(),
+            };
+            match next {
+                Some(&entry) => items.push(entry),
+                None => break,
+            }
+        }
+        self.top.store(Arc::new(TopList {
+            items,
+            complete: false,
+            known,
+        }));
+        true
+    }
+
+    /// Rebuilds the cached top list now, from every item.
     pub(crate) fn rebuild(&self, store: &ItemFactors) {
         let known = store.len();
         let mut all = Vec::with_capacity(known);
@@ -130,8 +208,6 @@ impl Popularity {
                 all.push((idx, l));
             }
         });
-        let by_score =
-            |a: &(ItemIdx, f64), b: &(ItemIdx, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let complete = all.len() <= self.cache;
         if !complete {
             all.select_nth_unstable_by(self.cache - 1, by_score);
@@ -186,5 +262,56 @@ impl Popularity {
                 score: self.decayed(l, at),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix;
+
+    /// The rolling update keeps exactly the list a full rebuild makes, ties and late
+    /// newcomers included, over a skewed random stream.
+    #[test]
+    fn the_rolling_update_keeps_exactly_the_full_rebuilds_list() {
+        let store = ItemFactors::new(4, 0.1, 7);
+        let rolling = Popularity::new(1000, 10, 20);
+        let full = Popularity::new(1000, u64::MAX, 20);
+        let mut rng = SplitMix::new(11);
+        let mut updates = 0;
+        for event in 0..20_000i64 {
+            // Skewed items, a few weights, so scores tie and popular items change.
+            let r = rng.next_u64();
+            let item = ((r % 300) * ((r >> 20) % 300) / 300) as ItemIdx + (event / 100) as ItemIdx;
+            assert!(store.ensure_known(item) || store.is_known(item));
+            let weight = [1.0, 1.0, 2.0, 0.5][(r >> 40) as usize % 4];
+            rolling.record(&store, item, weight, event * 10);
+            if rolling.since_refresh.load(Ordering::Relaxed) == 0 {
+                updates += 1;
+                full.rebuild(&store);
+                let (a, b) = (rolling.top.load(), full.top.load());
+                assert_eq!(a.items, b.items, "after event {event}");
+                assert_eq!(a.complete, b.complete);
+            }
+        }
+        assert!(updates > 100, "{updates} updates");
+    }
+
+    /// A score that fell (a snapshot loaded) makes the update a full rebuild.
+    #[test]
+    fn a_fallen_score_rebuilds_in_full() {
+        let store = ItemFactors::new(4, 0.1, 7);
+        let pop = Popularity::new(1000, 1, 2);
+        for item in 0..4u32 {
+            store.ensure_known(item);
+            for _ in 0..=item {
+                pop.record(&store, item, 1.0, 0);
+            }
+        }
+        let top = |p: &Popularity| p.top.load().items.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(top(&pop), [3, 2]);
+        store.set_popularity_log2(3, f64::NEG_INFINITY);
+        pop.record(&store, 0, 1.0, 0);
+        assert_eq!(top(&pop), [2, 0]);
     }
 }

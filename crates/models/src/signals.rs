@@ -597,7 +597,11 @@ impl SignalModel for Signals {
         if event.learn {
             self.clock_ms.fetch_max(ts, Ordering::Relaxed);
         }
-        let mut u = self.users.entry(event.user.clone()).or_default();
+        // A known user's entry without cloning (allocating) the id.
+        let mut u = match self.users.get_mut(event.user) {
+            Some(u) => u,
+            None => self.users.entry(event.user.clone()).or_default(),
+        };
         let late = u.last_ms != 0 && ts < u.last_ms - self.config.basket_gap_ms;
         let known = u.bought(event.item) || u.recent.contains(&event.item);
         if purchase {
