@@ -7,10 +7,13 @@
 //! `2^(stored − T/h)`. Keeping the log avoids the overflow of the anchored sum.
 //!
 //! Top-k is served from a cached list of the best [`crate::MfConfig::popular_cache`]
-//! items, rebuilt by whichever `observe` finds it due (every
+//! items, refreshed by whichever `observe` finds it due (every
 //! [`crate::MfConfig::popular_refresh_events`] events, and no more often than once per
 //! items / 16 events, so the amortised cost stays under 16 item visits per event). A
-//! request whose filter rejects too much of the list falls back to a full scan.
+//! refresh starts from the old list: entries whose score did not move keep their order,
+//! and only the moved ones and the items that rose to its last score are sorted and
+//! merged in (a fallen score rebuilds in full). A request whose filter rejects too much of
+//! the list falls back to a full scan.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -39,6 +39,7 @@
 //! [`SignalsConfig::max_followers`] followers (the lighter half is dropped when full;
 //! a full purchase list drops its stalest quarter).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -586,6 +587,51 @@ impl Followers {
     }
 }
 
+thread_local! {
+    /// Each thread's scratch for [`SignalModel::candidates`]: the candidates' sums
+    /// land in one array slot per item instead of a hash map, and nothing is cleared
+    /// between calls (a slot counts only when stamped with the current call).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Per item `(co-occurrence weight, fitted score, stamp)`, and the items stamped by the
+/// current call in the order first touched.
+#[derive(Default)]
+struct Scratch {
+    slots: Vec<(f32, f32, u32)>,
+    touched: Vec<ItemIdx>,
+    stamp: u32,
+}
+
+impl Scratch {
+    /// Starts a call: every slot stops counting.
+    fn begin(&mut self) {
+        self.touched.clear();
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            // Wrapped: old stamps could collide, so clear once every 2^32 calls.
+            self.slots.fill((0.0, 0.0, 0));
+            self.stamp = 1;
+        }
+    }
+
+    /// The sums of `item` in this call, starting at zero.
+    #[inline]
+    fn entry(&mut self, item: ItemIdx) -> &mut (f32, f32, u32) {
+        let i = item as usize;
+        if i >= self.slots.len() {
+            self.slots
+                .resize((i + 1).next_power_of_two(), (0.0, 0.0, 0));
+        }
+        let slot = &mut self.slots[i];
+        if slot.2 != self.stamp {
+            *slot = (0.0, 0.0, self.stamp);
+            self.touched.push(item);
+        }
+        slot
+    }
+}
+
 impl SignalModel for Signals {
     fn observe(&self, event: &SignalEvent<'_>) {
         let ts = event.timestamp_ms;
@@ -667,49 +713,50 @@ impl SignalModel for Signals {
         // (normalised over the eligible candidates) once a refit installed them.
         let firsts = self.totals.firsts.load(Ordering::Relaxed).max(1) as f32;
         let kappa = self.config.smoothing;
-        // Per candidate: (co-occurrence weight, fitted score); sized for full follower
-        // lists up front, and not allocated at all for a user with no recent items.
-        let capacity = if recent.is_empty() { 0 } else { 1024 };
-        let mut weights: HashMap<ItemIdx, (f32, f32), IdHashState> =
-            HashMap::with_capacity_and_hasher(capacity, IdHashState::default());
-        let (mut wsum, mut prior) = (0.0f32, 0.0f32);
-        let mut w = 1.0f32;
-        let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
-        for &source in recent.iter().take(self.config.sources) {
-            if used.contains(&source) {
-                w *= self.config.source_decay;
-                continue;
-            }
-            used.push(source);
-            if let Some(slot) = self.slot_if_any(source) {
-                let st = slot.stats.lock();
-                let norm = w / (st.out_mass + kappa);
-                for (j, c) in st.followers.iter() {
-                    weights.entry(j).or_default().0 += c * norm;
-                }
-                prior += kappa * norm;
-            } else {
-                prior += w;
-            }
-            wsum += w;
-            w *= self.config.source_decay;
-        }
-        let share_fitted = self.config.item_item_share;
-        let fitted = self.item_item.load();
-        if let (Some(fitted), true) = (fitted.as_deref(), share_fitted > 0.0) {
-            used.clear();
+        // Per candidate: (co-occurrence weight, fitted score), summed in this thread's
+        // dense scratch (one array slot per item, no hashing).
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.begin();
+            let (mut wsum, mut prior) = (0.0f32, 0.0f32);
             let mut w = 1.0f32;
-            for &source in recent.iter().take(self.config.item_item_sources) {
-                if !used.contains(&source) {
-                    used.push(source);
-                    for &(j, b) in fitted.rows.get(&source).into_iter().flatten() {
-                        weights.entry(j).or_default().1 += w * b;
-                    }
+            let mut used: Vec<ItemIdx> = Vec::with_capacity(self.config.sources);
+            for &source in recent.iter().take(self.config.sources) {
+                if used.contains(&source) {
+                    w *= self.config.source_decay;
+                    continue;
                 }
-                w *= self.config.item_item_decay;
+                used.push(source);
+                if let Some(slot) = self.slot_if_any(source) {
+                    let st = slot.stats.lock();
+                    let norm = w / (st.out_mass + kappa);
+                    for (j, c) in st.followers.iter() {
+                        scratch.entry(j).0 += c * norm;
+                    }
+                    prior += kappa * norm;
+                } else {
+                    prior += w;
+                }
+                wsum += w;
+                w *= self.config.source_decay;
             }
-        }
-        if wsum > 0.0 && !weights.is_empty() {
+            let share_fitted = self.config.item_item_share;
+            let fitted = self.item_item.load();
+            if let (Some(fitted), true) = (fitted.as_deref(), share_fitted > 0.0) {
+                used.clear();
+                let mut w = 1.0f32;
+                for &source in recent.iter().take(self.config.item_item_sources) {
+                    if !used.contains(&source) {
+                        used.push(source);
+                        for &(j, b) in fitted.rows.get(&source).into_iter().flatten() {
+                            scratch.entry(j).1 += w * b;
+                        }
+                    }
+                    w *= self.config.item_item_decay;
+                }
+            }
+            if wsum <= 0.0 || scratch.touched.is_empty() {
+                return;
+            }
             let baskets = self.totals.baskets.load(Ordering::Relaxed) as f32;
             let purchases = self.totals.purchases.load(Ordering::Relaxed) as f32;
             // Expected basket size; a stream of views alone has no baskets: one event.
@@ -722,37 +769,45 @@ impl SignalModel for Signals {
             let share = self.global_repeat_share();
             let mine = (u.repeats as f32 + K_SHARE * share) / (u.eligible as f32 + K_SHARE);
             let scale = size * (1.0 - mine) / (1.0 - share).max(1e-6);
-            let eligible: Vec<(ItemIdx, f32, f32)> = weights
-                .into_iter()
-                .filter(|&(j, _)| !u.bought(j) && filter(j))
-                .map(|(j, (c, e))| (j, c, e))
-                .collect();
-            let fitted_total: f32 = eligible.iter().map(|c| c.2).sum();
+            let Scratch { touched, slots, .. } = scratch;
+            touched.retain(|&j| !u.bought(j) && filter(j));
+            let fitted_total: f32 = touched.iter().map(|&j| slots[j as usize].1).sum();
             let share_fitted = if fitted_total > 0.0 {
                 share_fitted
             } else {
                 0.0
             };
-            for (j, c, e) in eligible {
-                let q = self
-                    .slot_if_any(j)
-                    .map_or(0.0, |s| s.firsts.load(Ordering::Relaxed) as f32)
-                    / firsts;
-                let p1 = (c + prior * q) / wsum;
-                let mix = if share_fitted > 0.0 {
-                    (1.0 - share_fitted) * p1 + share_fitted * e / fitted_total
-                } else {
-                    p1
-                };
-                out.push(SignalCandidate {
-                    item: j,
-                    // An expected count in the next basket; the chance of at least
-                    // one (Poisson), so it stays a probability beside the repeats.
-                    probability: -(-scale * mix).exp_m1(),
-                    source: SignalSource::Sequence,
-                });
+            // Each candidate's expected count; the probability below grows with it, so
+            // only the best k are turned into probabilities.
+            let mut mixes: Vec<(ItemIdx, f32)> = touched
+                .iter()
+                .map(|&j| {
+                    let (c, e, _) = slots[j as usize];
+                    let q = self
+                        .slot_if_any(j)
+                        .map_or(0.0, |s| s.firsts.load(Ordering::Relaxed) as f32)
+                        / firsts;
+                    let p1 = (c + prior * q) / wsum;
+                    let mix = if share_fitted > 0.0 {
+                        (1.0 - share_fitted) * p1 + share_fitted * e / fitted_total
+                    } else {
+                        p1
+                    };
+                    (j, mix)
+                })
+                .collect();
+            if k > 0 && mixes.len() > k {
+                mixes.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                mixes.truncate(k);
             }
-        }
+            out.extend(mixes.into_iter().map(|(j, mix)| SignalCandidate {
+                item: j,
+                // An expected count in the next basket; the chance of at least one
+                // (Poisson), so it stays a probability beside the repeats.
+                probability: -(-scale * mix).exp_m1(),
+                source: SignalSource::Sequence,
+            }));
+        });
         // The best k in linear time, then only they sorted.
         let order = |a: &SignalCandidate, b: &SignalCandidate| {
             b.probability
