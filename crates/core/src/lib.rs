@@ -42,8 +42,9 @@ pub use model_store::{ItemState, ModelState, ModelStore, ModelVersion, Rollbacks
 pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
-    Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, ItemItemWeights,
-    LogRecord, Observation, OnlineModel, ProfileStore, ProfileUpdate, RecallChecks, Retriever,
-    Scored, SignalCandidate, SignalEvent, SignalModel, SignalSource, SinkHealth,
+    Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, ImportUsers,
+    ItemItemWeights, LogRecord, Observation, OnlineModel, ProfileStore, ProfileUpdate,
+    RecallChecks, Retriever, Scored, SignalCandidate, SignalEvent, SignalModel, SignalSource,
+    SinkHealth,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, Seq, UserId};

@@ -284,14 +284,28 @@ pub trait OnlineModel: Send + Sync + 'static {
         None
     }
 
-    /// Replaces the learnt state of every item and user in `state` (items it does not
-    /// name keep theirs). Fails when the state does not fit (e.g. other dimensions).
-    fn import(&self, _state: &ModelState) -> Result<()> {
+    /// Replaces the learnt state of every item in `state` (items it does not name keep
+    /// theirs), and of users as `users` says. Fails when the state does not fit (e.g.
+    /// other dimensions).
+    fn import(&self, _state: &ModelState, _users: ImportUsers) -> Result<()> {
         Err(crate::Error::Internal(format!(
             "model {} cannot load snapshots",
             self.version()
         )))
     }
+}
+
+/// What a model's `import` does with the per-user state it holds (user vectors, recent
+/// and purchased items): the snapshot's, or the live one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportUsers {
+    /// The snapshot's users replace the live ones: at start-up, and for a refit that
+    /// replays the log written since the snapshot.
+    Restore,
+    /// The live users stay as they are; only what was learnt about items comes from the
+    /// snapshot. A rollback undoes a model, not what users did since: a purchase since
+    /// the snapshot stays a repeat candidate, and a user erased since stays erased.
+    KeepLive,
 }
 
 /// One accepted event, as the behaviour signals learn from it.
@@ -380,9 +394,14 @@ pub trait SignalModel: Send + Sync + 'static {
     /// Everything learnt, encoded, items named through `id_of`.
     fn export(&self, id_of: &dyn Fn(ItemIdx) -> Option<ItemId>) -> Result<Vec<u8>>;
 
-    /// Replaces everything learnt with what [`export`](Self::export) wrote, items
-    /// numbered through `intern`.
-    fn import(&self, bytes: &[u8], intern: &dyn Fn(&ItemId) -> ItemIdx) -> Result<()>;
+    /// Replaces everything learnt about items with what [`export`](Self::export) wrote,
+    /// items numbered through `intern`, and the users' state as `users` says.
+    fn import(
+        &self,
+        bytes: &[u8],
+        intern: &dyn Fn(&ItemId) -> ItemIdx,
+        users: ImportUsers,
+    ) -> Result<()>;
 }
 
 /// The content model: items described by embeddings supplied with catalog items (computed

@@ -368,7 +368,9 @@ mod tests {
             latest_ms: stored.latest_ms,
             batch_origin: stored.origin(crate::mf::VERSION),
         };
-        fresh.import(&state).unwrap();
+        fresh
+            .import(&state, reflex_core::ImportUsers::Restore)
+            .unwrap();
         // A batch fit is a warm start: online learning continues at the slower rate.
         assert_eq!(stored.origin(crate::mf::VERSION).as_deref(), Some("als"));
         assert_eq!(

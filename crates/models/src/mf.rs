@@ -24,8 +24,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use reflex_core::types::IdHashState;
 use reflex_core::{
-    Error, HistoryEntry, ItemIdx, ItemState, ModelState, Observation, OnlineModel, Result, Scored,
-    UserId,
+    Error, HistoryEntry, ImportUsers, ItemIdx, ItemState, ModelState, Observation, OnlineModel,
+    Result, Scored, UserId,
 };
 
 use crate::config::{MfConfig, NegativeSampling};
@@ -605,7 +605,7 @@ impl OnlineModel for OnlineMf {
         })
     }
 
-    fn import(&self, state: &ModelState) -> Result<()> {
+    fn import(&self, state: &ModelState, users: ImportUsers) -> Result<()> {
         let k = self.config.factors;
         if state.factors != k {
             return Err(Error::invalid(
@@ -632,9 +632,11 @@ impl OnlineModel for OnlineMf {
             self.items.load(item.item, &item.vector);
             self.items.set_popularity_log2(item.item, item.popularity);
         }
-        self.users.clear();
-        for (user, vector) in &state.users {
-            self.users.insert(user.clone(), vector.as_slice().into());
+        if users == ImportUsers::Restore {
+            self.users.clear();
+            for (user, vector) in &state.users {
+                self.users.insert(user.clone(), vector.as_slice().into());
+            }
         }
         self.events.store(state.events, Ordering::Relaxed);
         self.set_origin(state.batch_origin.clone());
@@ -1095,7 +1097,7 @@ mod tests {
         let state = a.export().unwrap();
         assert_eq!(state.items.len(), 10);
         let b = OnlineMf::new(small(4, 8)).unwrap();
-        b.import(&state).unwrap();
+        b.import(&state, ImportUsers::Restore).unwrap();
         for i in 0..10 {
             assert_eq!(a.item_vector(i), b.item_vector(i));
             assert_eq!(a.popularity(i, 2_000), b.popularity(i, 2_000));
@@ -1107,7 +1109,7 @@ mod tests {
             factors: 3,
             ..state.clone()
         };
-        assert!(b.import(&wrong).is_err());
+        assert!(b.import(&wrong, ImportUsers::Restore).is_err());
     }
 
     #[test]
@@ -1126,11 +1128,11 @@ mod tests {
         let warm = m.export().unwrap();
         assert!(warm.batch_origin.is_some());
         let restored = OnlineMf::new(config.clone()).unwrap();
-        restored.import(&warm).unwrap();
+        restored.import(&warm, ImportUsers::Restore).unwrap();
         assert_eq!(restored.learning_rate(), 0.02);
         // Rolling back to a version learnt from scratch restores the configured rate.
         let cold = OnlineMf::new(config).unwrap().export().unwrap();
-        restored.import(&cold).unwrap();
+        restored.import(&cold, ImportUsers::Restore).unwrap();
         assert_eq!(restored.learning_rate(), 0.1);
         assert_eq!(restored.export().unwrap().batch_origin, None);
     }

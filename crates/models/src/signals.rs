@@ -49,8 +49,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use reflex_core::types::IdHashState;
 use reflex_core::{
-    Error, EventKind, ItemId, ItemIdx, ItemItemWeights, Result, Scored, SignalCandidate,
-    SignalEvent, SignalModel, SignalSource, UserId,
+    Error, EventKind, ImportUsers, ItemId, ItemIdx, ItemItemWeights, Result, Scored,
+    SignalCandidate, SignalEvent, SignalModel, SignalSource, UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -960,7 +960,12 @@ impl SignalModel for Signals {
         Ok(bytes)
     }
 
-    fn import(&self, bytes: &[u8], intern: &dyn Fn(&ItemId) -> ItemIdx) -> Result<()> {
+    fn import(
+        &self,
+        bytes: &[u8],
+        intern: &dyn Fn(&ItemId) -> ItemIdx,
+        keep: ImportUsers,
+    ) -> Result<()> {
         let (stored, rest): (StoredSignals, &[u8]) = postcard::take_from_bytes(bytes)
             .map_err(|e| Error::storage("decoding the signals", e))?;
         let fitted_stored: Vec<(u32, Vec<(u32, f32)>)> = if rest.is_empty() {
@@ -1029,9 +1034,11 @@ impl SignalModel for Signals {
                 out_mass: it.out_mass,
             };
         }
-        self.users.clear();
-        for (user, u) in users {
-            self.users.insert(user, u);
+        if keep == ImportUsers::Restore {
+            self.users.clear();
+            for (user, u) in users {
+                self.users.insert(user, u);
+            }
         }
         let t = &self.totals;
         for (counter, v) in [
@@ -1323,6 +1330,33 @@ mod tests {
         assert_eq!(ranked(&s, "held").len(), 1, "their own repeat is kept");
     }
 
+    /// Importing with the live users (a rollback) restores what was learnt about items
+    /// and leaves every user's own items as they are now.
+    #[test]
+    fn an_import_keeping_live_users_restores_items_only() {
+        let s = grocery();
+        let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
+        let same = |id: &ItemId| {
+            id.as_str()
+                .trim_start_matches("item-")
+                .parse::<ItemIdx>()
+                .unwrap()
+        };
+        let before = s.export(&id).unwrap();
+        // Since the snapshot: a newcomer buys milk, then something nobody bought before.
+        buy(&s, "new", 1, 80 * DAY);
+        buy(&s, "new", 5000, 80 * DAY + 1);
+        let follows = |s: &Signals| s.related(1, 1000, &|_| true).iter().any(|f| f.item == 5000);
+        assert!(follows(&s));
+        s.import(&before, &same, ImportUsers::KeepLive).unwrap();
+        assert!(!follows(&s), "the items' statistics are the snapshot's");
+        assert_eq!(s.users(), 301, "the newcomer is still known");
+        assert_eq!(latest(&s, "new"), [5000, 1]);
+        s.import(&before, &same, ImportUsers::Restore).unwrap();
+        assert_eq!(s.users(), 300);
+        assert!(latest(&s, "new").is_empty());
+    }
+
     #[test]
     fn a_snapshot_restores_every_answer_under_other_item_numbers() {
         let s = grocery();
@@ -1334,13 +1368,17 @@ mod tests {
         let bytes = s.export(&id).unwrap();
         let t = Signals::new(SignalsConfig::default()).unwrap();
         // The other process numbers items differently: idx + 100.
-        t.import(&bytes, &|id: &ItemId| {
-            id.as_str()
-                .trim_start_matches("item-")
-                .parse::<ItemIdx>()
-                .unwrap()
-                + 100
-        })
+        t.import(
+            &bytes,
+            &|id: &ItemId| {
+                id.as_str()
+                    .trim_start_matches("item-")
+                    .parse::<ItemIdx>()
+                    .unwrap()
+                    + 100
+            },
+            ImportUsers::Restore,
+        )
         .unwrap();
         for who in ["s3", "me"] {
             let a: Vec<_> = s
@@ -1357,19 +1395,26 @@ mod tests {
         }
         assert!(t.rebought(101) && !t.rebought(102));
         assert_eq!(t.users(), s.users());
-        assert!(t.import(&bytes[..bytes.len() / 2], &|_| 0).is_err());
+        assert!(
+            t.import(&bytes[..bytes.len() / 2], &|_| 0, ImportUsers::Restore)
+                .is_err()
+        );
         // A snapshot without fitted weights (as every one before them) still reads, and
         // leaves none behind.
         let without = grocery();
         view(&without, "me", 1, 60 * DAY);
         view(&without, "me", 3, 60 * DAY + 1);
         let bytes = without.export(&id).unwrap();
-        t.import(&bytes, &|id: &ItemId| {
-            id.as_str()
-                .trim_start_matches("item-")
-                .parse::<ItemIdx>()
-                .unwrap()
-        })
+        t.import(
+            &bytes,
+            &|id: &ItemId| {
+                id.as_str()
+                    .trim_start_matches("item-")
+                    .parse::<ItemIdx>()
+                    .unwrap()
+            },
+            ImportUsers::Restore,
+        )
         .unwrap();
         assert!(!ranked(&t, "me").iter().any(|&(i, _)| i == 50 || i == 51));
     }

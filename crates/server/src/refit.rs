@@ -235,8 +235,12 @@ impl Refitter {
                 let stored = set.to_stored(&fitted, "als");
                 let fit_secs = started.elapsed().as_secs_f64();
                 let candidate = OnlineMf::new(model).context("building the candidate model")?;
-                reflex_core::OnlineModel::import(candidate.as_ref(), &engine.model_state(&stored))
-                    .context("loading the fit into the candidate model")?;
+                reflex_core::OnlineModel::import(
+                    candidate.as_ref(),
+                    &engine.model_state(&stored),
+                    reflex_core::ImportUsers::Restore,
+                )
+                .context("loading the fit into the candidate model")?;
                 let candidate_figures = engine.holdout_figures(candidate.as_ref(), &cases, K);
                 let running_figures = engine.holdout_figures(engine.model(), &cases, K);
                 Ok((

@@ -9,7 +9,7 @@ use super::{Engine, Followed};
 use crate::catalog::ItemIdx;
 use crate::error::{Error, Result};
 use crate::model_store::StoredModel;
-use crate::traits::{LogRecord, ProfileUpdate};
+use crate::traits::{ImportUsers, LogRecord, ProfileUpdate};
 use crate::types::Seq;
 
 impl Engine {
@@ -33,7 +33,7 @@ impl Engine {
                         version.id
                     )));
                 };
-                self.install(&StoredModel::decode(&bytes)?)?;
+                self.install(&StoredModel::decode(&bytes)?, ImportUsers::Restore)?;
                 self.base_version.store(version.id, Ordering::Relaxed);
                 info!(
                     version = version.id,
@@ -126,16 +126,16 @@ impl Engine {
         Ok(replayed)
     }
 
-    /// Loads `stored` into the model (items by id, interned here) and tells the retriever
-    /// about every item.
-    pub(super) fn install(&self, stored: &StoredModel) -> Result<()> {
+    /// Loads `stored` into the model (items by id, interned here), its users' state as
+    /// `users` says, and tells the retriever about every item.
+    pub(super) fn install(&self, stored: &StoredModel, users: ImportUsers) -> Result<()> {
         let items = &self.backends.items;
         let state = self.model_state(stored);
-        self.backends.model.import(&state)?;
+        self.backends.model.import(&state, users)?;
         // A snapshot without signals (taken before they existed, or a batch fit) leaves
         // the current ones as they are.
         if let (Some(signals), Some(bytes)) = (&self.signals, &stored.signals) {
-            signals.import(bytes, &|id| items.intern(id))?;
+            signals.import(bytes, &|id| items.intern(id), users)?;
         }
         for item in &state.items {
             self.backends.retriever.upsert(item.item, &[]);

@@ -18,7 +18,7 @@ use crate::catalog::ItemIdx;
 use crate::error::Result;
 use crate::model_store::{ItemState, ModelState, ModelVersion, StoredModel};
 use crate::traits::{
-    EventSink, HistoryEntry, ItemItemWeights, LogRecord, Observation, OnlineModel,
+    EventSink, HistoryEntry, ImportUsers, ItemItemWeights, LogRecord, Observation, OnlineModel,
 };
 use crate::types::{Event, ItemId, Seq, TimestampMs, UserId};
 
@@ -160,7 +160,7 @@ impl Engine {
         let replayed = {
             let mut followed = self.followed.lock().await;
             let _gate = self.apply_gate.write().await;
-            self.install(stored)?;
+            self.install(stored, ImportUsers::Restore)?;
             let mut after = log_seq;
             let mut replayed = 0u64;
             loop {

@@ -9,6 +9,7 @@ use super::Engine;
 use crate::error::{Error, Result};
 use crate::model_store::{ModelVersion, StoredModel};
 use crate::quality::VersionQuality;
+use crate::traits::ImportUsers;
 use crate::types::now_ms;
 
 /// Name of the lease the learner holds in the model store.
@@ -176,7 +177,7 @@ impl Engine {
             // Nothing learns while the old state goes in.
             let followed = self.followed.lock().await;
             let _gate = self.apply_gate.write().await;
-            self.install(&stored)?;
+            self.install(&stored, ImportUsers::KeepLive)?;
             self.reset_learnt_ahead(followed.seq);
         }
         self.quality.reset_window();
@@ -210,7 +211,7 @@ impl Engine {
         {
             let followed = self.followed.lock().await;
             let _gate = self.apply_gate.write().await;
-            self.install(&stored)?;
+            self.install(&stored, ImportUsers::KeepLive)?;
             self.reset_learnt_ahead(followed.seq);
         }
         self.rollback_generation
@@ -229,8 +230,9 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{Harness, views};
-    use crate::types::EventKind;
+    use super::super::fixtures::{Harness, item, raw, user, views};
+    use crate::engine::{Recommendation, RequestFilter, Source};
+    use crate::types::{EventKind, RawKind};
 
     #[tokio::test]
     async fn a_rollback_installs_the_older_version_here_on_replicas_and_after_a_restart() {
@@ -279,5 +281,52 @@ mod tests {
         let (restarted, replayed) = h.after_crash().recover().await;
         assert_eq!(replayed, 0, "the rollback version covers the whole log");
         assert_eq!(restarted.learnt("shoe"), view);
+    }
+
+    /// A rollback undoes what the model learnt, not what users did: a purchase made
+    /// after the version rolled back to is still the user's, and a user erased since is
+    /// not brought back by the older snapshot.
+    #[tokio::test]
+    async fn a_rollback_keeps_purchases_since_and_users_erased_since() {
+        let (h, _signals) = Harness::new().await.with_signals(&["milk", "eggs"]);
+        h.engine
+            .upsert_items(vec![item("milk", true, &[]), item("eggs", true, &[])])
+            .await
+            .unwrap();
+        h.accept(vec![
+            raw("a1", "alice", "milk", RawKind::Purchase),
+            raw("b1", "bob", "milk", RawKind::Purchase),
+        ])
+        .await;
+        let v1 = h.engine.snapshot("first", "t").await.unwrap();
+        h.accept(vec![raw("a2", "alice", "eggs", RawKind::Purchase)])
+            .await;
+        assert!(h.engine.erase_profile(&user("bob")).await.unwrap());
+
+        h.engine.rollback(v1.id, "t").await.unwrap();
+        let repeats = |answer: &Recommendation| -> Vec<String> {
+            answer
+                .items
+                .iter()
+                .filter(|i| i.source == Source::Repeat)
+                .map(|i| i.item_id.as_str().to_owned())
+                .collect()
+        };
+        let filter = RequestFilter::default();
+        let alice = h
+            .engine
+            .recommend(&user("alice"), 10, &filter)
+            .await
+            .unwrap();
+        assert_eq!(repeats(&alice), ["eggs", "milk"]);
+        let bob = h.engine.recommend(&user("bob"), 10, &filter).await.unwrap();
+        assert_eq!(repeats(&bob), Vec::<String>::new(), "bob stays erased");
+        assert_eq!(
+            h.model.user_weight(&user("bob")),
+            None,
+            "so does the model's"
+        );
+        let purchase = h.weight(&EventKind::Purchase);
+        assert_eq!(h.model.user_weight(&user("alice")), Some(2.0 * purchase));
     }
 }

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use crate::catalog::{ItemIdx, ItemIndex};
 use crate::error::{Error, Result};
 use crate::model_store::{ItemState, ModelState};
-use crate::traits::{HistoryEntry, Observation, OnlineModel, Retriever, Scored};
+use crate::traits::{HistoryEntry, ImportUsers, Observation, OnlineModel, Retriever, Scored};
 use crate::types::{TimestampMs, UserId};
 
 /// A test double for [`OnlineModel`]: an item's vector has one dimension, the summed
@@ -123,7 +123,7 @@ impl OnlineModel for CountingModel {
         })
     }
 
-    fn import(&self, imported: &ModelState) -> Result<()> {
+    fn import(&self, imported: &ModelState, keep: ImportUsers) -> Result<()> {
         let one = |v: &[f32]| match v {
             [w] => Ok(*w),
             other => Err(Error::Internal(format!(
@@ -143,7 +143,10 @@ impl OnlineModel for CountingModel {
             .collect::<Result<Vec<_>>>()?;
         let mut state = self.state.lock();
         state.items.extend(items);
-        state.users.extend(users);
+        if keep == ImportUsers::Restore {
+            state.users.clear();
+            state.users.extend(users);
+        }
         state.events = imported.events;
         state.latest_ms = imported.latest_ms;
         state.batch_origin.clone_from(&imported.batch_origin);

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use crate::catalog::{ItemIdx, ItemIndex};
 use crate::error::{Error, Result};
-use crate::traits::{Scored, SignalCandidate, SignalEvent, SignalModel, SignalSource};
+use crate::traits::{ImportUsers, Scored, SignalCandidate, SignalEvent, SignalModel, SignalSource};
 use crate::types::{EventKind, ItemId, UserId};
 
 /// Proposes every item a user bought, newest first, as [`SignalSource::Repeat`] with
@@ -89,9 +89,18 @@ impl SignalModel for RecallSignals {
         postcard::to_allocvec(&named).map_err(|e| Error::storage("encoding test signals", e))
     }
 
-    fn import(&self, bytes: &[u8], intern: &dyn Fn(&ItemId) -> ItemIdx) -> Result<()> {
+    fn import(
+        &self,
+        bytes: &[u8],
+        intern: &dyn Fn(&ItemId) -> ItemIdx,
+        users: ImportUsers,
+    ) -> Result<()> {
         let named: Vec<(UserId, Vec<ItemId>)> =
             postcard::from_bytes(bytes).map_err(|e| Error::storage("decoding test signals", e))?;
+        // Everything this double keeps is per user.
+        if users == ImportUsers::KeepLive {
+            return Ok(());
+        }
         let mut bought = self.bought.lock();
         bought.clear();
         for (user, items) in named {
