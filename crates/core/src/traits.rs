@@ -384,6 +384,14 @@ pub trait SignalModel: Send + Sync + 'static {
     /// share of `item`'s followers each one is.
     fn related(&self, item: ItemIdx, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored>;
 
+    /// Sets the category `item`'s repurchase rate is shrunk toward (the first of its
+    /// catalog categories; `None` for none), so an item few people have bought yet takes
+    /// its category's rate instead of everyone's. A model that keeps no such rates
+    /// ignores it.
+    fn set_item_category(&self, item: ItemIdx, category: Option<&str>) {
+        let _ = (item, category);
+    }
+
     /// Replaces the item-to-item weights fitted in batch (the background refit's):
     /// per source item, its targets with positive weights, heaviest first. A model that
     /// uses none ignores them.

@@ -9,7 +9,10 @@
 //!   than [`SignalsConfig::basket_gap_ms`] apart. Each item learns its repurchase rate
 //!   `r_j = (R_j + K_ITEM·r) / (O_j + K_ITEM)`: of the baskets its earlier buyers bought
 //!   afterwards (`O_j`), the share that held it again (`R_j`), shrunk toward the rate `r`
-//!   over all items. A user's own evidence is their later baskets since they first
+//!   of its category (the first of its catalog categories; the same formula over the
+//!   category's items, shrunk by `K_CATEGORY` toward the rate over all items), or toward
+//!   the rate over all items when it has none. A new brand of milk is bought again from
+//!   its first sale; a new sofa is not. A user's own evidence is their later baskets since they first
 //!   bought it, `m`, and how many held it, `x`, both decayed by
 //!   [`SignalsConfig::basket_decay`] per basket; the probability it is in their next
 //!   basket is the Beta posterior mean `(x + K_USER·r_j) / (m + K_USER)`. Where nobody
@@ -42,7 +45,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
@@ -58,8 +61,11 @@ use crate::error::ModelError;
 
 /// Pseudo-baskets of the item's rate in a user's repeat estimate.
 const K_USER: f32 = 1.0;
-/// Pseudo-chances of everyone's rate in an item's repurchase rate.
+/// Pseudo-chances of its category's rate (everyone's, for an item without one) in an
+/// item's repurchase rate.
 const K_ITEM: f32 = 100.0;
+/// Pseudo-chances of everyone's rate in a category's repurchase rate.
+const K_CATEGORY: f32 = 100.0;
 /// Pseudo-events of everyone's repeat share in a user's.
 const K_SHARE: f32 = 10.0;
 /// Pseudo-baskets of everyone's basket size in a user's.
@@ -193,7 +199,41 @@ struct ItemSlot {
     chances: AtomicU64,
     /// Of those, baskets that held it again (R).
     repeats: AtomicU64,
+    /// Its category's number in [`Signals::categories`] plus one; 0 for none.
+    category: AtomicU32,
     stats: Mutex<ItemStats>,
+}
+
+/// The repurchase counters of one category: the sums of its items' (O, R).
+#[derive(Default)]
+struct CategoryRates {
+    chances: AtomicU64,
+    repeats: AtomicU64,
+}
+
+/// Categories by name, numbered in order of first sight, with their counters.
+#[derive(Default)]
+struct Categories {
+    numbers: Mutex<HashMap<Box<str>, u32>>,
+    rates: boxcar::Vec<CategoryRates>,
+}
+
+impl Categories {
+    /// The number of `name` plus one, assigning one the first time.
+    fn number(&self, name: &str) -> u32 {
+        let mut numbers = self.numbers.lock();
+        if let Some(&n) = numbers.get(name) {
+            return n;
+        }
+        let n = self.rates.push(CategoryRates::default()) as u32 + 1;
+        numbers.insert(name.into(), n);
+        n
+    }
+
+    /// The counters of number-plus-one `n` (0: none).
+    fn get(&self, n: u32) -> Option<&CategoryRates> {
+        n.checked_sub(1).and_then(|i| self.rates.get(i as usize))
+    }
 }
 
 /// One purchased item of a user.
@@ -255,6 +295,7 @@ pub struct Signals {
     config: SignalsConfig,
     users: DashMap<UserId, UserSignals, IdHashState>,
     items: boxcar::Vec<ItemSlot>,
+    categories: Categories,
     totals: Totals,
     clock_ms: AtomicI64,
     /// Wall clock as of the last [`SignalModel::maintain`] (coarse: no clock read per
@@ -280,6 +321,7 @@ impl Signals {
             config,
             users: DashMap::with_hasher(IdHashState::default()),
             items: boxcar::Vec::new(),
+            categories: Categories::default(),
             totals: Totals::default(),
             clock_ms: AtomicI64::new(i64::MIN),
             wall_ms: AtomicI64::new(reflex_core::types::now_ms()),
@@ -335,13 +377,41 @@ impl Signals {
     }
 
     fn rebuy_rate(&self, item: ItemIdx, global: f32) -> f32 {
-        let (repeats, chances) = self.slot_if_any(item).map_or((0, 0), |s| {
-            (
-                s.repeats.load(Ordering::Relaxed),
-                s.chances.load(Ordering::Relaxed),
-            )
-        });
-        (repeats as f32 + K_ITEM * global) / (chances as f32 + K_ITEM)
+        let Some(s) = self.slot_if_any(item) else {
+            return global;
+        };
+        let repeats = s.repeats.load(Ordering::Relaxed);
+        let chances = s.chances.load(Ordering::Relaxed);
+        let prior = match self.categories.get(s.category.load(Ordering::Relaxed)) {
+            Some(c) => {
+                let (r, o) = (
+                    c.repeats.load(Ordering::Relaxed),
+                    c.chances.load(Ordering::Relaxed),
+                );
+                (r as f32 + K_CATEGORY * global) / (o as f32 + K_CATEGORY)
+            }
+            None => global,
+        };
+        (repeats as f32 + K_ITEM * prior) / (chances as f32 + K_ITEM)
+    }
+
+    /// Adds the item's counters to those of its category `category` (number plus
+    /// one), or takes them out of them.
+    fn count_in_category(&self, slot: &ItemSlot, category: u32, add: bool) {
+        let Some(c) = self.categories.get(category) else {
+            return;
+        };
+        for (from, to) in [(&slot.chances, &c.chances), (&slot.repeats, &c.repeats)] {
+            let v = from.load(Ordering::Relaxed);
+            if add {
+                to.fetch_add(v, Ordering::Relaxed);
+            } else {
+                // Never below zero, whatever a racing basket did meanwhile.
+                let _ = to.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_sub(v))
+                });
+            }
+        }
     }
 
     /// Counts the basket `basket` of `user` as closed: every item they had bought before
@@ -350,11 +420,18 @@ impl Signals {
         let (mut chances, mut rebought) = (0u64, 0u64);
         for it in user.items.iter().filter(|it| it.first < basket) {
             let slot = self.slot(it.item);
+            let category = self.categories.get(slot.category.load(Ordering::Relaxed));
             slot.chances.fetch_add(1, Ordering::Relaxed);
             chances += 1;
+            if let Some(c) = category {
+                c.chances.fetch_add(1, Ordering::Relaxed);
+            }
             if it.last == basket {
                 slot.repeats.fetch_add(1, Ordering::Relaxed);
                 rebought += 1;
+                if let Some(c) = category {
+                    c.repeats.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         self.totals.chances.fetch_add(chances, Ordering::Relaxed);
@@ -833,6 +910,17 @@ impl SignalModel for Signals {
         self.item_item.store(Some(Arc::new(ItemItem { rows })));
     }
 
+    fn set_item_category(&self, item: ItemIdx, category: Option<&str>) {
+        let number = category.map_or(0, |name| self.categories.number(name));
+        let slot = self.slot(item);
+        let before = slot.category.swap(number, Ordering::Relaxed);
+        if before != number {
+            // The item's history moves with it.
+            self.count_in_category(slot, before, false);
+            self.count_in_category(slot, number, true);
+        }
+    }
+
     fn rebought(&self, item: ItemIdx) -> bool {
         self.rebuy_rate(item, self.global_rebuy_rate()) >= MIN_REBUY_RATE
     }
@@ -1033,6 +1121,15 @@ impl SignalModel for Signals {
                 followers: Followers::from_entries(&followers),
                 out_mass: it.out_mass,
             };
+        }
+        // The categories' counters are their items' sums; the categories themselves
+        // come from the catalog, not the snapshot.
+        for c in self.categories.rates.iter().map(|(_, c)| c) {
+            c.chances.store(0, Ordering::Relaxed);
+            c.repeats.store(0, Ordering::Relaxed);
+        }
+        for slot in self.items.iter().map(|(_, s)| s) {
+            self.count_in_category(slot, slot.category.load(Ordering::Relaxed), true);
         }
         if keep == ImportUsers::Restore {
             self.users.clear();
@@ -1328,6 +1425,48 @@ mod tests {
         }
         assert_eq!(s.totals.purchases.load(Ordering::Relaxed), 0);
         assert_eq!(ranked(&s, "held").len(), 1, "their own repeat is kept");
+    }
+
+    /// An item nobody has bought twice yet takes its category's repurchase rate: a new
+    /// brand of milk is bought again, a new armchair is not, and an item without a
+    /// category keeps everyone's rate. A snapshot restores the categories' counters from
+    /// their items.
+    #[test]
+    fn a_new_item_takes_its_categorys_repurchase_rate() {
+        let s = grocery();
+        s.set_item_category(1, Some("dairy"));
+        s.set_item_category(2, Some("furniture"));
+        s.set_item_category(3, Some("dairy"));
+        s.set_item_category(4, Some("furniture"));
+        assert!(s.rebought(1) && !s.rebought(2));
+        assert!(s.rebought(3), "new milk: dairy is bought again");
+        assert!(!s.rebought(4), "new armchair: furniture is not");
+        assert!(
+            s.rebought(5),
+            "no category: everyone's rate, which milk lifts"
+        );
+
+        let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
+        let bytes = s.export(&id).unwrap();
+        let t = Signals::new(SignalsConfig::default()).unwrap();
+        t.set_item_category(2, Some("furniture"));
+        t.set_item_category(4, Some("furniture"));
+        let same = |id: &ItemId| {
+            id.as_str()
+                .trim_start_matches("item-")
+                .parse::<ItemIdx>()
+                .unwrap()
+        };
+        t.import(&bytes, &same, ImportUsers::Restore).unwrap();
+        assert!(
+            !t.rebought(4),
+            "the category's counters come back from its items"
+        );
+
+        // The sofa leaves furniture, taking its history along: the armchair's category
+        // now knows nothing, so it takes everyone's rate.
+        s.set_item_category(2, None);
+        assert!(s.rebought(4));
     }
 
     /// Importing with the live users (a rollback) restores what was learnt about items

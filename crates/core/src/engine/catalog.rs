@@ -58,6 +58,9 @@ impl Engine {
     pub(super) fn index_item(&self, item: &Item) {
         self.catalog_generation.fetch_add(1, Ordering::Relaxed);
         let idx = self.backends.items.set_catalog(item);
+        if let Some(signals) = &self.signals {
+            signals.set_item_category(idx, item.categories.first().map(String::as_str));
+        }
         if let Some((content, _)) = &self.content
             && item.embedding.len() == content.dim()
         {

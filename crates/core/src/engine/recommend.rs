@@ -615,6 +615,28 @@ mod tests {
         assert_eq!(ids(&after_catalog), ["a"]);
     }
 
+    /// The signals learn repurchase rates per category too: the catalog tells them each
+    /// item's first category, and a later upsert without one takes it back.
+    #[tokio::test]
+    async fn the_catalog_gives_the_signals_each_items_first_category() {
+        let (h, signals) = shop().await.with_signals(&[]);
+        h.engine
+            .upsert_items(vec![
+                item("milk", true, &["dairy", "sale"]),
+                item("sofa", true, &[]),
+            ])
+            .await
+            .unwrap();
+        let idx = |id: &str| h.engine.items().get(id).unwrap();
+        assert_eq!(signals.category(idx("milk")), Some(Some("dairy".into())));
+        assert_eq!(signals.category(idx("sofa")), Some(None));
+        h.engine
+            .upsert_items(vec![item("milk", true, &[])])
+            .await
+            .unwrap();
+        assert_eq!(signals.category(idx("milk")), Some(None));
+    }
+
     #[tokio::test]
     async fn signals_rank_first_the_model_fills_and_auto_keeps_what_is_bought_again() {
         let (h, _signals) = shop().await.with_signals(&["milk"]);

@@ -14,11 +14,12 @@ use crate::types::{EventKind, ItemId, UserId};
 /// Proposes every item a user bought, newest first, as [`SignalSource::Repeat`] with
 /// probability `1 / (position + 2)`; says the items named at construction are bought
 /// again and nothing else is. Exports to and imports from a plain list of item ids per
-/// user.
+/// user. Remembers the category each item was given.
 pub struct RecallSignals {
     rebought: HashSet<String>,
     items: Arc<ItemIndex>,
     bought: Mutex<HashMap<UserId, Vec<ItemIdx>>>,
+    categories: Mutex<HashMap<ItemIdx, Option<String>>>,
 }
 
 impl RecallSignals {
@@ -28,7 +29,14 @@ impl RecallSignals {
             rebought: rebought.iter().map(|s| (*s).to_owned()).collect(),
             items,
             bought: Mutex::default(),
+            categories: Mutex::default(),
         })
+    }
+
+    /// The category last given to `item`: `None` when never given, `Some(None)` when
+    /// given none.
+    pub fn category(&self, item: ItemIdx) -> Option<Option<String>> {
+        self.categories.lock().get(&item).cloned()
     }
 }
 
@@ -68,6 +76,12 @@ impl SignalModel for RecallSignals {
                 source: SignalSource::Repeat,
             })
             .collect()
+    }
+
+    fn set_item_category(&self, item: ItemIdx, category: Option<&str>) {
+        self.categories
+            .lock()
+            .insert(item, category.map(str::to_owned));
     }
 
     fn rebought(&self, item: ItemIdx) -> bool {
