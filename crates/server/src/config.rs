@@ -161,7 +161,9 @@ pub struct LimitsConfig {
     /// `EventService.Stream` calls open at once, each counted for its whole life; one
     /// more is refused at once, not queued.
     pub max_streams: usize,
-    /// Longest a unary call may run, whatever deadline the client sets, in ms.
+    /// Longest a unary call may run, whatever deadline the client sets, in ms; not
+    /// `ModelService`'s `Snapshot`, `Rollback` and `Refit`, which take as long as the
+    /// model needs (within the client's own deadline, and to the end even past it).
     pub max_call_ms: u64,
     /// Retry advice sent with a refusal at the call or stream limit, in ms.
     pub retry_pushback_ms: u64,

@@ -22,6 +22,18 @@ use crate::proto::profile_service_server::ProfileService;
 use crate::proto::recommend_service_server::RecommendService;
 use crate::refit::Refitter;
 
+/// Runs a model change (snapshot, rollback, refit) as a task of its own and waits for it:
+/// a call dropped at its deadline, or by a client that hung up, never stops one halfway
+/// (a rollback installed but not recorded, a refit installed without the log since its
+/// fit replayed into it). The change then finishes and is logged as usual.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|err| Status::internal(format!("the model change failed: {err}")))
+}
+
 /// Acks a stream may have queued for a slow reader before ingest of that stream waits:
 /// bounded so a client that stops reading cannot grow server memory.
 const ACK_QUEUE: usize = 16;
@@ -432,16 +444,13 @@ impl ModelService for Reflex {
         &self,
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<proto::ModelVersion>, Status> {
-        let reason = request.into_inner().reason;
-        let reason = if reason.is_empty() {
-            "on-demand"
-        } else {
-            &reason
-        };
-        let version = self
-            .engine
-            .snapshot(reason, &self.replica)
-            .await
+        let mut reason = request.into_inner().reason;
+        if reason.is_empty() {
+            "on-demand".clone_into(&mut reason);
+        }
+        let (engine, replica) = (self.engine.clone(), self.replica.clone());
+        let version = to_the_end(async move { engine.snapshot(&reason, &replica).await })
+            .await?
             .map_err(convert::status)?;
         Ok(Response::new(convert::model_version(version)))
     }
@@ -451,12 +460,17 @@ impl ModelService for Reflex {
         request: Request<proto::RollbackRequest>,
     ) -> Result<Response<proto::ModelVersion>, Status> {
         let id = request.into_inner().version;
-        let version = self
-            .engine
-            .rollback(id, &self.replica)
-            .await
-            .map_err(convert::status)?;
-        self.metrics.rollbacks.with_label_values(&["manual"]).inc();
+        let (engine, replica) = (self.engine.clone(), self.replica.clone());
+        let metrics = self.metrics.clone();
+        let version = to_the_end(async move {
+            let version = engine.rollback(id, &replica).await;
+            if version.is_ok() {
+                metrics.rollbacks.with_label_values(&["manual"]).inc();
+            }
+            version
+        })
+        .await?
+        .map_err(convert::status)?;
         Ok(Response::new(convert::model_version(version)))
     }
 
@@ -477,17 +491,16 @@ impl ModelService for Reflex {
                 "refits are not available on this server",
             ));
         };
-        let report = refitter
-            .run(true, install_anyway, &self.replica)
-            .await
-            .map_err(|err| {
-                self.metrics.refits.with_label_values(&["failed"]).inc();
-                Status::internal(format!("refit failed: {err:#}"))
-            })?;
-        self.metrics
-            .refits
-            .with_label_values(&[report.outcome.label()])
-            .inc();
+        let (refitter, replica) = (refitter.clone(), self.replica.clone());
+        let metrics = self.metrics.clone();
+        let report = to_the_end(async move {
+            let report = refitter.run(true, install_anyway, &replica).await;
+            let outcome = report.as_ref().map_or("failed", |r| r.outcome.label());
+            metrics.refits.with_label_values(&[outcome]).inc();
+            report
+        })
+        .await?
+        .map_err(|err| Status::internal(format!("refit failed: {err:#}")))?;
         Ok(Response::new(proto::RefitResponse {
             outcome: report.outcome.label().to_owned(),
             holdout_users: report.holdout_cases as u64,

@@ -386,8 +386,18 @@ pub(super) async fn rollback(Extract(state): Shared, headers: HeaderMap, body: B
         ApiError::bad_request(format!("the body must be {{\"version\": N}}: {err}"))
     })?;
     let (engine, replica) = engine(&state)?;
-    let installed = engine.rollback(body.version, replica).await?;
-    state.metrics.rollbacks.with_label_values(&["manual"]).inc();
+    let installed = {
+        let (engine, replica, metrics) = (engine.clone(), replica.clone(), state.metrics.clone());
+        crate::services::to_the_end(async move {
+            let installed = engine.rollback(body.version, &replica).await;
+            if installed.is_ok() {
+                metrics.rollbacks.with_label_values(&["manual"]).inc();
+            }
+            installed
+        })
+        .await
+        .map_err(|status| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, status.message()))??
+    };
     tracing::info!(
         to = body.version,
         version = installed.id,

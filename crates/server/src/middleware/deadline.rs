@@ -24,6 +24,15 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// Model changes that take as long as the model is big (a refit fits the whole log):
+/// only the client's own deadline bounds them, and they run to the end even past it
+/// ([`crate::services::to_the_end`]).
+const LONG_PATHS: [&str; 3] = [
+    "/reflex.v1.ModelService/Snapshot",
+    "/reflex.v1.ModelService/Rollback",
+    "/reflex.v1.ModelService/Refit",
+];
+
 /// Per-call deadlines: the client's `grpc-timeout`, capped by `max` for unary calls.
 /// A call past its deadline is answered `DEADLINE_EXCEEDED` and its work dropped.
 #[derive(Clone, Copy, Debug)]
@@ -49,11 +58,12 @@ impl<S: Inner<B, RB>, B, RB: Default + Send + 'static> Intercept<S, B, RB> for D
         // CANCELLED; ending a millisecond earlier answers the clearer DEADLINE_EXCEEDED.
         let client =
             grpc_timeout(request.headers()).map(|d| d.saturating_sub(Duration::from_millis(1)));
-        let limit = if request.uri().path() == STREAM_PATH {
-            client
-        } else {
-            Some(client.map_or(self.max, |c| c.min(self.max)))
-        };
+        let limit =
+            if request.uri().path() == STREAM_PATH || LONG_PATHS.contains(&request.uri().path()) {
+                client
+            } else {
+                Some(client.map_or(self.max, |c| c.min(self.max)))
+            };
         let call = inner.call(request);
         Box::pin(async move {
             let Some(limit) = limit else {
@@ -91,5 +101,43 @@ mod tests {
         }
         h.insert("grpc-timeout", HeaderValue::from_static("5x"));
         assert_eq!(grpc_timeout(&h), None);
+    }
+
+    /// A unary call is cut at the cap; a refit (or snapshot, or rollback) only at the
+    /// client's own deadline.
+    #[tokio::test]
+    async fn model_changes_are_not_cut_at_the_unary_cap() {
+        use tower::ServiceExt as _;
+        let slow = tower::service_fn(|_: Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("done")))
+        });
+        let layer = DeadlineLayer {
+            max: Duration::from_millis(50),
+        };
+        let call = |path: &str, timeout: Option<&'static str>| {
+            let mut request = Request::builder().uri(path).body(()).unwrap();
+            if let Some(t) = timeout {
+                request
+                    .headers_mut()
+                    .insert("grpc-timeout", HeaderValue::from_static(t));
+            }
+            layer.layer(slow).oneshot(request)
+        };
+        let code = |response: http::Response<String>| {
+            tonic::Status::from_header_map(response.headers()).map(|s| s.code())
+        };
+        let cut = call("/reflex.v1.RecommendService/Recommend", Some("5S"))
+            .await
+            .unwrap();
+        assert_eq!(code(cut), Some(tonic::Code::DeadlineExceeded));
+        for path in LONG_PATHS {
+            let done = call(path, Some("5S")).await.unwrap();
+            assert_eq!(code(done), None, "{path}");
+            let cut = call(path, Some("100m")).await.unwrap();
+            assert_eq!(code(cut), Some(tonic::Code::DeadlineExceeded), "{path}");
+        }
+        let done = call("/reflex.v1.ModelService/Refit", None).await.unwrap();
+        assert_eq!(code(done), None);
     }
 }
