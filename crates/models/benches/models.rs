@@ -139,45 +139,48 @@ fn search(c: &mut Criterion) {
     group.finish();
 }
 
-/// The signals' candidates for one user with 50 recent items, over 10k items that 20k
-/// users viewed 20 at a time, without and then with item-to-item weights for the 2,000
-/// most viewed items (100 targets each, as a refit installs them).
+/// The signals' candidates for one user with 50 recent items, over 10k and then 100k
+/// items that 20k users viewed 20 at a time, without and then with item-to-item weights
+/// for the 2,000 most viewed items (100 targets each among them, as a refit fits them).
 fn signal_candidates(c: &mut Criterion) {
-    let items = 10_000usize;
-    let signals = Signals::new(SignalsConfig::default())
-        .unwrap_or_else(|e| panic!("benchmark signals config: {e}"));
-    // Popular items are the low numbers: item = (u · 7919 + k · k · 31) mod (a skewed range).
-    for u in 0..20_000usize {
-        let who = user(u);
-        for k in 0..20usize {
-            let range = if k % 2 == 0 { 2_000 } else { items };
-            signals.observe(&SignalEvent {
-                user: &who,
-                item: ((u * 7919 + k * k * 31) % range) as ItemIdx,
-                kind: &EventKind::View,
-                timestamp_ms: (u * 100 + k) as i64,
-                learn: true,
-            });
-        }
-    }
-    let recent: Vec<ItemIdx> = history(50, 2_000).iter().map(|h| h.item).collect();
-    let me = user(20_000);
     let mut group = c.benchmark_group("signal_candidates");
-    group.bench_function("counts_only", |b| {
-        b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
-    });
-    let rows = (0..2_000u32)
-        .map(|s| {
-            let targets = (0..100u32)
-                .map(|t| ((s * 31 + t * 17) % items as u32, 1.0 / (t + 1) as f32))
-                .collect();
-            (s, targets)
-        })
-        .collect();
-    signals.install_item_item(rows);
-    group.bench_function("with_item_item", |b| {
-        b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
-    });
+    for items in [10_000usize, 100_000] {
+        let signals = Signals::new(SignalsConfig::default())
+            .unwrap_or_else(|e| panic!("benchmark signals config: {e}"));
+        // Popular items are the low numbers: item = (u · 7919 + k · k · 31) mod (a skewed
+        // range).
+        for u in 0..20_000usize {
+            let who = user(u);
+            for k in 0..20usize {
+                let range = if k % 2 == 0 { 2_000 } else { items };
+                signals.observe(&SignalEvent {
+                    user: &who,
+                    item: ((u * 7919 + k * k * 31) % range) as ItemIdx,
+                    kind: &EventKind::View,
+                    timestamp_ms: (u * 100 + k) as i64,
+                    learn: true,
+                });
+            }
+        }
+        let recent: Vec<ItemIdx> = history(50, 2_000).iter().map(|h| h.item).collect();
+        let me = user(20_000);
+        let size = format!("{}k", items / 1000);
+        group.bench_function(format!("counts_only/{size}"), |b| {
+            b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
+        });
+        let rows = (0..2_000u32)
+            .map(|s| {
+                let targets = (0..100u32)
+                    .map(|t| ((s * 31 + t * 17) % 2_000, 1.0 / (t + 1) as f32))
+                    .collect();
+                (s, targets)
+            })
+            .collect();
+        signals.install_item_item(rows);
+        group.bench_function(format!("with_item_item/{size}"), |b| {
+            b.iter(|| signals.candidates(&me, black_box(&recent), 10, &|_| true))
+        });
+    }
     group.finish();
 }
 

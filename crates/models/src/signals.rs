@@ -199,8 +199,6 @@ struct ItemSlot {
     chances: AtomicU64,
     /// Of those, baskets that held it again (R).
     repeats: AtomicU64,
-    /// Its category's number in [`Signals::categories`] plus one; 0 for none.
-    category: AtomicU32,
     stats: Mutex<ItemStats>,
 }
 
@@ -211,11 +209,15 @@ struct CategoryRates {
     repeats: AtomicU64,
 }
 
-/// Categories by name, numbered in order of first sight, with their counters.
+/// Categories by name, numbered in order of first sight, with their counters, and each
+/// item's category.
 #[derive(Default)]
 struct Categories {
     numbers: Mutex<HashMap<Box<str>, u32>>,
     rates: boxcar::Vec<CategoryRates>,
+    /// Each item's category number plus one (0: none), by item index: 4 bytes per item,
+    /// grown only as far as the highest item given a category.
+    of: boxcar::Vec<AtomicU32>,
 }
 
 impl Categories {
@@ -233,6 +235,25 @@ impl Categories {
     /// The counters of number-plus-one `n` (0: none).
     fn get(&self, n: u32) -> Option<&CategoryRates> {
         n.checked_sub(1).and_then(|i| self.rates.get(i as usize))
+    }
+
+    /// The category number plus one of `item` (0: none).
+    fn of(&self, item: ItemIdx) -> u32 {
+        self.of
+            .get(item as usize)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// Gives `item` the category number plus one `n`; returns the one it had.
+    fn set(&self, item: ItemIdx, n: u32) -> u32 {
+        let idx = item as usize;
+        if n == 0 && idx >= self.of.count() {
+            return 0;
+        }
+        while self.of.count() <= idx {
+            self.of.push(AtomicU32::new(0));
+        }
+        self.of[idx].swap(n, Ordering::Relaxed)
     }
 }
 
@@ -306,9 +327,50 @@ pub struct Signals {
 }
 
 /// Fitted item-to-item weights: per source item, its targets with positive weights.
+/// Targets are numbered compactly (their position in `targets`), so a request sums its
+/// fitted scores in a small array that stays in the cache, whatever the catalog's size.
 #[derive(Debug, Default)]
 struct ItemItem {
-    rows: HashMap<ItemIdx, Box<[(ItemIdx, f32)]>, IdHashState>,
+    rows: HashMap<ItemIdx, Box<[(u32, f32)]>, IdHashState>,
+    targets: Box<[ItemIdx]>,
+}
+
+impl ItemItem {
+    /// Numbers the targets of `rows` in order of first appearance.
+    fn new(rows: ItemItemWeights) -> Self {
+        let mut number: HashMap<ItemIdx, u32, IdHashState> = HashMap::default();
+        let mut targets = Vec::new();
+        let rows = rows
+            .into_iter()
+            .filter(|(_, row)| !row.is_empty())
+            .map(|(source, row)| {
+                let row = row
+                    .into_iter()
+                    .map(|(j, w)| {
+                        let n = *number.entry(j).or_insert_with(|| {
+                            targets.push(j);
+                            (targets.len() - 1) as u32
+                        });
+                        (n, w)
+                    })
+                    .collect();
+                (source, row)
+            })
+            .collect();
+        Self {
+            rows,
+            targets: targets.into_boxed_slice(),
+        }
+    }
+
+    /// The row of `source` with targets by item index.
+    fn row(&self, source: ItemIdx) -> impl Iterator<Item = (ItemIdx, f32)> + '_ {
+        self.rows
+            .get(&source)
+            .into_iter()
+            .flatten()
+            .map(|&(n, w)| (self.targets[n as usize], w))
+    }
 }
 
 impl Signals {
@@ -382,7 +444,7 @@ impl Signals {
         };
         let repeats = s.repeats.load(Ordering::Relaxed);
         let chances = s.chances.load(Ordering::Relaxed);
-        let prior = match self.categories.get(s.category.load(Ordering::Relaxed)) {
+        let prior = match self.categories.get(self.categories.of(item)) {
             Some(c) => {
                 let (r, o) = (
                     c.repeats.load(Ordering::Relaxed),
@@ -420,7 +482,7 @@ impl Signals {
         let (mut chances, mut rebought) = (0u64, 0u64);
         for it in user.items.iter().filter(|it| it.first < basket) {
             let slot = self.slot(it.item);
-            let category = self.categories.get(slot.category.load(Ordering::Relaxed));
+            let category = self.categories.get(self.categories.of(it.item));
             slot.chances.fetch_add(1, Ordering::Relaxed);
             chances += 1;
             if let Some(c) = category {
@@ -678,6 +740,8 @@ struct Scratch {
     slots: Vec<(f32, f32, u32)>,
     touched: Vec<ItemIdx>,
     stamp: u32,
+    /// Fitted scores by compact target number ([`ItemItem::targets`]).
+    fitted: Vec<f32>,
 }
 
 impl Scratch {
@@ -821,14 +885,23 @@ impl SignalModel for Signals {
             if let (Some(fitted), true) = (fitted.as_deref(), share_fitted > 0.0) {
                 used.clear();
                 let mut w = 1.0f32;
+                scratch.fitted.clear();
+                scratch.fitted.resize(fitted.targets.len(), 0.0);
                 for &source in recent.iter().take(self.config.item_item_sources) {
                     if !used.contains(&source) {
                         used.push(source);
-                        for &(j, b) in fitted.rows.get(&source).into_iter().flatten() {
-                            scratch.entry(j).1 += w * b;
+                        for &(n, b) in fitted.rows.get(&source).into_iter().flatten() {
+                            scratch.fitted[n as usize] += w * b;
                         }
                     }
                     w *= self.config.item_item_decay;
+                }
+                // One visit per target, in the order numbered (the same every call).
+                for n in 0..fitted.targets.len() {
+                    let e = scratch.fitted[n];
+                    if e > 0.0 {
+                        scratch.entry(fitted.targets[n]).1 += e;
+                    }
                 }
             }
             if wsum <= 0.0 || scratch.touched.is_empty() {
@@ -902,19 +975,13 @@ impl SignalModel for Signals {
     }
 
     fn install_item_item(&self, rows: ItemItemWeights) {
-        let rows = rows
-            .into_iter()
-            .filter(|(_, targets)| !targets.is_empty())
-            .map(|(source, targets)| (source, targets.into_boxed_slice()))
-            .collect();
-        self.item_item.store(Some(Arc::new(ItemItem { rows })));
+        self.item_item.store(Some(Arc::new(ItemItem::new(rows))));
     }
 
     fn set_item_category(&self, item: ItemIdx, category: Option<&str>) {
         let number = category.map_or(0, |name| self.categories.number(name));
-        let slot = self.slot(item);
-        let before = slot.category.swap(number, Ordering::Relaxed);
-        if before != number {
+        let before = self.categories.set(item, number);
+        if let (true, Some(slot)) = (before != number, self.slot_if_any(item)) {
             // The item's history moves with it.
             self.count_in_category(slot, before, false);
             self.count_in_category(slot, number, true);
@@ -1007,13 +1074,13 @@ impl SignalModel for Signals {
         }
         let mut fitted: Vec<(u32, Vec<(u32, f32)>)> = Vec::new();
         if let Some(ii) = self.item_item.load().as_deref() {
-            let mut sources: Vec<_> = ii.rows.iter().collect();
-            sources.sort_unstable_by_key(|(s, _)| **s);
-            for (&source, row) in sources {
+            let mut sources: Vec<ItemIdx> = ii.rows.keys().copied().collect();
+            sources.sort_unstable();
+            for source in sources {
                 let Some(me) = name(source) else { continue };
-                let row: Vec<(u32, f32)> = row
-                    .iter()
-                    .filter_map(|&(j, w)| Some((name(j)?, w)))
+                let row: Vec<(u32, f32)> = ii
+                    .row(source)
+                    .filter_map(|(j, w)| Some((name(j)?, w)))
                     .collect();
                 fitted.push((me, row));
             }
@@ -1128,8 +1195,8 @@ impl SignalModel for Signals {
             c.chances.store(0, Ordering::Relaxed);
             c.repeats.store(0, Ordering::Relaxed);
         }
-        for slot in self.items.iter().map(|(_, s)| s) {
-            self.count_in_category(slot, slot.category.load(Ordering::Relaxed), true);
+        for (item, slot) in self.items.iter() {
+            self.count_in_category(slot, self.categories.of(item as ItemIdx), true);
         }
         if keep == ImportUsers::Restore {
             self.users.clear();
