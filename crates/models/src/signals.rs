@@ -327,50 +327,9 @@ pub struct Signals {
 }
 
 /// Fitted item-to-item weights: per source item, its targets with positive weights.
-/// Targets are numbered compactly (their position in `targets`), so a request sums its
-/// fitted scores in a small array that stays in the cache, whatever the catalog's size.
 #[derive(Debug, Default)]
 struct ItemItem {
-    rows: HashMap<ItemIdx, Box<[(u32, f32)]>, IdHashState>,
-    targets: Box<[ItemIdx]>,
-}
-
-impl ItemItem {
-    /// Numbers the targets of `rows` in order of first appearance.
-    fn new(rows: ItemItemWeights) -> Self {
-        let mut number: HashMap<ItemIdx, u32, IdHashState> = HashMap::default();
-        let mut targets = Vec::new();
-        let rows = rows
-            .into_iter()
-            .filter(|(_, row)| !row.is_empty())
-            .map(|(source, row)| {
-                let row = row
-                    .into_iter()
-                    .map(|(j, w)| {
-                        let n = *number.entry(j).or_insert_with(|| {
-                            targets.push(j);
-                            (targets.len() - 1) as u32
-                        });
-                        (n, w)
-                    })
-                    .collect();
-                (source, row)
-            })
-            .collect();
-        Self {
-            rows,
-            targets: targets.into_boxed_slice(),
-        }
-    }
-
-    /// The row of `source` with targets by item index.
-    fn row(&self, source: ItemIdx) -> impl Iterator<Item = (ItemIdx, f32)> + '_ {
-        self.rows
-            .get(&source)
-            .into_iter()
-            .flatten()
-            .map(|&(n, w)| (self.targets[n as usize], w))
-    }
+    rows: HashMap<ItemIdx, Box<[(ItemIdx, f32)]>, IdHashState>,
 }
 
 impl Signals {
@@ -740,8 +699,6 @@ struct Scratch {
     slots: Vec<(f32, f32, u32)>,
     touched: Vec<ItemIdx>,
     stamp: u32,
-    /// Fitted scores by compact target number ([`ItemItem::targets`]).
-    fitted: Vec<f32>,
 }
 
 impl Scratch {
@@ -885,23 +842,14 @@ impl SignalModel for Signals {
             if let (Some(fitted), true) = (fitted.as_deref(), share_fitted > 0.0) {
                 used.clear();
                 let mut w = 1.0f32;
-                scratch.fitted.clear();
-                scratch.fitted.resize(fitted.targets.len(), 0.0);
                 for &source in recent.iter().take(self.config.item_item_sources) {
                     if !used.contains(&source) {
                         used.push(source);
-                        for &(n, b) in fitted.rows.get(&source).into_iter().flatten() {
-                            scratch.fitted[n as usize] += w * b;
+                        for &(j, b) in fitted.rows.get(&source).into_iter().flatten() {
+                            scratch.entry(j).1 += w * b;
                         }
                     }
                     w *= self.config.item_item_decay;
-                }
-                // One visit per target, in the order numbered (the same every call).
-                for n in 0..fitted.targets.len() {
-                    let e = scratch.fitted[n];
-                    if e > 0.0 {
-                        scratch.entry(fitted.targets[n]).1 += e;
-                    }
                 }
             }
             if wsum <= 0.0 || scratch.touched.is_empty() {
@@ -975,7 +923,12 @@ impl SignalModel for Signals {
     }
 
     fn install_item_item(&self, rows: ItemItemWeights) {
-        self.item_item.store(Some(Arc::new(ItemItem::new(rows))));
+        let rows = rows
+            .into_iter()
+            .filter(|(_, targets)| !targets.is_empty())
+            .map(|(source, targets)| (source, targets.into_boxed_slice()))
+            .collect();
+        self.item_item.store(Some(Arc::new(ItemItem { rows })));
     }
 
     fn set_item_category(&self, item: ItemIdx, category: Option<&str>) {
@@ -1074,13 +1027,13 @@ impl SignalModel for Signals {
         }
         let mut fitted: Vec<(u32, Vec<(u32, f32)>)> = Vec::new();
         if let Some(ii) = self.item_item.load().as_deref() {
-            let mut sources: Vec<ItemIdx> = ii.rows.keys().copied().collect();
-            sources.sort_unstable();
-            for source in sources {
+            let mut sources: Vec<_> = ii.rows.iter().collect();
+            sources.sort_unstable_by_key(|(s, _)| **s);
+            for (&source, row) in sources {
                 let Some(me) = name(source) else { continue };
-                let row: Vec<(u32, f32)> = ii
-                    .row(source)
-                    .filter_map(|(j, w)| Some((name(j)?, w)))
+                let row: Vec<(u32, f32)> = row
+                    .iter()
+                    .filter_map(|&(j, w)| Some((name(j)?, w)))
                     .collect();
                 fitted.push((me, row));
             }
