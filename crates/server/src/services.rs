@@ -539,3 +539,45 @@ fn quality_response(r: &reflex_core::QualityReport) -> proto::GetQualityResponse
         samples_cold: r.cold,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A model change whose call is given up (its future dropped, as at a deadline)
+    /// still runs to the end.
+    #[tokio::test]
+    async fn a_model_change_finishes_when_its_call_is_dropped() {
+        let done = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let call = to_the_end({
+            let done = done.clone();
+            async move {
+                let _ = started_tx.send(());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                done.store(true, Ordering::SeqCst);
+            }
+        });
+        let given_up = tokio::time::timeout(Duration::from_millis(1), async {
+            tokio::join!(call, async {
+                let _ = started_rx.await;
+            })
+        })
+        .await;
+        assert!(
+            given_up.is_err(),
+            "the call was dropped before the change ended"
+        );
+        assert!(!done.load(Ordering::SeqCst));
+        for _ in 0..200 {
+            if done.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the change stopped with its call");
+    }
+}
