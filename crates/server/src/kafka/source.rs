@@ -251,9 +251,15 @@ impl Worker {
     /// size; records held during a retry come first.
     async fn next_batch(&mut self) -> Vec<Record> {
         let mut batch = std::mem::take(&mut self.held);
+        // Whether a broker sent a record in this call (held records prove nothing, and
+        // an error may be the broker going away).
+        let mut received = false;
         if batch.is_empty() {
             match self.consumer.recv().await {
-                Ok(message) => batch.push(Record::of(&message)),
+                Ok(message) => {
+                    batch.push(Record::of(&message));
+                    received = true;
+                }
                 Err(err) => {
                     warn!(error = %err, "kafka receive failed");
                     tokio::time::sleep(self.first_backoff).await;
@@ -262,18 +268,24 @@ impl Worker {
             }
         }
         let deadline = tokio::time::Instant::now() + self.linger;
+        let mut failed = false;
         while batch.len() < self.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(message)) => batch.push(Record::of(&message)),
+                Ok(Ok(message)) => {
+                    batch.push(Record::of(&message));
+                    received = true;
+                }
                 Ok(Err(err)) => {
                     warn!(error = %err, "kafka receive failed");
+                    failed = true;
                     break;
                 }
                 Err(_) => break,
             }
         }
-        // A record arrived, so a broker answers.
-        self.consumer.context().set_reachable(true);
+        if received && !failed {
+            self.consumer.context().set_reachable(true);
+        }
         batch
     }
 
