@@ -1217,6 +1217,19 @@ mod tests {
         UserId::parse(name, "user_id").unwrap()
     }
 
+    /// Names item `i` as `item-i`, as a snapshot's exporter would.
+    fn item_name(i: ItemIdx) -> Option<ItemId> {
+        ItemId::parse(&format!("item-{i}"), "item_id").ok()
+    }
+
+    /// The number of an item named by [`item_name`].
+    fn item_number(id: &ItemId) -> ItemIdx {
+        id.as_str()
+            .trim_start_matches("item-")
+            .parse::<ItemIdx>()
+            .unwrap()
+    }
+
     fn buy(s: &Signals, who: &str, item: ItemIdx, ts: i64) {
         s.observe(&SignalEvent {
             user: &user(who),
@@ -1466,18 +1479,12 @@ mod tests {
             "no category: everyone's rate, which milk lifts"
         );
 
-        let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
-        let bytes = s.export(&id).unwrap();
+        let bytes = s.export(&item_name).unwrap();
         let t = Signals::new(SignalsConfig::default()).unwrap();
         t.set_item_category(2, Some("furniture"));
         t.set_item_category(4, Some("furniture"));
-        let same = |id: &ItemId| {
-            id.as_str()
-                .trim_start_matches("item-")
-                .parse::<ItemIdx>()
-                .unwrap()
-        };
-        t.import(&bytes, &same, ImportUsers::Restore).unwrap();
+        t.import(&bytes, &item_number, ImportUsers::Restore)
+            .unwrap();
         assert!(
             !t.rebought(4),
             "the category's counters come back from its items"
@@ -1494,24 +1501,19 @@ mod tests {
     #[test]
     fn an_import_keeping_live_users_restores_items_only() {
         let s = grocery();
-        let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
-        let same = |id: &ItemId| {
-            id.as_str()
-                .trim_start_matches("item-")
-                .parse::<ItemIdx>()
-                .unwrap()
-        };
-        let before = s.export(&id).unwrap();
+        let before = s.export(&item_name).unwrap();
         // Since the snapshot: a newcomer buys milk, then something nobody bought before.
         buy(&s, "new", 1, 80 * DAY);
         buy(&s, "new", 5000, 80 * DAY + 1);
         let follows = |s: &Signals| s.related(1, 1000, &|_| true).iter().any(|f| f.item == 5000);
         assert!(follows(&s));
-        s.import(&before, &same, ImportUsers::KeepLive).unwrap();
+        s.import(&before, &item_number, ImportUsers::KeepLive)
+            .unwrap();
         assert!(!follows(&s), "the items' statistics are the snapshot's");
         assert_eq!(s.users(), 301, "the newcomer is still known");
         assert_eq!(latest(&s, "new"), [5000, 1]);
-        s.import(&before, &same, ImportUsers::Restore).unwrap();
+        s.import(&before, &item_number, ImportUsers::Restore)
+            .unwrap();
         assert_eq!(s.users(), 300);
         assert!(latest(&s, "new").is_empty());
     }
@@ -1523,19 +1525,12 @@ mod tests {
         view(&s, "me", 3, 60 * DAY + 1);
         s.install_item_item(vec![(3, vec![(50, 0.5), (51, 0.25)])]);
         assert!(ranked(&s, "me").contains(&(50, SignalSource::Sequence)));
-        let id = |i: ItemIdx| ItemId::parse(&format!("item-{i}"), "item_id").ok();
-        let bytes = s.export(&id).unwrap();
+        let bytes = s.export(&item_name).unwrap();
         let t = Signals::new(SignalsConfig::default()).unwrap();
         // The other process numbers items differently: idx + 100.
         t.import(
             &bytes,
-            &|id: &ItemId| {
-                id.as_str()
-                    .trim_start_matches("item-")
-                    .parse::<ItemIdx>()
-                    .unwrap()
-                    + 100
-            },
+            &|id: &ItemId| item_number(id) + 100,
             ImportUsers::Restore,
         )
         .unwrap();
@@ -1563,18 +1558,9 @@ mod tests {
         let without = grocery();
         view(&without, "me", 1, 60 * DAY);
         view(&without, "me", 3, 60 * DAY + 1);
-        let bytes = without.export(&id).unwrap();
-        t.import(
-            &bytes,
-            &|id: &ItemId| {
-                id.as_str()
-                    .trim_start_matches("item-")
-                    .parse::<ItemIdx>()
-                    .unwrap()
-            },
-            ImportUsers::Restore,
-        )
-        .unwrap();
+        let bytes = without.export(&item_name).unwrap();
+        t.import(&bytes, &item_number, ImportUsers::Restore)
+            .unwrap();
         assert!(!ranked(&t, "me").iter().any(|&(i, _)| i == 50 || i == 51));
     }
 
