@@ -250,10 +250,25 @@ impl Categories {
         if n == 0 && idx >= self.of.count() {
             return 0;
         }
-        while self.of.count() <= idx {
-            self.of.push(AtomicU32::new(0));
+        grown_to(&self.of, idx, || AtomicU32::new(0)).swap(n, Ordering::Relaxed)
+    }
+}
+
+/// The element at `idx` of `vec`, pushing `fill()`s until there is one; lock-free, so
+/// several threads may grow the vector at once (a few spare elements at the end are
+/// harmless). `boxcar` counts the pushes that are complete, so another thread's push of
+/// `idx` may still be in flight while a later one is complete: the count is then past
+/// `idx` but the element is not there yet, and this waits for it rather than index it.
+fn grown_to<T>(vec: &boxcar::Vec<T>, idx: usize, fill: impl Fn() -> T) -> &T {
+    loop {
+        if let Some(element) = vec.get(idx) {
+            return element;
         }
-        self.of[idx].swap(n, Ordering::Relaxed)
+        if vec.count() <= idx {
+            vec.push(fill());
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -369,12 +384,7 @@ impl Signals {
     }
 
     fn slot(&self, item: ItemIdx) -> &ItemSlot {
-        let idx = item as usize;
-        while self.items.count() <= idx {
-            self.items.push(ItemSlot::default());
-        }
-        // Pushed above (by this thread or a racing one) and never removed.
-        &self.items[idx]
+        grown_to(&self.items, item as usize, ItemSlot::default)
     }
 
     fn slot_if_any(&self, item: ItemIdx) -> Option<&ItemSlot> {
@@ -1220,6 +1230,28 @@ mod tests {
     /// Names item `i` as `item-i`, as a snapshot's exporter would.
     fn item_name(i: ItemIdx) -> Option<ItemId> {
         ItemId::parse(&format!("item-{i}"), "item_id").ok()
+    }
+
+    /// Threads growing the item slots at once (ingest streams meeting new items) each
+    /// get their element, never one whose push is still in flight on another thread.
+    #[test]
+    fn slots_grown_by_racing_threads_are_always_there() {
+        for _ in 0..20 {
+            let vec: boxcar::Vec<AtomicU32> = boxcar::Vec::new();
+            std::thread::scope(|scope| {
+                for t in 0..4u32 {
+                    let vec = &vec;
+                    scope.spawn(move || {
+                        for idx in 0..20_000 {
+                            grown_to(vec, idx, || AtomicU32::new(0))
+                                .fetch_add(t, Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            assert!(vec.count() >= 20_000);
+            assert_eq!(vec.iter().filter(|(i, _)| *i < 20_000).count(), 20_000);
+        }
     }
 
     /// The number of an item named by [`item_name`].
