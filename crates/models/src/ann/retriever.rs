@@ -633,21 +633,21 @@ impl Shared {
         let mut failed = None;
         let mut applied = 0;
         let min_drift = self.config.read().reindex_min_drift;
+        let mut late = false;
         for (n, &item) in batch.iter().enumerate() {
-            // Past the pass's deadline, re-indexing waits for the next pass; new items
-            // are still added (until indexed, only the exact fallback finds them).
             // The head stays fresh through a long pass (a bulk of new items).
-            if n % 64 == 63 && deadline.is_some() {
+            if n % 64 == 0 && deadline.is_some() {
                 self.refresh_head_if_due();
+                late = deadline.is_some_and(|d| Instant::now() >= d);
             }
-            if n % 64 == 63
-                && deadline.is_some_and(|d| Instant::now() >= d)
-                && batch[n..].iter().all(|&rest| index.contains(rest))
-            {
-                for &rest in &batch[n..] {
-                    self.mark(rest);
-                }
-                break;
+            // Past the pass's deadline, re-indexing waits for the next pass, item by
+            // item: new items are still added (until indexed, only the exact fallback
+            // finds them), but the changed ones beside them in the batch are not, or a
+            // steady trickle of new items would keep every pass re-indexing past its
+            // deadline and the upkeep over its share of a core.
+            if late && index.contains(item) {
+                self.mark(item);
+                continue;
             }
             if !self.factors.read_into(item, &mut vector) {
                 continue;
@@ -866,4 +866,45 @@ fn build(
         })?;
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pass past its deadline adds the new items of its batch and leaves the changed
+    /// ones beside them for the next pass.
+    #[test]
+    fn past_the_deadline_new_items_are_added_and_changed_ones_wait() {
+        let factors = Arc::new(ItemFactors::new(8, 0.1, 7));
+        for item in 0..200 {
+            assert!(factors.set(item, &[1.0 + item as f32 * 0.01; 8]));
+        }
+        // The drainer thread sleeps for the whole test: this drives the passes itself.
+        let config = AnnConfig {
+            upsert_interval_ms: 3_600_000,
+            build_threads: 1,
+            reindex_min_drift: 0.0,
+            ..AnnConfig::default()
+        };
+        let ann = AnnRetriever::new(factors.clone(), config).expect("ann");
+        assert_eq!(ann.len(), 200);
+        // Every indexed item changes, and 100 new ones arrive.
+        for item in 0..200 {
+            assert!(factors.set(item, &[-1.0; 8]));
+            ann.shared.mark(item);
+        }
+        for item in 200..300 {
+            assert!(factors.set(item, &[0.5; 8]));
+        }
+        let past = Instant::now() - Duration::from_secs(1);
+        ann.shared.drain_pending(Some(past)).expect("a pass");
+        assert_eq!(ann.len(), 300, "every new item is added");
+        let stats = ann.stats();
+        assert_eq!(stats.dirty, 200, "changed items wait for the next pass");
+        // Without a deadline everything is applied.
+        ann.flush().expect("flush");
+        assert_eq!(ann.stats().dirty, 0);
+        assert_eq!(ann.indexed_vector(0), Some(vec![-1.0; 8]));
+    }
 }
