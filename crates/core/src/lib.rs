@@ -43,8 +43,8 @@ pub use profile::{Profile, ProfilePolicy};
 pub use quality::{QualityConfig, QualityReport, VersionQuality};
 pub use traits::{
     Appended, CatalogStore, ContentModel, DiskSpace, EventSink, HistoryEntry, ImportUsers,
-    ItemItemWeights, LogRecord, Observation, OnlineModel, ProfileStore, ProfileUpdate,
-    RecallChecks, Retriever, Scored, SignalCandidate, SignalEvent, SignalModel, SignalSource,
-    SinkHealth,
+    IndexBacklog, ItemItemWeights, LogRecord, Observation, OnlineModel, ProfileStore,
+    ProfileUpdate, RecallChecks, Retriever, Scored, SignalCandidate, SignalEvent, SignalModel,
+    SignalSource, SinkHealth,
 };
 pub use types::{Event, EventId, EventKind, ItemId, KindWeights, RawEvent, RawKind, Seq, UserId};

@@ -251,6 +251,17 @@ pub struct RecallChecks {
     pub found: u64,
 }
 
+/// What an approximate retriever's index has not caught up with yet. Counts now, not
+/// since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexBacklog {
+    /// Items the model knows that the index does not hold yet (until then only the
+    /// exact fallback finds them).
+    pub new: u64,
+    /// Indexed items whose vectors changed and wait to be re-indexed.
+    pub changed: u64,
+}
+
 /// A recommendation model that learns online from every accepted event.
 pub trait OnlineModel: Send + Sync + 'static {
     /// Version label reported with each answer.
@@ -470,6 +481,12 @@ pub trait Retriever: Send + Sync + 'static {
     /// The recall checks of an approximate retriever (see [`RecallChecks`]); `None` for
     /// one that is exact or does not check.
     fn recall_checks(&self) -> Option<RecallChecks> {
+        None
+    }
+
+    /// What an index kept current in the background has not caught up with (see
+    /// [`IndexBacklog`]); `None` for a retriever without one.
+    fn backlog(&self) -> Option<IndexBacklog> {
         None
     }
 

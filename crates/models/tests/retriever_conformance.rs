@@ -636,6 +636,12 @@ fn new_items_are_indexed_without_upsert() {
     }
     assert!(wait_until(SETTLE, || ann.caught_up(&f)));
     assert_eq!(ann.len(), 300);
+    assert!(
+        wait_until(SETTLE, || ann.backlog()
+            == Some(reflex_core::IndexBacklog::default())),
+        "nothing waits once the index caught up: {:?}",
+        ann.backlog()
+    );
 }
 
 /// Rebuilds run while writers change vectors and readers search; readers never fail,

@@ -100,6 +100,10 @@ pub async fn build_engine(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Re
     if let Err(err) = metrics.watch_recall(move || weak.upgrade()?.recall_checks()) {
         warn!(error = %format!("{err:#}"), "the retrieval recall metrics are not exported");
     }
+    let weak = Arc::downgrade(&engine);
+    if let Err(err) = metrics.watch_backlog(move || weak.upgrade()?.retrieval_backlog()) {
+        warn!(error = %format!("{err:#}"), "the retrieval backlog metric is not exported");
+    }
     Ok(engine)
 }
 

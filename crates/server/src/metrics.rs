@@ -391,6 +391,28 @@ impl Metrics {
         Ok(())
     }
 
+    /// Registers `reflex_retrieval_backlog_items`, read from `source` (the retriever's
+    /// [`reflex_core::IndexBacklog`]) whenever the registry is gathered. A retriever
+    /// without an index to keep current has nothing waiting: 0. Call once.
+    pub fn watch_backlog(
+        &self,
+        source: impl Fn() -> Option<reflex_core::IndexBacklog> + Send + Sync + 'static,
+    ) -> anyhow::Result<()> {
+        let items = IntGaugeVec::new(
+            Opts::new(
+                "reflex_retrieval_backlog_items",
+                "Items the retriever's index has not caught up with: new ones it does not \
+                 hold yet (kind=new) and changed ones waiting to be re-indexed (kind=changed)",
+            ),
+            &["kind"],
+        )?;
+        self.registry.register(Box::new(BacklogCollector {
+            source: Box::new(source),
+            items,
+        }))?;
+        Ok(())
+    }
+
     /// Sets the `reflex_model_quality` gauges from `report`.
     pub fn record_quality(&self, report: &reflex_core::QualityReport) {
         for (population, figures) in [("all", &report.all), ("holdout", &report.holdout)] {
@@ -420,6 +442,30 @@ impl Metrics {
             tracing::warn!(error = %err, "encoding metrics failed");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Sets the backlog gauges from the retriever at each gather.
+struct BacklogCollector {
+    source: Box<dyn Fn() -> Option<reflex_core::IndexBacklog> + Send + Sync>,
+    items: IntGaugeVec,
+}
+
+impl Collector for BacklogCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.items.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = (self.source)().unwrap_or_default();
+        let gauge = |kind: &str, n: u64| {
+            self.items
+                .with_label_values(&[kind])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        gauge("new", now.new);
+        gauge("changed", now.changed);
+        self.items.collect()
     }
 }
 
@@ -523,6 +569,13 @@ mod tests {
             })
         })
         .unwrap();
+        m.watch_backlog(|| {
+            Some(reflex_core::IndexBacklog {
+                new: 7,
+                changed: 11,
+            })
+        })
+        .unwrap();
         assert!(
             m.render()
                 .contains("reflex_retrieval_recall_checks_total 2")
@@ -550,6 +603,8 @@ mod tests {
             "reflex_retrieval_recall_checks_total 4",
             "reflex_retrieval_recall_items_total{kind=\"wanted\"} 40",
             "reflex_retrieval_recall_items_total{kind=\"found\"} 38",
+            "reflex_retrieval_backlog_items{kind=\"new\"} 7",
+            "reflex_retrieval_backlog_items{kind=\"changed\"} 11",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -100,4 +100,10 @@ impl Engine {
     pub fn recall_checks(&self) -> Option<crate::RecallChecks> {
         self.backends.retriever.recall_checks()
     }
+
+    /// What the retriever's index has not caught up with, when it keeps one (see
+    /// [`crate::IndexBacklog`]).
+    pub fn retrieval_backlog(&self) -> Option<crate::IndexBacklog> {
+        self.backends.retriever.backlog()
+    }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use reflex_core::{ItemIdx, RecallChecks, Retriever, Scored};
+use reflex_core::{IndexBacklog, ItemIdx, RecallChecks, Retriever, Scored};
 use tracing::warn;
 
 use super::{AnnConfig, AnnError, AnnRetriever};
@@ -117,6 +117,16 @@ impl Retriever for HybridRetriever {
     /// The index's checks (none are made while the exact scan answers).
     fn recall_checks(&self) -> Option<RecallChecks> {
         self.ann.recall_checks()
+    }
+
+    /// The index's backlog once it is in use; below the threshold the exact scan reads
+    /// every vector as it is and nothing waits.
+    fn backlog(&self) -> Option<IndexBacklog> {
+        if self.uses_ann() {
+            self.ann.backlog()
+        } else {
+            Some(IndexBacklog::default())
+        }
     }
 
     fn len(&self) -> usize {

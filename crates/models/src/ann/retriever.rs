@@ -43,7 +43,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use parking_lot::{Condvar, Mutex, RwLock};
 use reflex_core::types::IdHashState;
-use reflex_core::{ItemIdx, RecallChecks, Retriever, Scored};
+use reflex_core::{IndexBacklog, ItemIdx, RecallChecks, Retriever, Scored};
 use tracing::{debug, warn};
 
 use super::index::{HnswIndex, IndexShape};
@@ -426,6 +426,16 @@ impl Retriever for AnnRetriever {
             checks: c.recall_checks.load(Ordering::Relaxed),
             wanted: c.recall_wanted.load(Ordering::Relaxed),
             found: c.recall_found.load(Ordering::Relaxed),
+        })
+    }
+
+    fn backlog(&self) -> Option<IndexBacklog> {
+        let s = &self.shared;
+        // Items left out for a non-finite vector count as new: rare, and never indexed.
+        let indexed = s.index.load().size() as u64;
+        Some(IndexBacklog {
+            new: (s.factors.len() as u64).saturating_sub(indexed),
+            changed: s.dirty.len() as u64,
         })
     }
 
@@ -897,11 +907,19 @@ mod tests {
         for item in 200..300 {
             assert!(factors.set(item, &[0.5; 8]));
         }
+        assert_eq!(ann.backlog().map(|b| b.new), Some(100));
         let past = Instant::now() - Duration::from_secs(1);
         ann.shared.drain_pending(Some(past)).expect("a pass");
         assert_eq!(ann.len(), 300, "every new item is added");
         let stats = ann.stats();
         assert_eq!(stats.dirty, 200, "changed items wait for the next pass");
+        assert_eq!(
+            ann.backlog(),
+            Some(IndexBacklog {
+                new: 0,
+                changed: 200
+            })
+        );
         // Without a deadline everything is applied.
         ann.flush().expect("flush");
         assert_eq!(ann.stats().dirty, 0);

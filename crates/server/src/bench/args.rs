@@ -66,6 +66,12 @@ pub struct BenchArgs {
     /// Items asked per `Recommend`.
     #[arg(long, default_value_t = 10)]
     pub count: u32,
+    /// With `--metrics-addr`: the most seconds to wait after seeding until the server's
+    /// index holds every seeded item (`reflex_retrieval_backlog_items{kind="new"}` at
+    /// 0), so the load measures the steady state, not the index catching up (about a
+    /// minute of one core for 100k new items). 0 does not wait.
+    #[arg(long, default_value_t = 300.0)]
+    pub index_wait: f64,
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 3.0)]
     pub warmup: f64,
@@ -139,6 +145,7 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     }
     for (name, secs) in [
         ("--warmup", args.warmup),
+        ("--index-wait", args.index_wait),
         ("--duration", args.duration),
         ("--noop-duration", args.noop_duration.unwrap_or(0.0)),
         ("--timeline-secs", args.timeline_secs),

@@ -255,6 +255,32 @@ async fn drive(
         ));
     }
 
+    // The index catches up with the seeded items before the load, so the main phase
+    // measures the steady state rather than that catch-up.
+    if let Some(addr) = metrics_addr.as_deref()
+        && args.index_wait > 0.0
+    {
+        let started = Instant::now();
+        let limit = Duration::from_secs_f64(args.index_wait);
+        loop {
+            match sys::scrape_backlog(addr).await {
+                // A server that does not export the backlog: nothing to wait for.
+                None => break,
+                Some(backlog) if backlog.new == 0 => break,
+                Some(backlog) if started.elapsed() >= limit => {
+                    warnings.push(format!(
+                        "the server's index still lacked {} seeded items after --index-wait \
+                         {} s: the load measures it catching up",
+                        backlog.new, args.index_wait
+                    ));
+                    break;
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        setup.index_wait_seconds = started.elapsed().as_secs_f64();
+    }
+
     // The load.
     let recorder = Arc::new(Recorder::new().context("creating histograms")?);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();

@@ -87,6 +87,9 @@ pub struct Setup {
     pub seed_events_per_sec: f64,
     /// Seed events the server filtered.
     pub seed_filtered: u64,
+    /// Seconds waited after seeding for the server's index to hold every seeded item
+    /// (`--index-wait`; 0 when not waited).
+    pub index_wait_seconds: f64,
 }
 
 /// Recommend against the no-op RPC at the same concurrency.
@@ -164,6 +167,13 @@ impl Report {
             s.seed_seconds,
             s.seed_events_per_sec
         );
+        if s.index_wait_seconds > 0.0 {
+            let _ = writeln!(
+                out,
+                "       the server's index held every seeded item {:.1} s after seeding",
+                s.index_wait_seconds
+            );
+        }
         let lat = |l: &stats::LatencySummary| {
             format!(
                 "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms  (n={})",

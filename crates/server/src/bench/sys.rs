@@ -34,6 +34,17 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// (HOST:PORT) with one plain HTTP/1.0 GET; `None` when it cannot be read or exports
 /// none.
 pub async fn scrape_recall(addr: &str) -> Option<reflex_core::RecallChecks> {
+    parse_recall(&scrape(addr).await?)
+}
+
+/// The server's retrieval backlog, read from its `/metrics` at `addr` (HOST:PORT);
+/// `None` when it cannot be read or exports none (a server older than the gauge).
+pub async fn scrape_backlog(addr: &str) -> Option<reflex_core::IndexBacklog> {
+    parse_backlog(&scrape(addr).await?)
+}
+
+/// The text of the server's `/metrics` at `addr`, with one plain HTTP/1.0 GET.
+async fn scrape(addr: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -43,19 +54,29 @@ pub async fn scrape_recall(addr: &str) -> Option<reflex_core::RecallChecks> {
         stream.read_to_end(&mut body).await.ok()?;
         Some(String::from_utf8_lossy(&body).into_owned())
     };
-    let text = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+    tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
         .await
-        .ok()??;
-    parse_recall(&text)
+        .ok()?
+}
+
+/// The first sample of the series starting with `name` in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// The backlog gauges in a Prometheus text exposition.
+fn parse_backlog(text: &str) -> Option<reflex_core::IndexBacklog> {
+    Some(reflex_core::IndexBacklog {
+        new: sample(text, "reflex_retrieval_backlog_items{kind=\"new\"} ")?,
+        changed: sample(text, "reflex_retrieval_backlog_items{kind=\"changed\"} ")?,
+    })
 }
 
 /// The recall counters in a Prometheus text exposition.
 fn parse_recall(text: &str) -> Option<reflex_core::RecallChecks> {
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-    };
+    let value = |name: &str| sample(text, name);
     Some(reflex_core::RecallChecks {
         checks: value("reflex_retrieval_recall_checks_total ")?,
         wanted: value("reflex_retrieval_recall_items_total{kind=\"wanted\"} ")?,
@@ -87,5 +108,14 @@ mod tests {
         let r = parse_recall(text).unwrap();
         assert_eq!((r.checks, r.wanted, r.found), (12, 120, 118));
         assert!(parse_recall("reflex_index_items 3\n").is_none());
+    }
+
+    #[test]
+    fn backlog_gauges_parse_from_the_exposition() {
+        let text = "reflex_retrieval_backlog_items{kind=\"changed\"} 5\n\
+                    reflex_retrieval_backlog_items{kind=\"new\"} 4096\n";
+        let b = parse_backlog(text).unwrap();
+        assert_eq!((b.new, b.changed), (4096, 5));
+        assert!(parse_backlog("reflex_index_items 3\n").is_none());
     }
 }
