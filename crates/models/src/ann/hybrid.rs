@@ -119,10 +119,11 @@ impl Retriever for HybridRetriever {
         self.ann.recall_checks()
     }
 
-    /// The index's backlog once it is in use; below the threshold the exact scan reads
-    /// every vector as it is and nothing waits.
+    /// The index's backlog once it is in use or being built at the crossing (searches
+    /// wait for it then); below the threshold the exact scan reads every vector as it
+    /// is and nothing waits.
     fn backlog(&self) -> Option<IndexBacklog> {
-        if self.uses_ann() {
+        if self.ready.load(Ordering::Acquire) || self.crossing.load(Ordering::Acquire) {
             self.ann.backlog()
         } else {
             Some(IndexBacklog::default())
