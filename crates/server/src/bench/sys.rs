@@ -76,11 +76,13 @@ fn parse_backlog(text: &str) -> Option<reflex_core::IndexBacklog> {
 
 /// The recall counters in a Prometheus text exposition.
 fn parse_recall(text: &str) -> Option<reflex_core::RecallChecks> {
-    let value = |name: &str| sample(text, name);
     Some(reflex_core::RecallChecks {
-        checks: value("reflex_retrieval_recall_checks_total ")?,
-        wanted: value("reflex_retrieval_recall_items_total{kind=\"wanted\"} ")?,
-        found: value("reflex_retrieval_recall_items_total{kind=\"found\"} ")?,
+        checks: sample(text, "reflex_retrieval_recall_checks_total ")?,
+        wanted: sample(
+            text,
+            "reflex_retrieval_recall_items_total{kind=\"wanted\"} ",
+        )?,
+        found: sample(text, "reflex_retrieval_recall_items_total{kind=\"found\"} ")?,
     })
 }
 
