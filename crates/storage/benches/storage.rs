@@ -1,7 +1,9 @@
 //! Micro-benchmarks of the stores: one profile update (`ProfileStore::apply` with one
 //! event) in the embedded store among 100k users held in memory, and in Redis (a real
 //! `redis-server` on a free port, skipped with a message when none is installed) alone
-//! and in a batch of 500; one append of 500 events to the embedded event log
+//! and in a batch of 500; ingest's one-call path on Redis (`EventSink::append_applying`:
+//! append and apply in one script) for a batch of 500 events from 500 different users, the
+//! shape of a busy shop's batches; one append of 500 events to the embedded event log
 //! (`EventSink::append`), fsynced (`sync`, the default) and not (`buffered`).
 //!
 //! Run with `cargo bench -p reflex-storage`; figures and method are in BENCHMARKS.md.
@@ -154,6 +156,64 @@ fn redis_profile_apply(c: &mut Criterion) {
     drop(server);
 }
 
+/// `EventSink::append_applying` on a standalone Redis: a batch of 500 new events, each
+/// from a different user among 30k who already have a profile of a few events (the
+/// steady state of a shop whose batches mix many users). With one batch in flight at a
+/// time and Redis on the same machine, the time per batch is mostly Redis's own CPU for
+/// the script.
+fn redis_append_applying(c: &mut Criterion) {
+    let Some(server) = RedisServer::start() else {
+        eprintln!("SKIPPED redis_append_applying: redis-server is not installed");
+        return;
+    };
+    let rt = runtime();
+    let store = rt
+        .block_on(RedisStore::connect(
+            RedisConfig::new(server.url(), "bench"),
+            ProfilePolicy::default(),
+        ))
+        .unwrap_or_else(fail("connecting to redis"));
+    let now = now_ms();
+    let next = AtomicU64::new(0);
+    // Event n comes from user n mod 30k: 500 consecutive events are 500 users.
+    let batch = || -> Vec<LogRecord> {
+        let start = next.fetch_add(BATCH, Ordering::Relaxed);
+        (start..start + BATCH)
+            .map(|n| {
+                let mut event = event(n, "one-call", now);
+                event.user_id = UserId::parse(&format!("user-{:07}", n % REDIS_EVENTS), "user_id")
+                    .unwrap_or_else(fail("user id"));
+                LogRecord::Event {
+                    event,
+                    filtered: false,
+                    ingested_ms: now,
+                }
+            })
+            .collect()
+    };
+    let weights = vec![1.0f32; BATCH as usize];
+    let run = |records: Vec<LogRecord>| {
+        rt.block_on(store.append_applying(&records, &weights))
+            .unwrap_or_else(|| panic!("a standalone Redis appends and applies in one call"))
+            .unwrap_or_else(fail("appending and applying"))
+    };
+    // Three events for every user before timing.
+    for _ in 0..3 * REDIS_EVENTS / BATCH {
+        run(batch());
+    }
+    let mut group = c.benchmark_group("redis_append_applying_500");
+    group.throughput(criterion::Throughput::Elements(BATCH));
+    group.bench_function("500_users", |b| {
+        b.iter_batched(
+            batch,
+            |records| black_box(run(records)),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+    drop(server);
+}
+
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("event_sink_append_500");
@@ -192,6 +252,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = profile_apply, redis_profile_apply, append
+    targets = profile_apply, redis_profile_apply, redis_append_applying, append
 }
 criterion_main!(benches);
