@@ -789,7 +789,7 @@ fn hybrid_switches_at_the_threshold() {
 #[test]
 fn config_defaults_parse_and_validate() {
     let d = AnnConfig::default();
-    assert_eq!(d.quantization, Quantization::F32);
+    assert_eq!(d.quantization, Quantization::F16);
     assert_eq!(
         (
             d.connectivity,
