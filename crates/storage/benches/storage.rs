@@ -100,10 +100,12 @@ fn profile_apply(c: &mut Criterion) {
 /// store's 300k: each costs a share of a script call while loading.
 const REDIS_EVENTS: u64 = 30_000;
 
-fn redis_profile_apply(c: &mut Criterion) {
+/// A `redis-server` of the benchmark's own, a runtime and a store connected to it; `None`
+/// (with a message naming `bench`) when no `redis-server` is installed.
+fn redis_store(bench: &str) -> Option<(RedisServer, tokio::runtime::Runtime, Arc<RedisStore>)> {
     let Some(server) = RedisServer::start() else {
-        eprintln!("SKIPPED redis_profile_apply: redis-server is not installed");
-        return;
+        eprintln!("SKIPPED {bench}: redis-server is not installed");
+        return None;
     };
     let rt = runtime();
     let store = rt
@@ -112,6 +114,13 @@ fn redis_profile_apply(c: &mut Criterion) {
             ProfilePolicy::default(),
         ))
         .unwrap_or_else(fail("connecting to redis"));
+    Some((server, rt, store))
+}
+
+fn redis_profile_apply(c: &mut Criterion) {
+    let Some((server, rt, store)) = redis_store("redis_profile_apply") else {
+        return;
+    };
     let now = now_ms();
     let events: Vec<Event> = (0..REDIS_EVENTS).map(|n| event(n, "redis", now)).collect();
     // Every timed update has a new log position: Redis skips one it has applied already.
@@ -162,17 +171,9 @@ fn redis_profile_apply(c: &mut Criterion) {
 /// time and Redis on the same machine, the time per batch is mostly Redis's own CPU for
 /// the script.
 fn redis_append_applying(c: &mut Criterion) {
-    let Some(server) = RedisServer::start() else {
-        eprintln!("SKIPPED redis_append_applying: redis-server is not installed");
+    let Some((server, rt, store)) = redis_store("redis_append_applying") else {
         return;
     };
-    let rt = runtime();
-    let store = rt
-        .block_on(RedisStore::connect(
-            RedisConfig::new(server.url(), "bench"),
-            ProfilePolicy::default(),
-        ))
-        .unwrap_or_else(fail("connecting to redis"));
     let now = now_ms();
     let next = AtomicU64::new(0);
     // Event n comes from user n mod 30k: 500 consecutive events are 500 users.
