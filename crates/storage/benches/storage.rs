@@ -245,6 +245,45 @@ fn append(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // Four appends in flight at once, as from four ingest streams: with `sync` they share
+    // fsyncs (group commit) and one's dedupe reads overlap another's fsync.
+    let mut group = c.benchmark_group("event_sink_append_4x500");
+    group.sample_size(20);
+    group.throughput(criterion::Throughput::Elements(4 * BATCH));
+    for durability in [Durability::Sync, Durability::Buffered] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let store = open(dir.path(), durability);
+        let next = AtomicU64::new(0);
+        let now = now_ms();
+        let batch = || {
+            let start = next.fetch_add(BATCH, Ordering::Relaxed);
+            (start..start + BATCH)
+                .map(|n| LogRecord::Event {
+                    event: event(n, "append", now),
+                    filtered: false,
+                    ingested_ms: now,
+                })
+                .collect::<Vec<_>>()
+        };
+        group.bench_function(format!("{durability:?}").to_lowercase(), |b| {
+            b.iter_batched(
+                || [batch(), batch(), batch(), batch()],
+                |[a, b, c, d]| {
+                    rt.block_on(async {
+                        tokio::join!(
+                            store.append(&a),
+                            store.append(&b),
+                            store.append(&c),
+                            store.append(&d)
+                        )
+                    })
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
 }
 
 criterion_group! {
