@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fjall::config::PinningPolicy;
+use fjall::config::{FilterPolicy, PinningPolicy};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use reflex_core::types::{TimestampMs, now_ms};
 use tracing::{debug, info, warn};
@@ -77,10 +77,15 @@ impl Handles {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|source| StoreError::Keyspace { name, source })
         };
-        // The keyspaces every event writes to hold at most `memtable_bytes` in memory.
+        // The keyspaces every event writes to hold at most `memtable_bytes` in memory. The
+        // log and the checkpoints are only ever read in ranges, never by key, so their
+        // tables carry no bloom filters: those would cost CPU at every flush and
+        // compaction, and memory, for lookups that never come.
         let written_per_event = |name: &'static str| {
             db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(tuning.memtable_bytes)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(tuning.memtable_bytes)
+                    .filter_policy(FilterPolicy::disabled())
             })
             .map_err(|source| StoreError::Keyspace { name, source })
         };
