@@ -215,6 +215,19 @@ fn redis_append_applying(c: &mut Criterion) {
     drop(server);
 }
 
+/// A batch of events whose ids no earlier batch used, or the dedupe check would answer
+/// duplicate and nothing would be written.
+fn fresh_batch(next: &AtomicU64, now: i64) -> Vec<LogRecord> {
+    let start = next.fetch_add(BATCH, Ordering::Relaxed);
+    (start..start + BATCH)
+        .map(|n| LogRecord::Event {
+            event: event(n, "append", now),
+            filtered: false,
+            ingested_ms: now,
+        })
+        .collect()
+}
+
 fn append(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("event_sink_append_500");
@@ -227,18 +240,7 @@ fn append(c: &mut Criterion) {
         let now = now_ms();
         group.bench_function(format!("{durability:?}").to_lowercase(), |b| {
             b.iter_batched(
-                // Fresh event ids every time, or the dedupe check would answer duplicate
-                // and nothing would be written.
-                || {
-                    let start = next.fetch_add(BATCH, Ordering::Relaxed);
-                    (start..start + BATCH)
-                        .map(|n| LogRecord::Event {
-                            event: event(n, "append", now),
-                            filtered: false,
-                            ingested_ms: now,
-                        })
-                        .collect::<Vec<_>>()
-                },
+                || fresh_batch(&next, now),
                 |records| rt.block_on(store.append(&records)),
                 BatchSize::PerIteration,
             )
@@ -246,8 +248,9 @@ fn append(c: &mut Criterion) {
     }
     group.finish();
 
-    // Four appends in flight at once, as from four ingest streams: with `sync` they share
-    // fsyncs (group commit) and one's dedupe reads overlap another's fsync.
+    // Four appends in flight at once, as from four ingest streams: they queue on the log's
+    // writer lock, each holding it through its fsync with `sync` (what a group commit
+    // would share; see BENCHMARKS).
     let mut group = c.benchmark_group("event_sink_append_4x500");
     group.sample_size(20);
     group.throughput(criterion::Throughput::Elements(4 * BATCH));
@@ -256,16 +259,7 @@ fn append(c: &mut Criterion) {
         let store = open(dir.path(), durability);
         let next = AtomicU64::new(0);
         let now = now_ms();
-        let batch = || {
-            let start = next.fetch_add(BATCH, Ordering::Relaxed);
-            (start..start + BATCH)
-                .map(|n| LogRecord::Event {
-                    event: event(n, "append", now),
-                    filtered: false,
-                    ingested_ms: now,
-                })
-                .collect::<Vec<_>>()
-        };
+        let batch = || fresh_batch(&next, now);
         group.bench_function(format!("{durability:?}").to_lowercase(), |b| {
             b.iter_batched(
                 || [batch(), batch(), batch(), batch()],

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fjall::AbstractTree;
 use reflex_core::engine::{Backends, Engine, EngineConfig, EventOutcome};
 use reflex_core::types::now_ms;
 use reflex_core::{
@@ -118,7 +119,6 @@ async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
     assert_eq!(store.last_seq().await.unwrap(), 20_000);
     // Dedupe lookups are by key and need the bloom filters; the log is only read in
     // ranges, so its tables are written without any.
-    use fjall::AbstractTree;
     assert!(handles.dedupe.tree.filter_size() > 0);
     assert_eq!(handles.events.tree.filter_size(), 0);
 }
