@@ -259,7 +259,8 @@ fn worker_tick(ctx: &WorkerState) -> crate::Result<bool> {
                 // re-queued straight back for as long as the other workers are busy
                 // compacting, and spins on the channel (a fifth of a two-core server's
                 // CPU under sustained writes). A short sleep bounds that to a few hundred
-                // cheap iterations a second and delays a flush by at most this long.
+                // cheap iterations a second; a flush queued behind such requests waits
+                // this long for each of them.
                 std::thread::sleep(COMPACT_REQUEUE_PAUSE);
                 return Ok(false);
             }
