@@ -35,17 +35,38 @@ impl Default for ProfilePolicy {
     }
 }
 
-/// One entry of the recent history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One entry of the recent history: 32 bytes, since an active user holds up to
+/// [`ProfilePolicy::max_recent`] of them (at 56 bytes with the kind inline, the recent
+/// lists were most of a full profile's memory).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Interaction {
     /// The item.
     pub item_id: ItemId,
-    /// What the user did.
-    pub kind: EventKind,
     /// When (event time).
     pub timestamp_ms: TimestampMs,
     /// The learning weight the event had, kept so fold-in needs no configuration lookup.
     pub weight: f32,
+    /// What the user did; [`Profile::kind_of`] names it.
+    pub kind: KindCode,
+}
+
+/// What an [`Interaction`] was, in four bytes: a built-in kind by its
+/// [`EventKind::builtin_index`], or a custom kind by the position of its name in the
+/// profile's [`Profile::custom_counts`] (a profile holds each custom name once, however
+/// many of its interactions have that kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KindCode(u32);
+
+impl KindCode {
+    const FIRST_CUSTOM: u32 = EventKind::BUILTIN as u32;
+
+    /// Where a custom kind's name is in [`Profile::custom_counts`]; `None` for a
+    /// built-in kind.
+    fn custom_position(self) -> Option<usize> {
+        self.0
+            .checked_sub(Self::FIRST_CUSTOM)
+            .map(|pos| pos as usize)
+    }
 }
 
 /// The user's current session.
@@ -62,13 +83,18 @@ pub struct Session {
 }
 
 /// Everything Reflex keeps about one user.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Serialized as it always was, each recent entry with its kind in full, so checkpoints
+/// written before [`KindCode`] still load.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "wire::ProfileIn")]
 pub struct Profile {
     /// Whose profile.
     pub user_id: UserId,
     /// Applied events per built-in kind, in [`EventKind::builtin_index`] order.
     pub counts: [u64; EventKind::BUILTIN],
-    /// Applied events per custom kind name.
+    /// Applied events per custom kind name; [`KindCode`]s of the recent entries point
+    /// into it, so entries are only ever appended.
     pub custom_counts: Vec<(Arc<str>, u64)>,
     /// Most recent first, at most [`ProfilePolicy::max_recent`].
     pub recent: VecDeque<Interaction>,
@@ -114,16 +140,13 @@ impl Profile {
         policy: &ProfilePolicy,
         now_ms: TimestampMs,
     ) {
-        match event.kind.builtin_index() {
-            Some(i) => self.counts[i] += 1,
-            None => {
-                if let EventKind::Custom(name) = &event.kind {
-                    match self.custom_counts.iter_mut().find(|(n, _)| n == name) {
-                        Some((_, c)) => *c += 1,
-                        None => self.custom_counts.push((name.clone(), 1)),
-                    }
-                }
-            }
+        let kind = self.kind_code(&event.kind);
+        let count = match kind.custom_position() {
+            None => self.counts.get_mut(kind.0 as usize),
+            Some(pos) => self.custom_counts.get_mut(pos).map(|(_, c)| c),
+        };
+        if let Some(c) = count {
+            *c += 1;
         }
 
         // Keep the recent list ordered by event time, newest first, so late events land
@@ -134,21 +157,21 @@ impl Profile {
             .position(|i| i.timestamp_ms <= event.timestamp_ms)
             .unwrap_or(self.recent.len());
         if pos < policy.max_recent {
-            // Grow by doubling from one entry, never past the bound (+1 for the insert
-            // before the truncate): the default growth starts at four entries and ends
-            // at 64 for a bound of 50, 0.2–0.8 KiB per profile held for nothing.
+            // Grow by half from one entry, never past the bound (+1 for the insert before
+            // the truncate): the default growth starts at four entries and doubles to 64
+            // for a bound of 50, 0.2–0.8 KiB per profile held for nothing.
             let len = self.recent.len();
             if len == self.recent.capacity() {
-                let want = (2 * len).clamp(1, policy.max_recent + 1);
+                let want = (len + len / 2).max(len + 1).min(policy.max_recent + 1);
                 self.recent.reserve_exact(want.saturating_sub(len));
             }
             self.recent.insert(
                 pos,
                 Interaction {
                     item_id: event.item_id.clone(),
-                    kind: event.kind.clone(),
                     timestamp_ms: event.timestamp_ms,
                     weight,
+                    kind,
                 },
             );
             self.recent.truncate(policy.max_recent);
@@ -192,6 +215,59 @@ impl Profile {
         }
     }
 
+    /// The kind of `interaction`, one of this profile's.
+    pub fn kind_of(&self, interaction: &Interaction) -> EventKind {
+        let code = interaction.kind;
+        match code.custom_position() {
+            None => EventKind::from_builtin_index(code.0 as usize),
+            Some(pos) => self
+                .custom_counts
+                .get(pos)
+                .map(|(name, _)| EventKind::Custom(name.clone())),
+        }
+        .map_or_else(
+            // Only a hand-built entry can point past the names; say so rather than guess.
+            || EventKind::Custom(Arc::from(format!("unknown-kind-{}", code.0))),
+            |kind| kind,
+        )
+    }
+
+    /// The code of `kind` in this profile, adding a custom kind's name (with a count of
+    /// zero) the first time it is seen.
+    pub fn kind_code(&mut self, kind: &EventKind) -> KindCode {
+        match kind {
+            EventKind::Custom(name) => {
+                let pos = match self.custom_counts.iter().position(|(n, _)| n == name) {
+                    Some(pos) => pos,
+                    None => {
+                        self.custom_counts.push((name.clone(), 0));
+                        self.custom_counts.len() - 1
+                    }
+                };
+                KindCode(KindCode::FIRST_CUSTOM + pos as u32)
+            }
+            builtin => KindCode(builtin.builtin_index().map_or(0, |i| i as u32)),
+        }
+    }
+
+    /// Appends an entry, older than those already held, to the recent list: for
+    /// backends that store the list in their own format and rebuild it in order.
+    pub fn push_recent(
+        &mut self,
+        item_id: ItemId,
+        kind: &EventKind,
+        timestamp_ms: TimestampMs,
+        weight: f32,
+    ) {
+        let kind = self.kind_code(kind);
+        self.recent.push_back(Interaction {
+            item_id,
+            timestamp_ms,
+            weight,
+            kind,
+        });
+    }
+
     /// Whether the user bought `item`.
     pub fn has_purchased(&self, item: &ItemId) -> bool {
         self.purchased.contains(item)
@@ -212,6 +288,109 @@ impl Session {
         self.started_ms = self.started_ms.min(ts);
         self.last_event_ms = self.last_event_ms.max(ts);
         self.events += 1;
+    }
+}
+
+/// How a [`Profile`] is serialized: the layout it had before [`KindCode`], each recent
+/// entry with its kind in full, so profiles stored before and after read the same.
+mod wire {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Serialize, Serializer};
+
+    use super::{Profile, Session};
+    use crate::types::{EventKind, ItemId, TimestampMs, UserId};
+
+    /// One recent entry as stored.
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename = "Interaction")]
+    pub(super) struct Entry<I> {
+        item_id: I,
+        kind: EventKind,
+        timestamp_ms: TimestampMs,
+        weight: f32,
+    }
+
+    /// A profile as read; the field order is the format (postcard names no fields).
+    #[derive(Deserialize)]
+    #[serde(rename = "Profile")]
+    pub(super) struct ProfileIn {
+        user_id: UserId,
+        counts: [u64; EventKind::BUILTIN],
+        custom_counts: Vec<(Arc<str>, u64)>,
+        recent: Vec<Entry<ItemId>>,
+        session: Option<Session>,
+        purchased: VecDeque<ItemId>,
+        last_seen_ms: TimestampMs,
+        touched_ms: TimestampMs,
+        version: u64,
+    }
+
+    /// A profile as written, borrowing it.
+    #[derive(Serialize)]
+    #[serde(rename = "Profile")]
+    struct ProfileOut<'a> {
+        user_id: &'a UserId,
+        counts: &'a [u64; EventKind::BUILTIN],
+        custom_counts: &'a Vec<(Arc<str>, u64)>,
+        recent: Recent<'a>,
+        session: &'a Option<Session>,
+        purchased: &'a VecDeque<ItemId>,
+        last_seen_ms: TimestampMs,
+        touched_ms: TimestampMs,
+        version: u64,
+    }
+
+    /// The recent list of a profile, each entry's kind named.
+    struct Recent<'a>(&'a Profile);
+
+    impl Serialize for Recent<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.recent.iter().map(|i| Entry {
+                item_id: &i.item_id,
+                kind: self.0.kind_of(i),
+                timestamp_ms: i.timestamp_ms,
+                weight: i.weight,
+            }))
+        }
+    }
+
+    impl Serialize for Profile {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            ProfileOut {
+                user_id: &self.user_id,
+                counts: &self.counts,
+                custom_counts: &self.custom_counts,
+                recent: Recent(self),
+                session: &self.session,
+                purchased: &self.purchased,
+                last_seen_ms: self.last_seen_ms,
+                touched_ms: self.touched_ms,
+                version: self.version,
+            }
+            .serialize(serializer)
+        }
+    }
+
+    impl From<ProfileIn> for Profile {
+        fn from(stored: ProfileIn) -> Self {
+            let mut profile = Profile {
+                user_id: stored.user_id,
+                counts: stored.counts,
+                custom_counts: stored.custom_counts,
+                recent: VecDeque::with_capacity(stored.recent.len()),
+                session: stored.session,
+                purchased: stored.purchased,
+                last_seen_ms: stored.last_seen_ms,
+                touched_ms: stored.touched_ms,
+                version: stored.version,
+            };
+            for entry in stored.recent {
+                profile.push_recent(entry.item_id, &entry.kind, entry.timestamp_ms, entry.weight);
+            }
+            profile
+        }
     }
 }
 
@@ -334,5 +513,85 @@ mod tests {
         p.apply(&event("b", wish.clone(), 2), 3.0, &policy, 0);
         assert_eq!(p.count(&wish), 2);
         assert_eq!(p.count(&EventKind::Custom(Arc::from("other"))), 0);
+    }
+
+    #[test]
+    fn a_recent_entry_names_its_kind_in_four_bytes() {
+        assert_eq!(std::mem::size_of::<Interaction>(), 32);
+        let policy = ProfilePolicy::default();
+        let mut p = profile();
+        let wish = EventKind::Custom(Arc::from("wishlist"));
+        let share = EventKind::Custom(Arc::from("share"));
+        for (n, kind) in [&wish, &EventKind::Purchase, &share, &wish, &EventKind::View]
+            .into_iter()
+            .enumerate()
+        {
+            p.apply(&event("a", kind.clone(), n as i64), 1.0, &policy, 0);
+        }
+        let kinds: Vec<EventKind> = p.recent.iter().map(|i| p.kind_of(i)).collect();
+        assert_eq!(
+            kinds,
+            [&EventKind::View, &wish, &share, &EventKind::Purchase, &wish].map(Clone::clone)
+        );
+        // Each custom name is held once, however many entries have that kind.
+        assert_eq!(p.custom_counts.len(), 2);
+        assert_eq!((p.count(&wish), p.count(&share)), (2, 1));
+    }
+
+    /// The layout of `Profile` before recent entries held a [`KindCode`].
+    #[derive(Serialize)]
+    struct OldProfile {
+        user_id: UserId,
+        counts: [u64; EventKind::BUILTIN],
+        custom_counts: Vec<(Arc<str>, u64)>,
+        recent: VecDeque<OldInteraction>,
+        session: Option<Session>,
+        purchased: VecDeque<ItemId>,
+        last_seen_ms: TimestampMs,
+        touched_ms: TimestampMs,
+        version: u64,
+    }
+
+    #[derive(Serialize)]
+    struct OldInteraction {
+        item_id: ItemId,
+        kind: EventKind,
+        timestamp_ms: TimestampMs,
+        weight: f32,
+    }
+
+    #[test]
+    fn profiles_are_stored_in_the_layout_they_always_had() {
+        let policy = ProfilePolicy::default();
+        let mut p = profile();
+        let wish = EventKind::Custom(Arc::from("wishlist"));
+        p.apply(&event("a", EventKind::View, 1), 1.0, &policy, 5);
+        p.apply(&event("b", wish.clone(), 2), 3.0, &policy, 6);
+        p.apply(&event("c", EventKind::Purchase, 3), 4.0, &policy, 7);
+        let old = OldProfile {
+            user_id: p.user_id.clone(),
+            counts: p.counts,
+            custom_counts: p.custom_counts.clone(),
+            recent: p
+                .recent
+                .iter()
+                .map(|i| OldInteraction {
+                    item_id: i.item_id.clone(),
+                    kind: p.kind_of(i),
+                    timestamp_ms: i.timestamp_ms,
+                    weight: i.weight,
+                })
+                .collect(),
+            session: p.session.clone(),
+            purchased: p.purchased.clone(),
+            last_seen_ms: p.last_seen_ms,
+            touched_ms: p.touched_ms,
+            version: p.version,
+        };
+        let stored = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&p).unwrap(), stored);
+        let read: Profile = postcard::from_bytes(&stored).unwrap();
+        assert_eq!(read, p);
+        assert_eq!(read.kind_of(&read.recent[1]), wish);
     }
 }

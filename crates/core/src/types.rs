@@ -142,6 +142,18 @@ impl EventKind {
         }
     }
 
+    /// The built-in kind at position `index` (see [`builtin_index`](Self::builtin_index)).
+    pub fn from_builtin_index(index: usize) -> Option<Self> {
+        Some(match index {
+            0 => Self::View,
+            1 => Self::Click,
+            2 => Self::AddToCart,
+            3 => Self::RemoveFromCart,
+            4 => Self::Purchase,
+            _ => return None,
+        })
+    }
+
     /// Stable name used in profiles and metrics: `view`, …, `custom:<name>`.
     pub fn label(&self) -> String {
         match self {

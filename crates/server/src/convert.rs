@@ -325,7 +325,7 @@ pub fn profile(p: Profile) -> proto::Profile {
         recent: recent
             .iter()
             .map(|i| {
-                let (k, custom_kind) = kind(&i.kind);
+                let (k, custom_kind) = kind(&p.kind_of(i));
                 proto::Interaction {
                     item_id: i.item_id.as_str().to_owned(),
                     kind: k as i32,

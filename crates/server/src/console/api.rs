@@ -260,7 +260,7 @@ fn profile(p: &Profile) -> Value {
         "counts": counts,
         "recent": p.recent.iter().map(|i| json!({
             "item_id": i.item_id.as_str(),
-            "kind": i.kind.label(),
+            "kind": p.kind_of(i).label(),
             "timestamp_ms": i.timestamp_ms,
             "weight": i.weight,
         })).collect::<Vec<_>>(),

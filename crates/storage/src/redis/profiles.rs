@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface, Value};
 use fred::util::redis_keyslot;
 use futures_util::{TryStreamExt, future};
-use reflex_core::profile::{Interaction, Session};
+use reflex_core::profile::Session;
 use reflex_core::types::now_ms;
 use reflex_core::{
     Error, EventKind, ItemId, Profile, ProfileStore, ProfileUpdate, Result, Seq, UserId,
@@ -270,14 +270,15 @@ fn profile_from_reply(user: &UserId, parts: Vec<Value>) -> std::result::Result<P
         else {
             return Err(format!("malformed recent entry {entry:?}"));
         };
-        p.recent.push_back(Interaction {
-            item_id: item(id)?,
-            kind: EventKind::from_label(kind).ok_or_else(|| format!("unknown kind {kind}"))?,
-            timestamp_ms: ts.parse().map_err(|_| format!("bad time in {entry:?}"))?,
-            weight: weight
+        let kind = EventKind::from_label(kind).ok_or_else(|| format!("unknown kind {kind}"))?;
+        p.push_recent(
+            item(id)?,
+            &kind,
+            ts.parse().map_err(|_| format!("bad time in {entry:?}"))?,
+            weight
                 .parse()
                 .map_err(|_| format!("bad weight in {entry:?}"))?,
-        });
+        );
     }
     for id in purchased.into_array() {
         p.purchased.push_back(item(&text(&id)?)?);

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use reflex_core::profile::{Interaction, Session};
+use reflex_core::profile::Session;
 use reflex_core::{EventKind, Item, ItemId, LogRecord, Profile, UserId};
 use scylla::DeserializeRow;
 
@@ -102,7 +102,7 @@ impl ProfileRow {
                     .map(|i| {
                         (
                             i.item_id.as_str().to_owned(),
-                            i.kind.label(),
+                            profile.kind_of(i).label(),
                             i.timestamp_ms,
                             i.weight,
                         )
@@ -165,20 +165,13 @@ impl ProfileRow {
             p.custom_counts
                 .push((Arc::from(name.as_str()), nonnegative("custom_counts", *c)?));
         }
-        p.recent = self
-            .recent
-            .iter()
-            .flatten()
-            .map(|(item, kind, ts, weight)| {
-                Ok(Interaction {
-                    item_id: item_id("recent", item)?,
-                    kind: EventKind::from_label(kind)
-                        .ok_or_else(|| column("recent", format!("unknown kind {kind:?}")))?,
-                    timestamp_ms: *ts,
-                    weight: *weight,
-                })
-            })
-            .collect::<Result<VecDeque<_>, RowError>>()?;
+        let recent = self.recent.iter().flatten();
+        p.recent.reserve_exact(recent.clone().count());
+        for (item, kind, ts, weight) in recent {
+            let kind = EventKind::from_label(kind)
+                .ok_or_else(|| column("recent", format!("unknown kind {kind:?}")))?;
+            p.push_recent(item_id("recent", item)?, &kind, *ts, *weight);
+        }
         p.purchased = self
             .purchased
             .iter()
