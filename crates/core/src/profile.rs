@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Event, EventKind, ItemId, TimestampMs, UserId};
+use crate::types::{Event, EventKind, ItemId, TimestampMs, UserId, growth};
 
 /// How profiles grow and age.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -157,13 +157,11 @@ impl Profile {
             .position(|i| i.timestamp_ms <= event.timestamp_ms)
             .unwrap_or(self.recent.len());
         if pos < policy.max_recent {
-            // Grow by half from one entry, never past the bound (+1 for the insert before
-            // the truncate): the default growth starts at four entries and doubles to 64
-            // for a bound of 50, 0.2–0.8 KiB per profile held for nothing.
-            let len = self.recent.len();
-            if len == self.recent.capacity() {
-                let want = (len + len / 2).max(len + 1).min(policy.max_recent + 1);
-                self.recent.reserve_exact(want.saturating_sub(len));
+            // The default growth starts at four entries and doubles to 64 for a bound of
+            // 50, 0.2–0.8 KiB per profile held for nothing.
+            if self.recent.len() == self.recent.capacity() {
+                self.recent
+                    .reserve_exact(growth(self.recent.len(), policy.max_recent));
             }
             self.recent.insert(
                 pos,
@@ -180,6 +178,10 @@ impl Profile {
         self.sessionise(event, policy);
 
         if event.kind == EventKind::Purchase && !self.purchased.contains(&event.item_id) {
+            if self.purchased.len() == self.purchased.capacity() {
+                self.purchased
+                    .reserve_exact(growth(self.purchased.len(), policy.max_purchased));
+            }
             self.purchased.push_back(event.item_id.clone());
             while self.purchased.len() > policy.max_purchased {
                 self.purchased.pop_front();

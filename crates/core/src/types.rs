@@ -439,9 +439,28 @@ pub fn now_ms() -> TimestampMs {
         .unwrap_or(0)
 }
 
+/// Room to add to a full per-user list of `len` entries that holds at most `bound`
+/// (+1 for an insert made before trimming): half as much again, at least one, never
+/// past the bound. Per-user lists grow this way instead of doubling from four, which
+/// held room for thousands of entries per thousand users that never came.
+pub fn growth(len: usize, bound: usize) -> usize {
+    (len / 2).max(1).min((bound + 1).saturating_sub(len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_user_lists_grow_by_half_up_to_their_bound() {
+        let mut caps = vec![0];
+        while let Some(&cap) = caps.last().filter(|&&c| c < 51) {
+            caps.push(cap + growth(cap, 50));
+        }
+        assert_eq!(caps, [0, 1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 51]);
+        assert_eq!(growth(51, 50), 0, "full at the bound plus one");
+        assert_eq!(growth(80, 50), 0, "a list longer than a lowered bound");
+    }
 
     fn raw() -> RawEvent {
         RawEvent {

@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use reflex_core::types::IdHashState;
+use reflex_core::types::{IdHashState, growth};
 use reflex_core::{
     Error, EventKind, ImportUsers, ItemId, ItemIdx, ItemItemWeights, Result, Scored,
     SignalCandidate, SignalEvent, SignalModel, SignalSource, UserId,
@@ -522,6 +522,10 @@ impl Signals {
                     .items
                     .binary_search_by_key(&item, |it| it.item)
                     .unwrap_or_else(|at| at);
+                if u.items.len() == u.items.capacity() {
+                    let more = growth(u.items.len(), self.config.max_user_items);
+                    u.items.reserve_exact(more);
+                }
                 u.items.insert(
                     at,
                     UserItem {
@@ -769,10 +773,14 @@ impl SignalModel for Signals {
             }
         }
         if !late {
+            let keep = self.config.window.max(self.config.sources);
             if u.recent.back() != Some(&event.item) {
+                let len = u.recent.len();
+                if len == u.recent.capacity() {
+                    u.recent.reserve_exact(growth(len, keep));
+                }
                 u.recent.push_back(event.item);
             }
-            let keep = self.config.window.max(self.config.sources);
             while u.recent.len() > keep {
                 u.recent.pop_front();
             }
