@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use parking_lot::Mutex;
 use reflex_core::types::IdHashState;
 use reflex_core::{
@@ -105,7 +107,9 @@ struct GramBuild {
 pub struct OnlineMf {
     config: MfConfig,
     items: Arc<ItemFactors>,
-    users: DashMap<UserId, Box<[f32]>, IdHashState>,
+    /// The learner's user vectors, stored as `f16` (half the memory of a user's largest
+    /// piece of state); SGD steps run in `f32` on a copy.
+    users: DashMap<UserId, Box<[f16]>, IdHashState>,
     popularity: Popularity,
     gram: ArcSwap<Gram>,
     gram_build: Mutex<GramBuild>,
@@ -181,7 +185,7 @@ impl OnlineMf {
 
     /// The learner's own vector for `user` (what SGD trains; requests use fold-in).
     pub fn learner_vector(&self, user: &UserId) -> Option<Vec<f32>> {
-        self.users.get(user).map(|p| p.to_vec())
+        self.users.get(user).map(|p| widen(&p))
     }
 
     /// Time-decayed popularity of `item` at event time `at_ms`.
@@ -236,7 +240,7 @@ impl OnlineMf {
         if vector.len() != self.config.factors || !vector.iter().all(|v| v.is_finite()) {
             return false;
         }
-        self.users.insert(user.clone(), vector.into());
+        self.users.insert(user.clone(), narrow(vector));
         true
     }
 
@@ -327,12 +331,12 @@ impl OnlineMf {
         self.gram.store(Arc::new(Gram::from_lower(g, k, items)));
     }
 
-    fn initial_user(&self, user: &UserId) -> Box<[f32]> {
+    fn initial_user(&self, user: &UserId) -> Box<[f16]> {
         let k = self.config.factors;
         let scale = self.config.init_scale / (k as f32).sqrt();
         let h = mix(self.config.seed ^ fnv1a(user.as_str().as_bytes()));
         (0..k)
-            .map(|d| unit_f32(mix(h ^ d as u64)) * scale)
+            .map(|d| f16::from_f32(unit_f32(mix(h ^ d as u64)) * scale))
             .collect()
     }
 
@@ -401,15 +405,18 @@ impl OnlineMf {
                 .entry(obs.user.clone())
                 .or_insert_with(|| self.initial_user(obs.user)),
         };
-        let p: &mut [f32] = entry.value_mut();
+        let stored: &mut [f16] = entry.value_mut();
         SCRATCH.with_borrow_mut(|scratch| {
             NEGATIVES.with_borrow_mut(|negatives| {
                 scratch.clear();
-                scratch.resize(3 * k, 0.0);
-                let (p_old, rest) = scratch.split_at_mut(k);
+                scratch.resize(4 * k, 0.0);
+                let (p, rest) = scratch.split_at_mut(k);
+                let (p_old, rest) = rest.split_at_mut(k);
                 let (grad, q) = rest.split_at_mut(k);
+                stored.convert_to_f32_slice(p);
                 p_old.copy_from_slice(p);
                 self.sgd(obs, &mut rng, p, p_old, grad, q, negatives);
+                stored.convert_from_f32_slice(p);
             })
         });
     }
@@ -593,7 +600,7 @@ impl OnlineModel for OnlineMf {
         let users = self
             .users
             .iter()
-            .map(|e| (e.key().clone(), e.value().to_vec()))
+            .map(|e| (e.key().clone(), widen(e.value())))
             .collect();
         Some(ModelState {
             factors: self.config.factors,
@@ -635,7 +642,7 @@ impl OnlineModel for OnlineMf {
         if users == ImportUsers::Restore {
             self.users.clear();
             for (user, vector) in &state.users {
-                self.users.insert(user.clone(), vector.as_slice().into());
+                self.users.insert(user.clone(), narrow(vector));
             }
         }
         self.events.store(state.events, Ordering::Relaxed);
@@ -663,6 +670,16 @@ impl OnlineModel for OnlineMf {
     fn popular(&self, k: usize, filter: &dyn Fn(ItemIdx) -> bool) -> Vec<Scored> {
         self.popularity.top(&self.items, k, filter)
     }
+}
+
+/// A learner vector as stored.
+fn narrow(vector: &[f32]) -> Box<[f16]> {
+    vector.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// A stored learner vector in `f32`.
+fn widen(stored: &[f16]) -> Vec<f32> {
+    stored.iter().map(|v| v.to_f32()).collect()
 }
 
 #[cfg(test)]
@@ -825,10 +842,11 @@ mod tests {
         let want: Vec<f32> = (0..k)
             .map(|d| p[d] + lr * (scale * grad[d] - reg * p[d]))
             .collect();
+        // Stored as f16: within one unit in the last place (2^-10 relative).
         let got = m.learner_vector(&alice).unwrap();
         for d in 0..k {
             assert!(
-                (got[d] - want[d]).abs() < 1e-5,
+                (got[d] - want[d]).abs() <= want[d].abs() / 1024.0 + 1e-6,
                 "dimension {d}: {got:?} vs {want:?}"
             );
         }
