@@ -227,11 +227,8 @@ impl Profile {
                 .get(pos)
                 .map(|(name, _)| EventKind::Custom(name.clone())),
         }
-        .map_or_else(
-            // Only a hand-built entry can point past the names; say so rather than guess.
-            || EventKind::Custom(Arc::from(format!("unknown-kind-{}", code.0))),
-            |kind| kind,
-        )
+        // Only a hand-built entry can point past the names; say so rather than guess.
+        .unwrap_or_else(|| EventKind::Custom(Arc::from(format!("unknown-kind-{}", code.0))))
     }
 
     /// The code of `kind` in this profile, adding a custom kind's name (with a count of
