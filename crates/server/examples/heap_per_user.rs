@@ -143,6 +143,23 @@ async fn main() -> anyhow::Result<()> {
     engine.checkpoint().await?;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     report("engine after a checkpoint and 3 s", b0, live());
+    // More events (30k, the first 6,000 users again), enough for the log's memtable to
+    // be flushed: fjall drops a flushed memtable's old version only after a later flush.
+    for chunk in (0..6_000).collect::<Vec<_>>().chunks(100) {
+        let batch: Vec<RawEvent> = chunk
+            .iter()
+            .flat_map(|&u| {
+                let mut again = events(u, ts + 1_000);
+                for e in &mut again {
+                    e.event_id.push_str("-again");
+                }
+                again
+            })
+            .collect();
+        engine.ingest(batch).await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    report("engine after 30k more events and 3 s", b0, live());
 
     // Components alone.
     let mf = reflex_models::OnlineMf::new(config.model.clone())?;
