@@ -29,4 +29,7 @@ pub enum KafkaError {
     /// A setting is missing or bad (such as a secret's environment variable).
     #[error("{0}")]
     Setting(String),
+    /// The thread that commits the source's offsets could not be started.
+    #[error("starting the kafka offset commit thread: {0}")]
+    Thread(#[source] std::io::Error),
 }

@@ -8,6 +8,11 @@
 //! answers `DUPLICATE` and no profile counts an event twice. While the engine refuses a
 //! batch (store unavailable, overloaded) the partitions are paused and the batch retried
 //! with backoff; polling goes on, so the consumer keeps its place in the group.
+//!
+//! Commits run on a thread of their own ([`Committer`]): a broker that goes away can
+//! hold a synchronous commit indefinitely, and the worker must go on polling meanwhile,
+//! as that polling also serves the statistics and errors that say whether a broker is
+//! reachable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -43,6 +48,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How long a dead-letter record may wait for its broker's confirmation.
 const DEAD_LETTER_TIMEOUT_MS: u64 = 10_000;
+
+/// How long a stopping source waits for its last offsets to be committed.
+const LAST_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The offset to commit next (the one after the highest settled) per topic and partition.
+type Offsets = BTreeMap<(String, i32), i64>;
 
 /// One consumed record, copied out of librdkafka's buffer.
 struct Record {
@@ -159,8 +170,11 @@ impl Source {
             topics = %topics.join(","),
             "kafka source subscribed"
         );
+        let consumer = Arc::new(consumer);
+        let committer = Committer::start(consumer.clone(), metrics.clone())?;
         let worker = Worker {
-            consumer: Arc::new(consumer),
+            consumer,
+            committer,
             kinds,
             format: config.format,
             max_batch: config.max_batch.min(max_batch).max(1),
@@ -213,6 +227,7 @@ enum Settled {
 
 struct Worker {
     consumer: Arc<StreamConsumer<SourceContext>>,
+    committer: Committer,
     kinds: HashMap<String, TopicKind>,
     format: PayloadFormat,
     max_batch: usize,
@@ -239,10 +254,11 @@ impl Worker {
                 continue;
             }
             match self.settle(&batch, &mut stop).await {
-                Settled::Done => self.commit(&batch).await,
+                Settled::Done => self.committer.commit(&batch),
                 Settled::Stopped => break,
             }
         }
+        self.committer.finish().await;
         info!("kafka source stopping, leaving the group");
         self.consumer.unsubscribe();
     }
@@ -538,38 +554,131 @@ impl Worker {
                 .inc();
         }
     }
+}
 
-    /// Commits the offsets after `batch` (the highest of each partition, plus one).
-    async fn commit(&self, batch: &[Record]) {
-        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+/// Commits settled offsets on a thread of its own, synchronously, one commit at a time:
+/// offsets settled while a commit is in flight are merged into the next one.
+struct Committer {
+    /// Offsets for the thread; dropped by [`finish`](Self::finish).
+    sender: Option<std::sync::mpsc::Sender<Offsets>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn start(
+        consumer: Arc<StreamConsumer<SourceContext>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, KafkaError> {
+        let (sender, receiver) = std::sync::mpsc::channel::<Offsets>();
+        let thread = std::thread::Builder::new()
+            .name("reflex-kafka-commit".into())
+            .spawn(move || {
+                while let Ok(mut offsets) = receiver.recv() {
+                    // Whatever else was settled meanwhile goes in the same commit.
+                    while let Ok(more) = receiver.try_recv() {
+                        merge(&mut offsets, more);
+                    }
+                    commit(&consumer, &offsets, &metrics);
+                }
+            })
+            .map_err(KafkaError::Thread)?;
+        Ok(Self {
+            sender: Some(sender),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the offsets after `batch` (the highest of each partition, plus one) to the
+    /// thread; returns at once.
+    fn commit(&self, batch: &[Record]) {
+        let mut next = Offsets::new();
         for record in batch {
             let entry = next
-                .entry((record.topic.as_str(), record.partition))
+                .entry((record.topic.clone(), record.partition))
                 .or_insert(0);
             *entry = (*entry).max(record.offset + 1);
         }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in next {
-            if let Err(err) = offsets.add_partition_offset(topic, partition, Offset::Offset(offset))
-            {
-                warn!(error = %err, topic, partition, "bad offset to commit");
-            }
+        if let Some(sender) = &self.sender
+            && sender.send(next).is_err()
+        {
+            // Only if the thread died; the records come again after a restart or a
+            // rebalance and are answered DUPLICATE.
+            warn!("the kafka offset commit thread is gone; these offsets stay uncommitted");
         }
-        let consumer = self.consumer.clone();
-        let started = Instant::now();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
-        self.metrics
-            .kafka_commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let failure = match committed {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => err.to_string(),
-            Err(err) => err.to_string(),
+    }
+
+    /// Lets the thread commit what it was handed, waiting at most
+    /// [`LAST_COMMIT_TIMEOUT`] (a broker that is gone would hold it indefinitely).
+    async fn finish(&mut self) {
+        self.sender = None;
+        let Some(thread) = self.thread.take() else {
+            return;
         };
+        let deadline = tokio::time::Instant::now() + LAST_COMMIT_TIMEOUT;
+        while !thread.is_finished() {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("the last kafka offset commit did not finish; its records come again");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if thread.join().is_err() {
+            warn!("the kafka offset commit thread panicked");
+        }
+    }
+}
+
+/// Adds `more` to `offsets`, keeping the higher offset of each partition.
+fn merge(offsets: &mut Offsets, more: Offsets) {
+    for (partition, offset) in more {
+        let entry = offsets.entry(partition).or_insert(offset);
+        *entry = (*entry).max(offset);
+    }
+}
+
+/// Commits `offsets` synchronously, timing the commit and counting a failure.
+fn commit(consumer: &StreamConsumer<SourceContext>, offsets: &Offsets, metrics: &Metrics) {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if let Err(err) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            warn!(error = %err, topic, partition, "bad offset to commit");
+        }
+    }
+    let started = Instant::now();
+    let committed = consumer.commit(&list, CommitMode::Sync);
+    metrics
+        .kafka_commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(err) = committed {
         // The records come again (to this consumer or, after a rebalance, another) and
         // are answered DUPLICATE.
-        self.metrics.kafka_commit_failures.inc();
-        warn!(error = %failure, "committing kafka offsets failed; the batch will be redelivered");
+        metrics.kafka_commit_failures.inc();
+        warn!(error = %err, "committing kafka offsets failed; the batch will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_offsets_keep_the_highest_of_each_partition() {
+        let mut offsets = Offsets::from([(("a".to_owned(), 0), 5), (("a".to_owned(), 1), 9)]);
+        merge(
+            &mut offsets,
+            Offsets::from([
+                (("a".to_owned(), 0), 7),
+                (("a".to_owned(), 1), 3),
+                (("b".to_owned(), 0), 1),
+            ]),
+        );
+        assert_eq!(
+            offsets,
+            Offsets::from([
+                (("a".to_owned(), 0), 7),
+                (("a".to_owned(), 1), 9),
+                (("b".to_owned(), 0), 1)
+            ])
+        );
     }
 }
