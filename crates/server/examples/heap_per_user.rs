@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = reflex_server::config::Config::default();
     config.store.embedded = reflex_storage::EmbeddedConfig::in_dir(dir.path());
     config.store.embedded.memtable_bytes = 4 << 20;
+    config.store.embedded.log_memtable_bytes = 4 << 20;
     config.engine.bot_filter.max_events_per_user_per_sec = 0;
     config.signals.enabled = signals_on;
     let metrics = reflex_server::metrics::Metrics::new()?;

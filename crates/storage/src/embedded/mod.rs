@@ -103,6 +103,7 @@ impl EmbeddedStore {
         let tuning = reopen::Tuning {
             dedupe_window_ms: config.dedupe_window_ms,
             memtable_bytes: config.memtable_bytes,
+            log_memtable_bytes: config.log_memtable_bytes,
         };
         let handles = Handles::open(dir, tuning).map_err(|e| Error::storage(context(), e))?;
         let last_seq =

@@ -46,8 +46,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Tuning {
     /// How long a dedupe key lives (the compaction filter drops it after).
     pub(super) dedupe_window_ms: i64,
-    /// The memtable size of the keyspaces every event writes to.
+    /// The memtable size of the dedupe keys and the profile checkpoints.
     pub(super) memtable_bytes: u64,
+    /// The memtable size of the event log.
+    pub(super) log_memtable_bytes: u64,
 }
 
 /// The open database and its keyspaces (see the crate's `embedded` module for what each
@@ -77,19 +79,19 @@ impl Handles {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|source| StoreError::Keyspace { name, source })
         };
-        // The keyspaces every event writes to hold at most `memtable_bytes` in memory. The
-        // log and the checkpoints are only ever read in ranges, never by key, so their
-        // tables carry no bloom filters: those would cost CPU at every flush and
+        // The keyspaces every event writes to hold at most their memtable size in memory.
+        // The log and the checkpoints are only ever read in ranges, never by key, so
+        // their tables carry no bloom filters: those would cost CPU at every flush and
         // compaction, and memory, for lookups that never come.
-        let written_per_event = |name: &'static str| {
+        let written_per_event = |name: &'static str, memtable_bytes: u64| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
-                    .max_memtable_size(tuning.memtable_bytes)
+                    .max_memtable_size(memtable_bytes)
                     .filter_policy(FilterPolicy::disabled())
             })
             .map_err(|source| StoreError::Keyspace { name, source })
         };
-        let events = written_per_event("events")?;
+        let events = written_per_event("events", tuning.log_memtable_bytes)?;
         // Nearly every dedupe lookup is for a new id, answered by the tables' bloom
         // filters alone; fjall pins only level 0's filters by default, so once the keys
         // of the window reached deeper levels each lookup read and checksummed a filter
@@ -110,7 +112,7 @@ impl Handles {
         Ok(Self {
             events,
             dedupe,
-            profiles: written_per_event("profiles")?,
+            profiles: written_per_event("profiles", tuning.memtable_bytes)?,
             meta: keyspace("meta")?,
             items: keyspace("items")?,
             models: keyspace("models")?,

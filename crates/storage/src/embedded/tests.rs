@@ -88,6 +88,7 @@ async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let config = EmbeddedConfig {
         memtable_bytes: 1024 * 1024,
+        log_memtable_bytes: 1024 * 1024,
         ..config(dir.path())
     };
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
@@ -121,6 +122,34 @@ async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
     // ranges, so its tables are written without any.
     assert!(handles.dedupe.tree.filter_size() > 0);
     assert_eq!(handles.events.tree.filter_size(), 0);
+}
+
+#[tokio::test]
+async fn the_log_has_a_memtable_size_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        log_memtable_bytes: 1024 * 1024,
+        ..config(dir.path())
+    };
+    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
+    let padding = "x".repeat(100);
+    for batch in 0..40 {
+        let records: Vec<LogRecord> = (0..500)
+            .map(|i| view(&format!("{padding}-{batch}-{i}"), "u"))
+            .collect();
+        store.append(&records).await.unwrap();
+    }
+    let handles = store.shared.handles().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while handles.events.table_count() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        handles.events.table_count() > 0,
+        "the log was never written out"
+    );
+    // The dedupe keys of the same events (about 2 MiB) fit the default 64 MiB memtable.
+    assert_eq!(handles.dedupe.table_count(), 0);
 }
 
 #[tokio::test]
