@@ -293,7 +293,7 @@ impl Metrics {
         let kafka_commit_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "reflex_kafka_commit_duration_seconds",
-                "Time to commit one batch's offsets",
+                "Time of one offset commit of the Kafka source (one commit covers the batches settled while the one before ran)",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
