@@ -20,15 +20,16 @@ const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 8;
 /// One minute: the longest a changed profile waits for its checkpoint by default.
 const DEFAULT_CHECKPOINT_MAX_INTERVAL_MS: i64 = 60_000;
 
-/// 64 MiB (fjall's own default): the size at which a keyspace's memtable is written out
-/// (see [`EmbeddedConfig::memtable_bytes`]). Measured with 4 streams flat out for 60 s:
-/// 16 MiB saves about 1.2 KiB per user at 100k users but ingests 13% fewer events/s.
+/// 64 MiB (fjall's own default): the size at which the dedupe keys' and the checkpoints'
+/// memtables are written out (see [`EmbeddedConfig::memtable_bytes`]). Measured with 4
+/// streams flat out for 60 s: 16 MiB saves 300–400 bytes per user at 100k users but
+/// ingests 10% fewer events/s, as more dedupe lookups reach the tables.
 const DEFAULT_MEMTABLE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// 16 MiB: the size at which the event log's memtable is written out (see
 /// [`EmbeddedConfig::log_memtable_bytes`]). The log is only appended to and read back in
 /// ranges, so a smaller memtable costs it little: measured at 100k users with 4 streams
-/// flat out, 16 MiB against 64 MiB held about 800 bytes less per user with no visible
+/// flat out, 16 MiB against 64 MiB held 700–800 bytes less per user with no visible
 /// change in ingest speed (BENCHMARKS.md).
 const DEFAULT_LOG_MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
