@@ -83,6 +83,25 @@ async fn positions_and_dedupe_survive_reopen() {
     assert_eq!(read.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
+/// Appends several MiB of log records (and their dedupe keys), 20,000 in batches of 500.
+async fn append_several_mib(store: &EmbeddedStore) {
+    let padding = "x".repeat(100);
+    for batch in 0..40 {
+        let records: Vec<LogRecord> = (0..500)
+            .map(|i| view(&format!("{padding}-{batch}-{i}"), "u"))
+            .collect();
+        store.append(&records).await.unwrap();
+    }
+}
+
+/// Waits up to 20 s for `done`: flushes run in fjall's background workers.
+async fn flushed(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,23 +111,11 @@ async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
         ..config(dir.path())
     };
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
-    // Several MiB of log records (and their dedupe keys) in batches of 500.
-    let padding = "x".repeat(100);
-    for batch in 0..40 {
-        let records: Vec<LogRecord> = (0..500)
-            .map(|i| view(&format!("{padding}-{batch}-{i}"), "u"))
-            .collect();
-        store.append(&records).await.unwrap();
-    }
+    append_several_mib(&store).await;
     let handles = store.shared.handles().unwrap();
     // Flushes run in fjall's background workers: wait for them (a 64 MiB memtable, the
     // default, would still hold everything).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while (handles.events.table_count() == 0 || handles.dedupe.table_count() == 0)
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    flushed(|| handles.events.table_count() > 0 && handles.dedupe.table_count() > 0).await;
     assert!(
         handles.events.table_count() > 0,
         "the log was never written out"
@@ -132,18 +139,9 @@ async fn the_log_has_a_memtable_size_of_its_own() {
         ..config(dir.path())
     };
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
-    let padding = "x".repeat(100);
-    for batch in 0..40 {
-        let records: Vec<LogRecord> = (0..500)
-            .map(|i| view(&format!("{padding}-{batch}-{i}"), "u"))
-            .collect();
-        store.append(&records).await.unwrap();
-    }
+    append_several_mib(&store).await;
     let handles = store.shared.handles().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while handles.events.table_count() == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    flushed(|| handles.events.table_count() > 0).await;
     assert!(
         handles.events.table_count() > 0,
         "the log was never written out"
