@@ -8,39 +8,15 @@
 //! Heap figures are exact and need no quiet machine, unlike the RSS that `reflex bench`
 //! reports; allocator overhead and fragmentation come on top of them.
 
-// A counting global allocator is the one way to see every byte a component allocates.
+// The counting allocator (in `common/`) implements `GlobalAlloc`.
 #![allow(unsafe_code)]
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "common/counting.rs"]
+mod counting;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
+use counting::live;
 use reflex_core::{EventKind, Item, ItemId, Observation, RawEvent, RawKind, SignalEvent, UserId};
-
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static COUNT: AtomicIsize = AtomicIsize::new(0);
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        COUNT.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        COUNT.fetch_sub(1, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-#[global_allocator]
-static A: Counting = Counting;
-
-fn live() -> (isize, isize) {
-    (LIVE.load(Ordering::Relaxed), COUNT.load(Ordering::Relaxed))
-}
 
 const USERS: usize = 100_000;
 const EVENTS: usize = 5;

@@ -103,6 +103,11 @@ pub struct BenchArgs {
     /// scan); a server in this process is read without it.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Event ids are random UUIDs, as many clients send, instead of the run's tag and a
+    /// counter (ids that sort in the order they are sent, which a store indexing them
+    /// finds cheaper to keep).
+    #[arg(long)]
+    pub random_event_ids: bool,
     /// Seed of the workload.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -189,14 +189,17 @@ async fn drive(
         key: args.api_key.clone(),
     };
     let control = wait_healthy(&server).await?;
-    let workload = Arc::new(Workload::new(
-        args.items,
-        args.users,
-        args.zipf,
-        args.new_users,
-        args.new_items,
-        run_tag(),
-    ));
+    let workload = Arc::new(
+        Workload::new(
+            args.items,
+            args.users,
+            args.zipf,
+            args.new_users,
+            args.new_items,
+            run_tag(),
+        )
+        .with_random_event_ids(args.random_event_ids),
+    );
     let rss = || pid.and_then(|(pid, _)| sys::rss_bytes(pid)).unwrap_or(0);
     let settle = || async {
         if pid.is_some() {

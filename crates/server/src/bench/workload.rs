@@ -28,6 +28,10 @@ pub struct Workload {
     pub new_item_share: f64,
     /// Tag that makes this run's event and user ids unique.
     pub run: String,
+    /// Event ids are random UUIDs (as many clients send) rather than the run's tag and a
+    /// counter, which sort in the order they are sent: a store that indexes ids sees no
+    /// locality in them.
+    pub random_event_ids: bool,
     zipf: Zipf,
 }
 
@@ -47,8 +51,15 @@ impl Workload {
             new_user_share,
             new_item_share,
             run,
+            random_event_ids: false,
             zipf: Zipf::new(items.max(1), zipf_s),
         }
+    }
+
+    /// The same workload with random UUIDs as event ids (see [`Workload::random_event_ids`]).
+    pub fn with_random_event_ids(mut self, random: bool) -> Self {
+        self.random_event_ids = random;
+        self
     }
 
     /// The id of catalog item `n` (0-based; 0 is the most popular).
@@ -87,6 +98,19 @@ impl Workload {
             Self::user_id(rng.random_range(0..self.users))
         }
     }
+}
+
+/// A version-4 UUID in its usual text form, from 128 random bits.
+fn uuid_v4(bits: u128) -> String {
+    let bits = (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        bits >> 96,
+        (bits >> 80) & 0xffff,
+        (bits >> 64) & 0xffff,
+        (bits >> 48) & 0xffff,
+        bits & 0xffff_ffff_ffff
+    )
 }
 
 /// Zipf sampler over ranks `0..n` by inverse CDF (a binary search in the cumulative
@@ -268,8 +292,13 @@ impl SessionGen {
             self.device[(self.next_event % 3) as usize].to_string(),
         );
         context.insert("channel".to_string(), "web".to_string());
+        let event_id = if self.workload.random_event_ids {
+            uuid_v4(self.rng.random())
+        } else {
+            format!("{}-{}-{}", self.workload.run, self.tag, self.next_event)
+        };
         proto::Event {
-            event_id: format!("{}-{}-{}", self.workload.run, self.tag, self.next_event),
+            event_id,
             user_id: s.user.to_string(),
             item_id: s.item.to_string(),
             kind: kind as i32,
@@ -376,6 +405,24 @@ mod tests {
             .filter(|e| e.user_id.starts_with("new-"))
             .count();
         assert!(new_users > 0 && new_users < events.len() / 4);
+    }
+
+    #[test]
+    fn random_event_ids_are_distinct_uuids() {
+        let workload = Arc::new(
+            Workload::new(1000, 500, 1.0, 0.1, 0.01, "t".into()).with_random_event_ids(true),
+        );
+        let mut generator = SessionGen::new(workload, 50, 7, "s0".into());
+        let events = generator.batch(5_000, now());
+        let ids: std::collections::HashSet<&str> =
+            events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids.len(), events.len());
+        for id in ids {
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert_eq!(&id[14..15], "4", "{id}");
+            assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        }
     }
 
     #[test]
