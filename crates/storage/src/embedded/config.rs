@@ -20,10 +20,11 @@ const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 8;
 /// One minute: the longest a changed profile waits for its checkpoint by default.
 const DEFAULT_CHECKPOINT_MAX_INTERVAL_MS: i64 = 60_000;
 
-/// 64 MiB (fjall's own default): the size at which the dedupe keys' and the checkpoints'
-/// memtables are written out (see [`EmbeddedConfig::memtable_bytes`]). Measured with 4
-/// streams flat out for 60 s: 16 MiB saves 300–400 bytes per user at 100k users but
-/// ingests 10% fewer events/s, as more dedupe lookups reach the tables.
+/// 64 MiB (fjall's own default): the size at which the checkpoints' memtable is written
+/// out, and the budget of the recent event ids (see [`EmbeddedConfig::memtable_bytes`]).
+/// Measured with 4 streams flat out for 60 s when the dedupe keys still had a memtable:
+/// 16 MiB saved 300–400 bytes per user at 100k users but ingested 10% fewer events/s,
+/// as more dedupe lookups reached the tables.
 const DEFAULT_MEMTABLE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// 16 MiB: the size at which the event log's memtable is written out (see
@@ -69,12 +70,13 @@ pub struct EmbeddedConfig {
     /// The longest a changed profile waits for a checkpoint, in ms; it bounds the log that
     /// start-up replays after a crash to this stretch of traffic.
     pub checkpoint_max_interval_ms: i64,
-    /// How much of the dedupe keys and of the profile checkpoints each stays in memory (a
-    /// memtable) before it is written out as a table, in bytes. Memory grows by up to
-    /// about twice this (more while a flush lags), so it is a fixed cost of the process;
-    /// larger memtables mean fewer, larger tables and less compaction, and more dedupe
-    /// lookups answered from memory. Set when a keyspace is created: a data directory
-    /// made before keeps its size.
+    /// How much of the profile checkpoints stays in memory (a memtable) before it is
+    /// written out as a table, in bytes, and the budget of the recent event ids' table
+    /// (a table takes at most half of it; two exist while one is handed over to the
+    /// `dedupe` keyspace). Memory grows by up to about twice this (more while a flush
+    /// lags), so it is a fixed cost of the process; larger means fewer, larger tables and
+    /// less compaction, and more dedupe lookups answered from memory. The memtable's size
+    /// is set when its keyspace is created: a data directory made before keeps it.
     pub memtable_bytes: u64,
     /// The same for the event log, which is only appended to and read back in ranges, so
     /// it gains little from a large memtable. Set when the log's keyspace is created.

@@ -1,8 +1,9 @@
 //! The event log and its dedupe window: [`EventSink`] for [`EmbeddedStore`].
 //!
-//! Every append is one fjall write batch over `events` and `dedupe`, committed under one
-//! mutex with the configured durability, so positions are gap-free and the dedupe check
-//! sees every earlier append. A failed commit advances nothing and stops the fjall
+//! Every append is one fjall write batch over `events`, committed under one mutex with the
+//! configured durability, so positions are gap-free and the dedupe check sees every
+//! earlier append: the ids of recent appends in memory (`recent_ids.rs`), older ones in
+//! the `dedupe` keyspace, which maintenance hands them over to. A failed commit advances nothing and stops the fjall
 //! database, which refuses writes until the store reopens it (see `reopen.rs`); if the
 //! failed batch did reach the journal, reopening removes it again, so a client retrying
 //! it gets its events accepted, once. (A process restarted instead recovers the batch and
@@ -10,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use fjall::compaction::filter::{
@@ -22,16 +23,25 @@ use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq, SinkHealth};
 use tracing::{debug, error, warn};
 
+use super::recent_ids::{self, HandOver, IdKey, RecentIds};
 use super::{
-    DEDUPE_KEYSPACE, EmbeddedStore, Handles, Shared, StoreError, append_encoded, be_u64, decode,
-    fault,
+    DEDUPE_KEYSPACE, DEDUPE_SEQ_KEY, EmbeddedStore, Handles, Shared, StoreError, append_encoded,
+    be_u64, decode, fault, run_blocking,
 };
 
 /// The append side's state.
 pub(super) struct LogState {
-    /// The one serialisation point of appends, holding the position of the last committed
-    /// record; advanced only after a commit succeeds.
-    pub(super) writer: Mutex<Seq>,
+    /// The one serialisation point of appends.
+    pub(super) writer: Mutex<Writer>,
+    /// The log position up to which the ids of appended events are in the `dedupe`
+    /// keyspace (the rest are in [`Writer::recent`]).
+    dedupe_seq: AtomicU64,
+    /// Ids held in memory at which they are handed over to the keyspace.
+    hand_over_at: usize,
+    /// Set by an append that leaves at least `hand_over_at` ids in memory.
+    hand_over_due: AtomicBool,
+    /// A background hand-over is under way.
+    hand_over_running: AtomicBool,
     /// Position of the last committed record, readable without the writer lock.
     last_seq: AtomicU64,
     /// The log's end as seen at each trim (time, position), oldest first: tells which
@@ -41,10 +51,36 @@ pub(super) struct LogState {
     marks: Mutex<VecDeque<(TimestampMs, Seq)>>,
 }
 
+/// What appends change under [`LogState::writer`].
+pub(super) struct Writer {
+    /// The position of the last committed record; advanced only after a commit succeeds.
+    pub(super) seq: Seq,
+    /// The ids of the events appended after [`LogState::dedupe_seq`].
+    recent: RecentIds,
+}
+
+impl Writer {
+    /// Event ids held in memory.
+    #[cfg(test)]
+    pub(super) fn recent_len(&self) -> usize {
+        self.recent.len()
+    }
+}
+
 impl LogState {
-    pub(super) fn new(last_seq: Seq) -> Self {
+    /// The state of a log ending at `last_seq` whose ids up to `dedupe_seq` are in the
+    /// keyspace; `recent` holds those after it.
+    pub(super) fn new(last_seq: Seq, dedupe_seq: Seq, recent: RecentIds, budget: u64) -> Self {
+        // `budget`: the memtable size the dedupe keys had when fjall held them.
         Self {
-            writer: Mutex::new(last_seq),
+            writer: Mutex::new(Writer {
+                seq: last_seq,
+                recent,
+            }),
+            dedupe_seq: AtomicU64::new(dedupe_seq),
+            hand_over_at: recent_ids::hand_over_at(budget),
+            hand_over_due: AtomicBool::new(false),
+            hand_over_running: AtomicBool::new(false),
             last_seq: AtomicU64::new(last_seq),
             marks: Mutex::new(VecDeque::new()),
         }
@@ -87,6 +123,37 @@ pub(super) fn last_seq_on_disk(events: &Keyspace) -> Result<Seq, StoreError> {
     }
 }
 
+/// The ids of the events appended after the position `meta` says the `dedupe` keyspace
+/// reaches, read back from the log (with that position). A data directory without the
+/// position (written by a build that put every id in the keyspace at once) reaches the
+/// log's end, `last_seq`, which is recorded.
+pub(super) fn recent_ids_on_disk(
+    h: &Handles,
+    last_seq: Seq,
+    budget: u64,
+) -> Result<(Seq, RecentIds), StoreError> {
+    let dedupe_seq = match h.meta.get(DEDUPE_SEQ_KEY)? {
+        Some(value) => be_u64(&value, "dedupe position", DEDUPE_SEQ_KEY)?,
+        None => {
+            h.meta.insert(DEDUPE_SEQ_KEY, last_seq.to_be_bytes())?;
+            h.db.persist(PersistMode::SyncAll)?;
+            last_seq
+        }
+    };
+    let mut recent = RecentIds::new(dedupe_seq, budget);
+    for guard in h.events.range((dedupe_seq + 1).to_be_bytes()..) {
+        let (key, value) = guard.into_inner()?;
+        if let LogRecord::Event {
+            event, ingested_ms, ..
+        } = decode(&value, "log record", &key)?
+        {
+            let key = recent.key(event.event_id.as_str());
+            recent.insert(key, ingested_ms);
+        }
+    }
+    Ok((dedupe_seq, recent))
+}
+
 impl Shared {
     fn append_blocking(
         &self,
@@ -96,52 +163,138 @@ impl Shared {
         let EncodedRecords { bytes, ends, ids } = &records;
         let now = now_ms();
         self.disk.admit(now)?;
-        let now_bytes = now.to_be_bytes();
         let mut outcomes = Vec::with_capacity(ends.len());
         let mut in_call: HashSet<&str, IdHashState> =
             HashSet::with_capacity_and_hasher(ends.len(), IdHashState::default());
         let mut writer = self.log.writer.lock();
-        let mut batch = OwnedWriteBatch::with_capacity(h.db.clone(), 2 * ends.len())
-            .durability(Some(self.persist));
-        let mut seq = *writer;
+        let mut batch =
+            OwnedWriteBatch::with_capacity(h.db.clone(), ends.len()).durability(Some(self.persist));
+        let mut fresh = Vec::with_capacity(ends.len());
+        let mut seq = writer.seq;
         let mut start = 0;
         for (id, &end) in ids.iter().zip(ends) {
             let bytes = &bytes[start..end];
             start = end;
             if let Some(id) = id {
                 let id = id.as_str();
-                if !in_call.insert(id) || self.recorded_within_window(h, id.as_bytes(), now)? {
+                let key = writer.recent.key(id);
+                if !in_call.insert(id)
+                    || self.recorded_within_window(h, &writer.recent, id, &key, now)?
+                {
                     outcomes.push(Appended::Duplicate);
                     continue;
                 }
-                batch.insert(&h.dedupe, id.as_bytes(), &now_bytes[..]);
+                fresh.push(key);
             }
             seq += 1;
             batch.insert(&h.events, &seq.to_be_bytes()[..], bytes);
             outcomes.push(Appended::At(seq));
         }
-        if seq != *writer {
+        if seq != writer.seq {
             self.commit(batch)?;
-            *writer = seq;
+            writer.seq = seq;
+            for key in fresh {
+                writer.recent.insert(key, now);
+            }
+            self.log.hand_over_due.store(
+                writer.recent.active_len() >= self.log.hand_over_at,
+                Ordering::Release,
+            );
             self.log.last_seq.store(seq, Ordering::Release);
         }
         Ok(outcomes)
     }
 
-    /// Whether `id` was recorded no longer than the dedupe window before `now`.
+    /// Whether `id` (whose key in memory is `key`) was recorded no longer than the dedupe
+    /// window before `now`. An id held in memory is newer than any copy in the keyspace.
     fn recorded_within_window(
         &self,
         h: &Handles,
-        id: &[u8],
+        recent: &RecentIds,
+        id: &str,
+        key: &IdKey,
         now: TimestampMs,
     ) -> Result<bool, StoreError> {
-        match h.dedupe.get(id)? {
-            None => Ok(false),
-            Some(value) => {
-                let at = be_u64(&value, "dedupe entry", id)? as TimestampMs;
-                Ok(now.saturating_sub(at) <= self.dedupe_window_ms)
+        let at = match recent.recorded_at(key) {
+            Some(at) => at,
+            None => match h.dedupe.get(id)? {
+                None => return Ok(false),
+                Some(value) => be_u64(&value, "dedupe entry", id.as_bytes())? as TimestampMs,
+            },
+        };
+        Ok(now.saturating_sub(at) <= self.dedupe_window_ms)
+    }
+
+    /// Hands the ids held in memory over to the `dedupe` keyspace once there are at least
+    /// [`LogState::hand_over_at`] of them (any number with `force`); returns how many it
+    /// wrote. The ids come from the log records, in one sorted write that bypasses the
+    /// memtable (fjall's ingestion); appends go on meanwhile, finding the handed-over ids
+    /// in memory until the keyspace holds them. Then `meta` records, durably, the log
+    /// position they reach.
+    pub(super) fn hand_over_ids(&self, h: &Handles, force: bool) -> Result<u64, StoreError> {
+        let hand_over = {
+            let mut writer = self.log.writer.lock();
+            if !force && writer.recent.active_len() < self.log.hand_over_at {
+                return Ok(0);
+            }
+            let last = writer.seq;
+            match writer.recent.seal(last) {
+                Some(hand_over) => hand_over,
+                None => return Ok(0),
+            }
+        };
+        let written = self.write_ids(h, &hand_over);
+        let mut writer = self.log.writer.lock();
+        match written {
+            Ok(written) => {
+                writer.recent.handed_over();
+                self.log
+                    .dedupe_seq
+                    .store(hand_over.through, Ordering::Release);
+                debug!(
+                    written,
+                    through = hand_over.through,
+                    "event ids handed over to the dedupe keyspace"
+                );
+                Ok(written)
+            }
+            Err(err) => {
+                writer.recent.hand_over_failed(hand_over);
+                Err(err)
             }
         }
+    }
+
+    /// Writes the ids of the records `hand_over` covers with their ingest times, in one
+    /// sorted ingestion, skipping those already out of the window; then records the
+    /// position in `meta`.
+    fn write_ids(&self, h: &Handles, hand_over: &HandOver) -> Result<u64, StoreError> {
+        let cutoff = now_ms().saturating_sub(self.dedupe_window_ms);
+        let mut ids: Vec<(Box<str>, TimestampMs)> = Vec::new();
+        let range = hand_over.from.to_be_bytes()..=hand_over.through.to_be_bytes();
+        for guard in h.events.range(range) {
+            let value = guard.value()?;
+            if let Some(id) = recent_ids::event_id_of(&value)
+                && let Some(at) = hand_over.recorded_at(id)
+                && at >= cutoff
+            {
+                ids.push((id.into(), at));
+            }
+        }
+        // Sorted, one entry per id (the newest, if an id came back after its window).
+        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        ids.dedup_by(|next, kept| next.0 == kept.0);
+        if !ids.is_empty() {
+            let mut ingestion = h.dedupe.start_ingestion()?;
+            for (id, at) in &ids {
+                ingestion.write(id.as_bytes(), at.to_be_bytes())?;
+            }
+            ingestion.finish()?;
+        }
+        h.meta
+            .insert(DEDUPE_SEQ_KEY, hand_over.through.to_be_bytes())?;
+        h.db.persist(PersistMode::SyncAll)?;
+        Ok(ids.len() as u64)
     }
 
     /// Drops the log records up to `through`, except the last record of the log (in one
@@ -155,7 +308,11 @@ impl Shared {
         let expired = self
             .log
             .expired_through(now_ms(), last, self.log_retention_ms);
-        let through = through.min(expired).min(last.saturating_sub(1));
+        // Records whose ids are only in memory stay: start-up reads the ids back from them.
+        let through = through
+            .min(expired)
+            .min(last.saturating_sub(1))
+            .min(self.log.dedupe_seq.load(Ordering::Acquire));
         if through == 0 {
             return Ok(0);
         }
@@ -226,6 +383,33 @@ impl Shared {
             dropped, "removed the records of an append that failed but reached the journal"
         );
         Ok(dropped)
+    }
+}
+
+impl EmbeddedStore {
+    /// Starts a hand-over of the event ids held in memory in the background once enough
+    /// have gathered (one at a time), so the table that holds them stays at its size
+    /// between maintenance ticks however fast events come.
+    fn hand_over_ids_when_due(&self) {
+        let log = &self.shared.log;
+        if !log.hand_over_due.load(Ordering::Acquire)
+            || log.hand_over_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let result = run_blocking(
+                Arc::clone(&shared),
+                "handing event ids over to the dedupe keyspace",
+                |s, h| s.hand_over_ids(h, false),
+            )
+            .await;
+            shared.log.hand_over_running.store(false, Ordering::Release);
+            if let Err(err) = result {
+                warn!(error = %err, "event ids stay in memory until the next hand-over");
+            }
+        });
     }
 }
 
@@ -316,8 +500,11 @@ impl EventSink for EmbeddedStore {
             return Ok(Vec::new());
         }
         let encoded = EncodedRecords::new(records).map_err(fault(CONTEXT))?;
-        self.blocking(CONTEXT, move |s, h| s.append_blocking(h, encoded))
-            .await
+        let appended = self
+            .blocking(CONTEXT, move |s, h| s.append_blocking(h, encoded))
+            .await?;
+        self.hand_over_ids_when_due();
+        Ok(appended)
     }
 
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<(Seq, LogRecord)>> {
@@ -362,10 +549,13 @@ impl EventSink for EmbeddedStore {
     }
 
     /// Evicts expired profiles from memory (a scan of every profile), on the blocking
-    /// pool. Dedupe keys need no pass: compaction expires them ([`DedupeExpiry`]).
+    /// pool, after handing the event ids held in memory over to the `dedupe` keyspace
+    /// once there are enough of them. Dedupe keys need no expiry pass: compaction expires
+    /// them ([`DedupeExpiry`]).
     async fn maintain(&self) -> Result<()> {
         let evicted = self
-            .blocking("maintaining the embedded store", |s, _| {
+            .blocking("maintaining the embedded store", |s, h| {
+                s.hand_over_ids(h, false)?;
                 Ok(s.profile_state.evict_expired(now_ms()))
             })
             .await?;

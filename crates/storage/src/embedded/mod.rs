@@ -3,10 +3,12 @@
 //!
 //! Keyspaces:
 //! - `events`: seq (u64 big-endian) → postcard [`LogRecord`]
-//! - `dedupe`: event id → ingest time (i64 big-endian ms); compaction drops keys older
-//!   than the window (see [`log::DedupeExpiry`])
+//! - `dedupe`: event id → ingest time (i64 big-endian ms), for ids handed over from memory
+//!   (see `recent_ids.rs`); compaction drops keys older than the window (see
+//!   [`log::DedupeExpiry`])
 //! - `profiles`: user id → postcard [`Profile`], as of the last checkpoint
-//! - `meta`: `profiles_seq` → the log position (u64 big-endian) `profiles` is consistent with
+//! - `meta`: `profiles_seq` → the log position (u64 big-endian) `profiles` is consistent
+//!   with; `dedupe_seq` → the log position up to which the ids are in `dedupe`
 //! - `items`: item id → postcard [`Item`]
 //! - `models`: model versions and snapshots (see `models.rs`)
 //!
@@ -27,6 +29,7 @@ mod disk;
 mod log;
 mod models;
 mod profiles;
+mod recent_ids;
 mod reopen;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +53,10 @@ const DEDUPE_KEYSPACE: &str = "dedupe";
 
 /// Key in `meta` of the log position the `profiles` keyspace is consistent with.
 const PROFILES_SEQ_KEY: &[u8] = b"profiles_seq";
+
+/// Key in `meta` of the log position up to which the appended events' ids are in the
+/// `dedupe` keyspace (those after it are read back from the log at start-up).
+const DEDUPE_SEQ_KEY: &[u8] = b"dedupe_seq";
 
 /// The embedded store: implements [`EventSink`], [`ProfileStore`], [`CatalogStore`] and
 /// [`ModelStore`](reflex_core::ModelStore), so one `Arc` fills every storage slot of the
@@ -108,6 +115,9 @@ impl EmbeddedStore {
         let handles = Handles::open(dir, tuning).map_err(|e| Error::storage(context(), e))?;
         let last_seq =
             log::last_seq_on_disk(&handles.events).map_err(fault("reading the log's end"))?;
+        let (dedupe_seq, recent) =
+            log::recent_ids_on_disk(&handles, last_seq, config.memtable_bytes)
+                .map_err(fault("reading the recent event ids back from the log"))?;
         let profile_state = ProfileState::load(&handles.profiles, &handles.meta, policy)
             .map_err(fault("loading profiles"))?;
         info!(
@@ -115,6 +125,8 @@ impl EmbeddedStore {
             last_seq,
             profiles = profile_state.len(),
             profiles_seq = profile_state.durable_seq(),
+            dedupe_seq,
+            recent_ids = recent.len(),
             "embedded store opened"
         );
         Ok(Arc::new(Self {
@@ -128,7 +140,7 @@ impl EmbeddedStore {
                 checkpoint_events_per_profile: config.checkpoint_events_per_profile,
                 checkpoint_max_interval_ms: config.checkpoint_max_interval_ms,
                 disk: disk::DiskGuard::new(dir, config.min_free_bytes),
-                log: LogState::new(last_seq),
+                log: LogState::new(last_seq, dedupe_seq, recent, config.memtable_bytes),
                 profile_state,
                 catalog_writer: Mutex::new(()),
                 data_dir: config.data_dir,
@@ -139,6 +151,14 @@ impl EmbeddedStore {
     /// The directory the database lives in.
     pub fn data_dir(&self) -> &Path {
         &self.shared.data_dir
+    }
+
+    /// Hands every event id held in memory over to the `dedupe` keyspace now (maintenance
+    /// does it once enough have gathered); returns how many it wrote.
+    #[cfg(test)]
+    async fn hand_over_ids(&self) -> Result<u64> {
+        self.blocking("handing event ids over", |s, h| s.hand_over_ids(h, true))
+            .await
     }
 
     /// Runs `work` on the blocking pool, so fjall's disk I/O never stalls the async

@@ -211,7 +211,7 @@ impl Shared {
         // No append runs without a database, but the lock keeps the log's end still
         // while the records after it are compared and removed.
         let writer = self.log.writer.lock();
-        let dropped = self.drop_unacked(&handles, *writer)?;
+        let dropped = self.drop_unacked(&handles, writer.seq)?;
         self.profile_state.reload_durable_seq(&handles.meta)?;
         self.handles.store(Some(Arc::new(handles)));
         self.disk.note_reopened();

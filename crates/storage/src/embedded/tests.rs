@@ -83,6 +83,44 @@ async fn positions_and_dedupe_survive_reopen() {
     assert_eq!(read.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
+#[tokio::test]
+async fn ids_handed_over_and_ids_in_memory_both_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append(&[view("a-1", "u"), view("a-2", "u")])
+        .await
+        .unwrap();
+    assert_eq!(store.hand_over_ids().await.unwrap(), 2);
+    store
+        .append(&[view("b-1", "u"), view("b-2", "u")])
+        .await
+        .unwrap();
+    drop(store);
+
+    // The position the keyspace reaches was recorded: only b-1 and b-2 are read back.
+    let store = open(dir.path());
+    assert_eq!(store.shared.log.writer.lock().recent_len(), 2);
+    let again = [view("a-2", "u"), view("b-1", "u"), view("c-1", "u")];
+    assert_eq!(
+        store.append(&again).await.unwrap(),
+        [Appended::Duplicate, Appended::Duplicate, Appended::At(5)]
+    );
+    // Handing over twice what was handed over writes only what is new.
+    assert_eq!(store.hand_over_ids().await.unwrap(), 3);
+    assert_eq!(store.hand_over_ids().await.unwrap(), 0);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.shared.log.writer.lock().recent_len(), 0);
+    for id in ["a-1", "b-2", "c-1"] {
+        assert_eq!(
+            store.append(&[view(id, "u")]).await.unwrap(),
+            [Appended::Duplicate],
+            "{id}"
+        );
+    }
+}
+
 /// Appends several MiB of log records (and their dedupe keys), 20,000 in batches of 500.
 async fn append_several_mib(store: &EmbeddedStore) {
     let padding = "x".repeat(100);
@@ -103,7 +141,7 @@ async fn flushed(done: impl Fn() -> bool) {
 }
 
 #[tokio::test]
-async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
+async fn the_log_leaves_memory_once_its_memtable_is_full_and_ids_once_handed_over() {
     let dir = tempfile::tempdir().unwrap();
     let config = EmbeddedConfig {
         memtable_bytes: 1024 * 1024,
@@ -115,15 +153,24 @@ async fn the_log_and_dedupe_keys_leave_memory_once_their_memtable_is_full() {
     let handles = store.shared.handles().unwrap();
     // Flushes run in fjall's background workers: wait for them (a 64 MiB memtable, the
     // default, would still hold everything).
-    flushed(|| handles.events.table_count() > 0 && handles.dedupe.table_count() > 0).await;
+    flushed(|| handles.events.table_count() > 0).await;
     assert!(
         handles.events.table_count() > 0,
         "the log was never written out"
     );
+    // The ids never enter the memtable: with a 1 MiB budget, appends hand them over to
+    // the keyspace's tables in the background every 10,240 ids, without maintenance.
+    let held = || store.shared.log.writer.lock().recent_len();
+    flushed(|| handles.dedupe.table_count() > 0 && held() < 20_000).await;
+    assert!(held() < 20_000, "no id was handed over");
     assert!(
         handles.dedupe.table_count() > 0,
         "dedupe keys never written out"
     );
+    assert!(handles.dedupe.tree.active_memtable().is_empty());
+    store.hand_over_ids().await.unwrap();
+    assert_eq!(handles.dedupe.len().unwrap(), 20_000);
+    assert_eq!(held(), 0);
     assert_eq!(store.last_seq().await.unwrap(), 20_000);
     // Dedupe lookups are by key and need the bloom filters; the log is only read in
     // ranges, so its tables are written without any.
@@ -162,8 +209,10 @@ async fn compaction_drops_only_expired_dedupe_keys() {
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
     let old: Vec<LogRecord> = (0..10).map(|i| view(&format!("old-{i}"), "u")).collect();
     store.append(&old).await.unwrap();
+    assert_eq!(store.hand_over_ids().await.unwrap(), 10);
     tokio::time::sleep(Duration::from_millis(2_300)).await;
     store.append(&[view("new", "u")]).await.unwrap();
+    assert_eq!(store.hand_over_ids().await.unwrap(), 1);
     let handles = store.shared.handles().unwrap();
     let dedupe = &handles.dedupe;
     assert_eq!(dedupe.len().unwrap(), 11);
@@ -607,6 +656,10 @@ async fn trim_drops_covered_records_past_the_retention_but_never_the_last() {
     assert_eq!(store.trim(10).await.unwrap(), 0);
     tokio::time::sleep(Duration::from_millis(80)).await;
     store.append(&[view("t-10", "u")]).await.unwrap();
+    // Records whose ids are only in memory stay whatever covers them: start-up reads the
+    // ids back from them.
+    assert_eq!(store.trim(5).await.unwrap(), 0);
+    store.hand_over_ids().await.unwrap();
     // Covered through 5: records 1 to 5 go, whatever the retention would allow.
     assert_eq!(store.trim(5).await.unwrap(), 5);
     let seqs = |read: Vec<(u64, LogRecord)>| read.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
