@@ -3,11 +3,11 @@
 //! Every append is one fjall write batch over `events`, committed under one mutex with the
 //! configured durability, so positions are gap-free and the dedupe check sees every
 //! earlier append: the ids of recent appends in memory (`recent_ids.rs`), older ones in
-//! the `dedupe` keyspace, which maintenance hands them over to. A failed commit advances nothing and stops the fjall
-//! database, which refuses writes until the store reopens it (see `reopen.rs`); if the
-//! failed batch did reach the journal, reopening removes it again, so a client retrying
-//! it gets its events accepted, once. (A process restarted instead recovers the batch and
-//! replays it, and the retry gets `duplicate`.)
+//! the `dedupe` keyspace, to which a background hand-over moves them. A failed commit
+//! advances nothing and stops the fjall database, which refuses writes until the store
+//! reopens it (see `reopen.rs`); if the failed batch did reach the journal, reopening
+//! removes it again, so a client retrying it gets its events accepted, once. (A process
+//! restarted instead recovers the batch and replays it, and the retry gets `duplicate`.)
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -69,9 +69,9 @@ impl Writer {
 
 impl LogState {
     /// The state of a log ending at `last_seq` whose ids up to `dedupe_seq` are in the
-    /// keyspace; `recent` holds those after it.
+    /// keyspace; `recent` holds those after it, in tables sized for `budget` bytes
+    /// (`memtable_bytes`).
     pub(super) fn new(last_seq: Seq, dedupe_seq: Seq, recent: RecentIds, budget: u64) -> Self {
-        // `budget`: the memtable size the dedupe keys had when fjall held them.
         Self {
             writer: Mutex::new(Writer {
                 seq: last_seq,
@@ -350,7 +350,8 @@ impl Shared {
 
     /// Makes a reopened log end where the last acked append left it (`acked`): removes
     /// the records after it, which only the append whose commit failed can have left in
-    /// the journal, together with their dedupe keys, in one fsynced batch; returns how
+    /// the journal, with any dedupe keys an earlier build wrote beside them, in one
+    /// fsynced batch; returns how
     /// many. Their client was answered `UNAVAILABLE` and nothing applied them, so its
     /// retry must find them absent.
     pub(super) fn drop_unacked(&self, h: &Handles, acked: Seq) -> Result<u64, StoreError> {

@@ -9,9 +9,10 @@
 //! The two must then agree. The batch whose commit failed may have reached the journal
 //! whole (fjall flushes what it buffered when the old database is dropped) or not at
 //! all, and reopening recovers what is there. Its client was answered `UNAVAILABLE`
-//! and its events were applied to nothing, so reopening removes those records and their
-//! dedupe keys again ([`Shared::drop_unacked`]): the retry is accepted and applied once,
-//! rather than answered `Duplicate` for events no profile holds. Every acked record was
+//! and its events were applied to nothing, so reopening removes those records again
+//! ([`Shared::drop_unacked`]; their ids were never noted as appended): the retry is
+//! accepted and applied once, rather than answered `Duplicate` for events no profile
+//! holds. Every acked record was
 //! in the journal before its ack, so none is lost.
 
 use std::path::Path;
@@ -46,7 +47,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Tuning {
     /// How long a dedupe key lives (the compaction filter drops it after).
     pub(super) dedupe_window_ms: i64,
-    /// The memtable size of the dedupe keys and the profile checkpoints.
+    /// The memtable size of the profile checkpoints (and of the dedupe keyspace, which
+    /// hand-overs write by ingestion, bypassing it), and the recent ids' budget.
     pub(super) memtable_bytes: u64,
     /// The memtable size of the event log.
     pub(super) log_memtable_bytes: u64,
