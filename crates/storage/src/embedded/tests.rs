@@ -140,14 +140,9 @@ async fn flushed(done: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn the_log_leaves_memory_once_its_memtable_is_full_and_ids_once_handed_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedConfig {
-        memtable_bytes: 1024 * 1024,
-        log_memtable_bytes: 1024 * 1024,
-        ..config(dir.path())
-    };
+/// A store opened with `config` after [`append_several_mib`], once its log (whose
+/// memtable `config` makes small) has been written out to a table.
+async fn with_log_written_out(config: EmbeddedConfig) -> (Arc<EmbeddedStore>, Arc<Handles>) {
     let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
     append_several_mib(&store).await;
     let handles = store.shared.handles().unwrap();
@@ -158,6 +153,18 @@ async fn the_log_leaves_memory_once_its_memtable_is_full_and_ids_once_handed_ove
         handles.events.table_count() > 0,
         "the log was never written out"
     );
+    (store, handles)
+}
+
+#[tokio::test]
+async fn the_log_leaves_memory_once_its_memtable_is_full_and_ids_once_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        memtable_bytes: 1024 * 1024,
+        log_memtable_bytes: 1024 * 1024,
+        ..config(dir.path())
+    };
+    let (store, handles) = with_log_written_out(config).await;
     // The ids never enter the memtable: with a 1 MiB budget, appends hand them over to
     // the keyspace's tables in the background every 10,240 ids, without maintenance.
     let held = || store.shared.log.writer.lock().recent_len();
@@ -185,14 +192,7 @@ async fn the_log_has_a_memtable_size_of_its_own() {
         log_memtable_bytes: 1024 * 1024,
         ..config(dir.path())
     };
-    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
-    append_several_mib(&store).await;
-    let handles = store.shared.handles().unwrap();
-    flushed(|| handles.events.table_count() > 0).await;
-    assert!(
-        handles.events.table_count() > 0,
-        "the log was never written out"
-    );
+    let (_store, handles) = with_log_written_out(config).await;
     // The dedupe keys of the same events (about 2 MiB) fit the default 64 MiB memtable.
     assert_eq!(handles.dedupe.table_count(), 0);
 }
