@@ -73,7 +73,7 @@ pub struct EmbeddedConfig {
     /// How much of the profile checkpoints stays in memory (a memtable) before it is
     /// written out as a table, in bytes, and the budget of the recent event ids' table
     /// (a table takes at most half of it; two exist while one is handed over to the
-    /// `dedupe` keyspace). Memory grows by up to about twice this (more while a flush
+    /// `event_ids` keyspace). Memory grows by up to about twice this (more while a flush
     /// lags), so it is a fixed cost of the process; larger means fewer, larger tables and
     /// less compaction, and more dedupe lookups answered from memory. The memtable's size
     /// is set when its keyspace is created: a data directory made before keeps it.

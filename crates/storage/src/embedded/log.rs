@@ -3,7 +3,7 @@
 //! Every append is one fjall write batch over `events`, committed under one mutex with the
 //! configured durability, so positions are gap-free and the dedupe check sees every
 //! earlier append: the ids of recent appends in memory (`recent_ids.rs`), older ones in
-//! the `dedupe` keyspace, to which a background hand-over moves them. A failed commit
+//! the `event_ids` keyspace (by their hash), to which a background hand-over moves them. A failed commit
 //! advances nothing and stops the fjall database, which refuses writes until the store
 //! reopens it (see `reopen.rs`); if the failed batch did reach the journal, reopening
 //! removes it again, so a client retrying it gets its events accepted, once. (A process
@@ -23,17 +23,18 @@ use reflex_core::types::{IdHashState, TimestampMs, now_ms};
 use reflex_core::{Appended, EventId, EventSink, LogRecord, Result, Seq, SinkHealth};
 use tracing::{debug, error, warn};
 
-use super::recent_ids::{self, HandOver, IdKey, RecentIds};
+use super::recent_ids::{self, HandOver, IdHasher, IdKey, RecentIds};
 use super::{
-    DEDUPE_KEYSPACE, DEDUPE_SEQ_KEY, EmbeddedStore, Handles, Shared, StoreError, append_encoded,
-    be_u64, decode, fault, run_blocking,
+    DEDUPE_SEQ_KEY, EVENT_IDS_KEYSPACE, EmbeddedStore, Handles, ID_HASHER_KEY,
+    LEGACY_DEDUPE_KEYSPACE, Shared, StoreError, append_encoded, be_u64, corrupt, decode, fault,
+    run_blocking,
 };
 
 /// The append side's state.
 pub(super) struct LogState {
     /// The one serialisation point of appends.
     pub(super) writer: Mutex<Writer>,
-    /// The log position up to which the ids of appended events are in the `dedupe`
+    /// The log position up to which the ids of appended events are in the `event_ids`
     /// keyspace (the rest are in [`Writer::recent`]).
     dedupe_seq: AtomicU64,
     /// Ids held in memory at which they are handed over to the keyspace.
@@ -123,10 +124,11 @@ pub(super) fn last_seq_on_disk(events: &Keyspace) -> Result<Seq, StoreError> {
     }
 }
 
-/// The ids of the events appended after the position `meta` says the `dedupe` keyspace
+/// The ids of the events appended after the position `meta` says the `event_ids` keyspace
 /// reaches, read back from the log (with that position). A data directory without the
 /// position (written by a build that put every id in the keyspace at once) reaches the
-/// log's end, `last_seq`, which is recorded.
+/// log's end, `last_seq`, which is recorded. The ids' hash keys come from `meta` too,
+/// drawn and recorded the first time.
 pub(super) fn recent_ids_on_disk(
     h: &Handles,
     last_seq: Seq,
@@ -140,7 +142,22 @@ pub(super) fn recent_ids_on_disk(
             last_seq
         }
     };
-    let mut recent = RecentIds::new(dedupe_seq, budget);
+    let hasher = match h.meta.get(ID_HASHER_KEY)? {
+        Some(value) => IdHasher::from_bytes(&value).ok_or_else(|| {
+            corrupt(
+                "event id hash keys",
+                ID_HASHER_KEY,
+                format!("{} bytes, expected 16", value.len()),
+            )
+        })?,
+        None => {
+            let hasher = IdHasher::random();
+            h.meta.insert(ID_HASHER_KEY, hasher.to_bytes())?;
+            h.db.persist(PersistMode::SyncAll)?;
+            hasher
+        }
+    };
+    let mut recent = RecentIds::new(dedupe_seq, budget, hasher);
     for guard in h.events.range((dedupe_seq + 1).to_be_bytes()..) {
         let (key, value) = guard.into_inner()?;
         if let LogRecord::Event {
@@ -205,8 +222,8 @@ impl Shared {
         Ok(outcomes)
     }
 
-    /// Whether `id` (whose key in memory is `key`) was recorded no longer than the dedupe
-    /// window before `now`. An id held in memory is newer than any copy in the keyspace.
+    /// Whether `id` (whose key is `key`) was recorded no longer than the dedupe window
+    /// before `now`. An id held in memory is newer than any copy in the keyspaces.
     fn recorded_within_window(
         &self,
         h: &Handles,
@@ -217,18 +234,28 @@ impl Shared {
     ) -> Result<bool, StoreError> {
         let at = match recent.recorded_at(key) {
             Some(at) => at,
-            None => match h.dedupe.get(id)? {
-                None => return Ok(false),
-                Some(value) => be_u64(&value, "dedupe entry", id.as_bytes())? as TimestampMs,
-            },
+            None => {
+                let key = key.to_bytes();
+                let on_disk = match h.event_ids.get(key)? {
+                    Some(value) => Some((value, &key[..])),
+                    None => match &h.legacy_dedupe {
+                        Some(legacy) => legacy.get(id)?.map(|value| (value, id.as_bytes())),
+                        None => None,
+                    },
+                };
+                match on_disk {
+                    None => return Ok(false),
+                    Some((value, key)) => be_u64(&value, "dedupe entry", key)? as TimestampMs,
+                }
+            }
         };
         Ok(now.saturating_sub(at) <= self.dedupe_window_ms)
     }
 
-    /// Hands the ids held in memory over to the `dedupe` keyspace once there are at least
-    /// [`LogState::hand_over_at`] of them (any number with `force`); returns how many it
-    /// wrote. The ids come from the log records, in one sorted write that bypasses the
-    /// memtable (fjall's ingestion); appends go on meanwhile, finding the handed-over ids
+    /// Hands the ids held in memory over to the `event_ids` keyspace once there are at
+    /// least [`LogState::hand_over_at`] of them (any number with `force`); returns how many
+    /// it wrote, in one sorted write of their hashes that bypasses the memtable (fjall's
+    /// ingestion); appends go on meanwhile, finding the handed-over ids
     /// in memory until the keyspace holds them. Then `meta` records, durably, the log
     /// position they reach.
     pub(super) fn hand_over_ids(&self, h: &Handles, force: bool) -> Result<u64, StoreError> {
@@ -254,7 +281,7 @@ impl Shared {
                 debug!(
                     written,
                     through = hand_over.through,
-                    "event ids handed over to the dedupe keyspace"
+                    "event ids handed over to the event_ids keyspace"
                 );
                 Ok(written)
             }
@@ -265,29 +292,16 @@ impl Shared {
         }
     }
 
-    /// Writes the ids of the records `hand_over` covers with their ingest times, in one
-    /// sorted ingestion, skipping those already out of the window; then records the
-    /// position in `meta`.
+    /// Writes the ids `hand_over` sealed with their ingest times, in one sorted
+    /// ingestion, skipping those already out of the window; then records the position in
+    /// `meta`.
     fn write_ids(&self, h: &Handles, hand_over: &HandOver) -> Result<u64, StoreError> {
         let cutoff = now_ms().saturating_sub(self.dedupe_window_ms);
-        let mut ids: Vec<(Box<str>, TimestampMs)> = Vec::new();
-        let range = hand_over.from.to_be_bytes()..=hand_over.through.to_be_bytes();
-        for guard in h.events.range(range) {
-            let value = guard.value()?;
-            if let Some(id) = recent_ids::event_id_of(&value)
-                && let Some(at) = hand_over.recorded_at(id)
-                && at >= cutoff
-            {
-                ids.push((id.into(), at));
-            }
-        }
-        // Sorted, one entry per id (the newest, if an id came back after its window).
-        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        ids.dedup_by(|next, kept| next.0 == kept.0);
+        let ids = hand_over.entries(cutoff);
         if !ids.is_empty() {
-            let mut ingestion = h.dedupe.start_ingestion()?;
-            for (id, at) in &ids {
-                ingestion.write(id.as_bytes(), at.to_be_bytes())?;
+            let mut ingestion = h.event_ids.start_ingestion()?;
+            for (key, at) in &ids {
+                ingestion.write(&key[..], at.to_be_bytes())?;
             }
             ingestion.finish()?;
         }
@@ -372,8 +386,10 @@ impl Shared {
         let mut dropped = 0u64;
         for guard in h.events.range((acked + 1).to_be_bytes()..) {
             let (key, value) = guard.into_inner()?;
-            if let LogRecord::Event { event, .. } = decode(&value, "log record", &key)? {
-                batch.remove(&h.dedupe, event.event_id.as_str().as_bytes());
+            if let Some(legacy) = &h.legacy_dedupe
+                && let LogRecord::Event { event, .. } = decode(&value, "log record", &key)?
+            {
+                batch.remove(legacy, event.event_id.as_str().as_bytes());
             }
             batch.remove(&h.events, key);
             dropped += 1;
@@ -402,7 +418,7 @@ impl EmbeddedStore {
         tokio::spawn(async move {
             let result = run_blocking(
                 Arc::clone(&shared),
-                "handing event ids over to the dedupe keyspace",
+                "handing event ids over to the event_ids keyspace",
                 |s, h| s.hand_over_ids(h, false),
             )
             .await;
@@ -444,8 +460,9 @@ impl EncodedRecords {
     }
 }
 
-/// Expires dedupe keys: a compaction filter on the `dedupe` keyspace that drops every key
-/// recorded longer than the window before the compaction began.
+/// Expires dedupe keys: a compaction filter on the `event_ids` keyspace (and the legacy
+/// `dedupe`) that drops every key recorded longer than the window before the compaction
+/// began.
 ///
 /// Expiry thus costs nothing beyond the compactions that run anyway: a scan of the
 /// keyspace would read every event id of the window (a week of ingest by default) on
@@ -457,10 +474,14 @@ pub(super) struct DedupeExpiry {
 }
 
 impl DedupeExpiry {
-    /// The database's filter assigner: this filter for `dedupe`, none for the rest.
+    /// The database's filter assigner: this filter for the id keyspaces, none for the
+    /// rest.
     pub(super) fn assigner(window_ms: i64) -> FilterAssigner {
         let factory: Arc<dyn Factory> = Arc::new(Self { window_ms });
-        Arc::new(move |keyspace: &str| (keyspace == DEDUPE_KEYSPACE).then(|| factory.clone()))
+        Arc::new(move |keyspace: &str| {
+            (keyspace == EVENT_IDS_KEYSPACE || keyspace == LEGACY_DEDUPE_KEYSPACE)
+                .then(|| factory.clone())
+        })
     }
 }
 
@@ -550,7 +571,7 @@ impl EventSink for EmbeddedStore {
     }
 
     /// Evicts expired profiles from memory (a scan of every profile), on the blocking
-    /// pool, after handing the event ids held in memory over to the `dedupe` keyspace
+    /// pool, after handing the event ids held in memory over to the `event_ids` keyspace
     /// once there are enough of them. Dedupe keys need no expiry pass: compaction expires
     /// them ([`DedupeExpiry`]).
     async fn maintain(&self) -> Result<()> {

@@ -3,12 +3,14 @@
 //!
 //! Keyspaces:
 //! - `events`: seq (u64 big-endian) → postcard [`LogRecord`]
-//! - `dedupe`: event id → ingest time (i64 big-endian ms), for ids handed over from memory
-//!   (see `recent_ids.rs`); compaction drops keys older than the window (see
-//!   [`log::DedupeExpiry`])
+//! - `event_ids`: an event id's 128-bit keyed hash → ingest time (i64 big-endian ms), for
+//!   ids handed over from memory (see `recent_ids.rs`); compaction drops keys older than
+//!   the window (see [`log::DedupeExpiry`]). A data directory of an earlier build also has
+//!   `dedupe` (the same by the id itself), looked up too until its ids leave the window.
 //! - `profiles`: user id → postcard [`Profile`], as of the last checkpoint
 //! - `meta`: `profiles_seq` → the log position (u64 big-endian) `profiles` is consistent
-//!   with; `dedupe_seq` → the log position up to which the ids are in `dedupe`
+//!   with; `dedupe_seq` → the log position up to which the ids are in `event_ids`;
+//!   `id_hasher` → the keys of the ids' hash
 //! - `items`: item id → postcard [`Item`]
 //! - `models`: model versions and snapshots (see `models.rs`)
 //!
@@ -48,14 +50,27 @@ use self::log::LogState;
 use self::profiles::ProfileState;
 use self::reopen::Handles;
 
-/// Name of the keyspace of dedupe keys, which the expiry filter is assigned to by name.
-const DEDUPE_KEYSPACE: &str = "dedupe";
+/// Name of the keyspace of the dedupe window's event ids (by their hash), which the
+/// expiry filter is assigned to by name.
+const EVENT_IDS_KEYSPACE: &str = "event_ids";
+
+/// Name of the keyspace where builds before the hashed ids kept the dedupe window's ids
+/// (by the id itself); expired like `event_ids`, and dropped once its ids have left the
+/// window.
+const LEGACY_DEDUPE_KEYSPACE: &str = "dedupe";
+
+/// Key in `meta` of the keys the event ids are hashed with (see `recent_ids.rs`).
+const ID_HASHER_KEY: &[u8] = b"id_hasher";
+
+/// Key in `meta` of the time after which every id in the legacy `dedupe` keyspace is
+/// out of the window, so the keyspace can go.
+const LEGACY_DEDUPE_UNTIL_KEY: &[u8] = b"legacy_dedupe_until";
 
 /// Key in `meta` of the log position the `profiles` keyspace is consistent with.
 const PROFILES_SEQ_KEY: &[u8] = b"profiles_seq";
 
 /// Key in `meta` of the log position up to which the appended events' ids are in the
-/// `dedupe` keyspace (those after it are read back from the log at start-up).
+/// `event_ids` keyspace (those after it are read back from the log at start-up).
 const DEDUPE_SEQ_KEY: &[u8] = b"dedupe_seq";
 
 /// The embedded store: implements [`EventSink`], [`ProfileStore`], [`CatalogStore`] and
@@ -153,7 +168,7 @@ impl EmbeddedStore {
         &self.shared.data_dir
     }
 
-    /// Hands every event id held in memory over to the `dedupe` keyspace now (maintenance
+    /// Hands every event id held in memory over to the `event_ids` keyspace now (maintenance
     /// does it once enough have gathered); returns how many it wrote.
     #[cfg(test)]
     async fn hand_over_ids(&self) -> Result<u64> {

@@ -5,8 +5,13 @@
 //! every new id: with random ids (UUIDs) that was 39% of the server's CPU under ingest
 //! and 30% less ingest than with ids that sort in the order they are sent (BENCHMARKS.md,
 //! session 27). Here recent ids live in a hash table of 128-bit hashes (24 bytes an entry,
-//! one probe a lookup) until maintenance hands them over to the `dedupe` keyspace in one
-//! sorted write that bypasses the memtable (fjall's ingestion).
+//! one probe a lookup) until maintenance hands them over to the `event_ids` keyspace in
+//! one sorted write that bypasses the memtable (fjall's ingestion).
+//!
+//! The keyspace is keyed by the same 128-bit hashes, so a hand-over writes the sealed
+//! table as it is (nothing is read back from the log) and its tables hold 16 bytes a key
+//! whatever the ids' length: a UUID's string key was 36. The hash's keys are drawn once per
+//! data directory and kept in `meta` ([`IdHasher`]).
 //!
 //! Nothing here needs to be durable: the event log holds every appended id with its
 //! ingest time, and `meta` records the log position up to which the ids are in the
@@ -14,22 +19,79 @@
 //! retention never trims past it.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use reflex_core::Seq;
 use reflex_core::types::TimestampMs;
+use siphasher::sip128::SipHasher13;
 
-/// An event id's 128-bit hash: two independent SipHash-1-3 hashes with keys drawn at
-/// start-up. Two ids collide with probability 2⁻¹²⁸ per pair, and a client cannot aim at
-/// a collision without the keys.
+/// An event id's 128-bit hash (SipHash-1-3 with [`IdHasher`]'s keys). Two ids collide with
+/// probability 2⁻¹²⁸ per pair, and a client cannot aim at a collision without the keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct IdKey(u64, u64);
+
+impl IdKey {
+    /// The key in the `event_ids` keyspace: big-endian, so keys sort as the pairs do.
+    pub(super) fn to_bytes(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.0.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.1.to_be_bytes());
+        bytes
+    }
+}
 
 impl Hash for IdKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Already a uniform hash: the table's own hasher passes it through.
         state.write_u64(self.0);
+    }
+}
+
+/// How event ids become [`IdKey`]s: SipHash-1-3 with two secret 64-bit keys, drawn at
+/// random when a data directory is created and kept in its `meta` keyspace, since the
+/// ids on disk must hash alike after a restart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct IdHasher {
+    k0: u64,
+    k1: u64,
+}
+
+impl std::fmt::Debug for IdHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are a secret.
+        f.write_str("IdHasher")
+    }
+}
+
+impl IdHasher {
+    /// New random keys, for a new data directory.
+    pub(super) fn random() -> Self {
+        Self {
+            k0: rand::random(),
+            k1: rand::random(),
+        }
+    }
+
+    /// The keys as `meta` keeps them.
+    pub(super) fn to_bytes(self) -> [u8; 16] {
+        IdKey(self.k0, self.k1).to_bytes()
+    }
+
+    /// Keys read back from `meta`; `None` unless 16 bytes.
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let bytes: [u8; 16] = bytes.try_into().ok()?;
+        let (k0, k1) = bytes.split_at(8);
+        Some(Self {
+            k0: u64::from_be_bytes(k0.try_into().ok()?),
+            k1: u64::from_be_bytes(k1.try_into().ok()?),
+        })
+    }
+
+    /// The key of `id`.
+    pub(super) fn key(&self, id: &str) -> IdKey {
+        let hash = SipHasher13::new_with_keys(self.k0, self.k1).hash(id.as_bytes());
+        IdKey(hash.h1, hash.h2)
     }
 }
 
@@ -83,7 +145,7 @@ pub(super) fn hand_over_at(budget: u64) -> usize {
 /// Ids appended since the last hand-over (`active`), and those of a hand-over under way
 /// (`sealed`, until the keyspace holds them).
 pub(super) struct RecentIds {
-    hashers: (std::hash::RandomState, std::hash::RandomState),
+    hasher: IdHasher,
     /// Ids a table is made for.
     capacity: usize,
     active: Table,
@@ -98,24 +160,33 @@ pub(super) struct HandOver {
     pub(super) from: Seq,
     pub(super) through: Seq,
     sealed: Arc<Table>,
-    hashers: (std::hash::RandomState, std::hash::RandomState),
 }
 
 impl HandOver {
-    /// When `id` was appended, if it is among the sealed ids.
-    pub(super) fn recorded_at(&self, id: &str) -> Option<TimestampMs> {
-        let key = IdKey(self.hashers.0.hash_one(id), self.hashers.1.hash_one(id));
-        self.sealed.get(&key).copied()
+    /// The sealed ids recorded at `cutoff` or later, as keyspace keys with their times,
+    /// in key order (what an ingestion takes).
+    pub(super) fn entries(&self, cutoff: TimestampMs) -> Vec<([u8; 16], TimestampMs)> {
+        let mut entries: Vec<(IdKey, TimestampMs)> = self
+            .sealed
+            .iter()
+            .filter(|&(_, &at)| at >= cutoff)
+            .map(|(&key, &at)| (key, at))
+            .collect();
+        entries.sort_unstable_by_key(|&(key, _)| (key.0, key.1));
+        entries
+            .into_iter()
+            .map(|(key, at)| (key.to_bytes(), at))
+            .collect()
     }
 }
 
 impl RecentIds {
     /// Empty, holding the ids of the positions after `dedupe_seq` once they are noted, in
     /// tables sized for a budget of `budget` bytes (see [`hand_over_at`]).
-    pub(super) fn new(dedupe_seq: Seq, budget: u64) -> Self {
+    pub(super) fn new(dedupe_seq: Seq, budget: u64, hasher: IdHasher) -> Self {
         let capacity = capacity(budget);
         Self {
-            hashers: (Default::default(), Default::default()),
+            hasher,
             capacity,
             active: Table::with_capacity_and_hasher(capacity, Default::default()),
             active_from: dedupe_seq + 1,
@@ -125,7 +196,7 @@ impl RecentIds {
 
     /// The key of `id`.
     pub(super) fn key(&self, id: &str) -> IdKey {
-        IdKey(self.hashers.0.hash_one(id), self.hashers.1.hash_one(id))
+        self.hasher.key(id)
     }
 
     /// When the id of `key` was appended, if it is held here.
@@ -161,7 +232,6 @@ impl RecentIds {
             from,
             through: last,
             sealed,
-            hashers: self.hashers.clone(),
         })
     }
 
@@ -187,37 +257,13 @@ impl RecentIds {
     }
 }
 
-/// The event id of an encoded log record, read without decoding the rest: `None` for an
-/// erasure. Relies on postcard's layout of [`LogRecord`](reflex_core::LogRecord): the
-/// variant index (`Event` is 0) as a varint, then the event, whose first field is its id,
-/// a string (a varint length and the bytes); a unit test holds it to the real encoding.
-pub(super) fn event_id_of(record: &[u8]) -> Option<&str> {
-    let (&variant, rest) = record.split_first()?;
-    if variant != 0 {
-        return None;
-    }
-    let mut len = 0usize;
-    let mut shift = 0;
-    let mut at = 0;
-    loop {
-        let byte = *rest.get(at)?;
-        at += 1;
-        len |= usize::from(byte & 0x7f).checked_shl(shift)?;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-    }
-    std::str::from_utf8(rest.get(at..at.checked_add(len)?)?).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ids_are_found_while_active_and_sealed_and_forgotten_once_handed_over() {
-        let mut ids = RecentIds::new(10, 1 << 20);
+        let mut ids = RecentIds::new(10, 1 << 20, IdHasher::random());
         let a = ids.key("a");
         assert_ne!(a, ids.key("b"));
         assert_eq!(ids.recorded_at(&a), None);
@@ -237,49 +283,22 @@ mod tests {
 
     #[test]
     fn a_failed_hand_over_keeps_its_ids_for_the_next() {
-        let mut ids = RecentIds::new(0, 1 << 20);
+        let mut ids = RecentIds::new(0, 1 << 20, IdHasher::random());
         let a = ids.key("a");
         ids.insert(a, 1);
         let first = ids.seal(1).expect("id 1 to hand over");
         let b = ids.key("b");
         ids.insert(b, 2);
-        assert_eq!(first.recorded_at("a"), Some(1));
-        assert_eq!(first.recorded_at("b"), None);
+        assert_eq!(
+            first.entries(0),
+            [(a.to_bytes(), 1)],
+            "b came after the seal"
+        );
         ids.hand_over_failed(first);
         assert_eq!(ids.recorded_at(&a), Some(1));
         let again = ids.seal(2).expect("ids 1 and 2 to hand over");
         assert_eq!((again.from, again.through), (1, 2));
         assert_eq!(ids.len(), 2);
-    }
-
-    #[test]
-    fn the_event_id_is_read_from_an_encoded_record() {
-        use reflex_core::{Event, EventKind, ItemId, LogRecord, UserId};
-        for id in ["e1", &"x".repeat(128)] {
-            let record = LogRecord::Event {
-                event: Event {
-                    event_id: reflex_core::EventId::parse(id, "event_id").unwrap(),
-                    user_id: UserId::parse("u", "user_id").unwrap(),
-                    item_id: ItemId::parse("i", "item_id").unwrap(),
-                    kind: EventKind::Purchase,
-                    weight: None,
-                    timestamp_ms: 5,
-                    session_id: None,
-                    value: None,
-                    context: Default::default(),
-                },
-                filtered: false,
-                ingested_ms: 6,
-            };
-            let bytes = postcard::to_allocvec(&record).unwrap();
-            assert_eq!(event_id_of(&bytes), Some(id));
-            assert_eq!(event_id_of(&bytes[..3]), None, "a cut record has no id");
-        }
-        let erase = LogRecord::Erase {
-            user_id: UserId::parse("u", "user_id").unwrap(),
-            erased_ms: 1,
-        };
-        assert_eq!(event_id_of(&postcard::to_allocvec(&erase).unwrap()), None);
     }
 
     #[test]
@@ -289,14 +308,40 @@ mod tests {
         assert_eq!(capacity(64 << 20), 917_504);
         assert_eq!(hand_over_at(64 << 20), 655_360);
         assert_eq!(slots(1 << 20), 16_384);
-        let ids = RecentIds::new(0, 64 << 20);
+        let ids = RecentIds::new(0, 64 << 20, IdHasher::random());
         let made = ids.active.capacity();
         assert!(made >= capacity(64 << 20) && made < 2 * capacity(64 << 20));
     }
 
     #[test]
+    fn keys_read_back_from_meta_hash_ids_alike_and_other_keys_do_not() {
+        let hasher = IdHasher::random();
+        let again = IdHasher::from_bytes(&hasher.to_bytes()).unwrap();
+        assert_eq!(again.key("event-1"), hasher.key("event-1"));
+        assert_ne!(IdHasher::random().key("event-1"), hasher.key("event-1"));
+        assert_eq!(IdHasher::from_bytes(&[0; 15]), None);
+    }
+
+    #[test]
+    fn a_hand_over_writes_its_ids_in_key_order_without_the_expired() {
+        let mut ids = RecentIds::new(0, 1 << 20, IdHasher::random());
+        for n in 0..100 {
+            ids.insert(ids.key(&format!("e{n}")), n);
+        }
+        let hand_over = ids.seal(100).unwrap();
+        let entries = hand_over.entries(40);
+        assert_eq!(entries.len(), 60);
+        assert!(
+            entries.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, no repeats"
+        );
+        assert!(entries.iter().all(|&(_, at)| at >= 40));
+        assert!(entries.contains(&(ids.key("e77").to_bytes(), 77)));
+    }
+
+    #[test]
     fn nothing_to_hand_over_before_an_append() {
-        let mut ids = RecentIds::new(7, 1 << 20);
+        let mut ids = RecentIds::new(7, 1 << 20, IdHasher::random());
         assert!(ids.seal(7).is_none());
     }
 }

@@ -24,7 +24,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use reflex_core::types::{TimestampMs, now_ms};
 use tracing::{debug, info, warn};
 
-use super::{DEDUPE_KEYSPACE, Shared, StoreError, log};
+use super::{
+    EVENT_IDS_KEYSPACE, LEGACY_DEDUPE_KEYSPACE, LEGACY_DEDUPE_UNTIL_KEY, Shared, StoreError, log,
+};
 
 /// How long after a reopen attempt the next may start: a store that cannot reopen yet
 /// (the disk failing rather than full) is retried about once a second, not per call.
@@ -47,7 +49,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) struct Tuning {
     /// How long a dedupe key lives (the compaction filter drops it after).
     pub(super) dedupe_window_ms: i64,
-    /// The memtable size of the profile checkpoints (and of the dedupe keyspace, which
+    /// The memtable size of the profile checkpoints (and of the id keyspaces, which
     /// hand-overs write by ingestion, bypassing it), and the recent ids' budget.
     pub(super) memtable_bytes: u64,
     /// The memtable size of the event log.
@@ -59,7 +61,11 @@ pub(super) struct Tuning {
 pub(super) struct Handles {
     pub(super) db: Database,
     pub(super) events: Keyspace,
-    pub(super) dedupe: Keyspace,
+    /// The ids of the dedupe window by their 128-bit hash (see `recent_ids.rs`).
+    pub(super) event_ids: Keyspace,
+    /// The ids an earlier build recorded by the id itself, consulted as well until they
+    /// have all left the window; `None` in a data directory that never had them.
+    pub(super) legacy_dedupe: Option<Keyspace>,
     pub(super) profiles: Keyspace,
     pub(super) meta: Keyspace,
     pub(super) items: Keyspace,
@@ -101,21 +107,28 @@ impl Handles {
         // cost about 1.25 bytes per key of the window in memory. (fjall stores a
         // keyspace's options when it creates it: a data directory made before this keeps
         // its old policy.)
-        let dedupe = db
-            .keyspace(DEDUPE_KEYSPACE, || {
+        let id_keyspace = |name: &'static str| {
+            db.keyspace(name, || {
                 KeyspaceCreateOptions::default()
                     .max_memtable_size(tuning.memtable_bytes)
                     .filter_block_pinning_policy(PinningPolicy::all(true))
             })
-            .map_err(|source| StoreError::Keyspace {
-                name: DEDUPE_KEYSPACE,
-                source,
-            })?;
+            .map_err(|source| StoreError::Keyspace { name, source })
+        };
+        let event_ids = id_keyspace(EVENT_IDS_KEYSPACE)?;
+        let meta = keyspace("meta")?;
+        let legacy_dedupe = if db.keyspace_exists(LEGACY_DEDUPE_KEYSPACE) {
+            let legacy = id_keyspace(LEGACY_DEDUPE_KEYSPACE)?;
+            legacy_within_window(&db, &meta, legacy, tuning.dedupe_window_ms)?
+        } else {
+            None
+        };
         Ok(Self {
             events,
-            dedupe,
+            event_ids,
+            legacy_dedupe,
             profiles: written_per_event("profiles", tuning.memtable_bytes)?,
-            meta: keyspace("meta")?,
+            meta,
             items: keyspace("items")?,
             models: keyspace("models")?,
             db,
@@ -272,4 +285,38 @@ fn close_when_unused(mut old: Arc<Handles>) -> Result<(), Arc<Handles>> {
             Err(still_shared) => return Err(still_shared),
         }
     }
+}
+
+/// The `dedupe` keyspace of an earlier build while it may still hold ids of the window.
+/// The first open by this build notes in `meta` when the last of them leaves the window;
+/// an open after that time (or one that finds the keyspace empty) drops the keyspace.
+fn legacy_within_window(
+    db: &Database,
+    meta: &Keyspace,
+    legacy: Keyspace,
+    window_ms: i64,
+) -> Result<Option<Keyspace>, StoreError> {
+    let now = now_ms();
+    let until = match meta.get(LEGACY_DEDUPE_UNTIL_KEY)? {
+        Some(value) => {
+            super::be_u64(&value, "legacy dedupe end", LEGACY_DEDUPE_UNTIL_KEY)? as TimestampMs
+        }
+        None => {
+            let until = now.saturating_add(window_ms);
+            meta.insert(LEGACY_DEDUPE_UNTIL_KEY, until.to_be_bytes())?;
+            db.persist(PersistMode::SyncAll)?;
+            until
+        }
+    };
+    if now <= until && !legacy.is_empty()? {
+        info!(
+            until_ms = until,
+            "event ids of an earlier build are looked up too until they leave the window"
+        );
+        return Ok(Some(legacy));
+    }
+    db.delete_keyspace(legacy)?;
+    meta.remove(LEGACY_DEDUPE_UNTIL_KEY)?;
+    info!("dropped the event ids of an earlier build: none is in the window any more");
+    Ok(None)
 }

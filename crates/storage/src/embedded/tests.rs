@@ -168,20 +168,20 @@ async fn the_log_leaves_memory_once_its_memtable_is_full_and_ids_once_handed_ove
     // The ids never enter the memtable: with a 1 MiB budget, appends hand them over to
     // the keyspace's tables in the background every 10,240 ids, without maintenance.
     let held = || store.shared.log.writer.lock().recent_len();
-    flushed(|| handles.dedupe.table_count() > 0 && held() < 20_000).await;
+    flushed(|| handles.event_ids.table_count() > 0 && held() < 20_000).await;
     assert!(held() < 20_000, "no id was handed over");
     assert!(
-        handles.dedupe.table_count() > 0,
+        handles.event_ids.table_count() > 0,
         "dedupe keys never written out"
     );
-    assert!(handles.dedupe.tree.active_memtable().is_empty());
+    assert!(handles.event_ids.tree.active_memtable().is_empty());
     store.hand_over_ids().await.unwrap();
-    assert_eq!(handles.dedupe.len().unwrap(), 20_000);
+    assert_eq!(handles.event_ids.len().unwrap(), 20_000);
     assert_eq!(held(), 0);
     assert_eq!(store.last_seq().await.unwrap(), 20_000);
     // Dedupe lookups are by key and need the bloom filters; the log is only read in
     // ranges, so its tables are written without any.
-    assert!(handles.dedupe.tree.filter_size() > 0);
+    assert!(handles.event_ids.tree.filter_size() > 0);
     assert_eq!(handles.events.tree.filter_size(), 0);
 }
 
@@ -194,7 +194,7 @@ async fn the_log_has_a_memtable_size_of_its_own() {
     };
     let (_store, handles) = with_log_written_out(config).await;
     // The dedupe keys of the same events (about 2 MiB) fit the default 64 MiB memtable.
-    assert_eq!(handles.dedupe.table_count(), 0);
+    assert_eq!(handles.event_ids.table_count(), 0);
 }
 
 #[tokio::test]
@@ -214,7 +214,7 @@ async fn compaction_drops_only_expired_dedupe_keys() {
     store.append(&[view("new", "u")]).await.unwrap();
     assert_eq!(store.hand_over_ids().await.unwrap(), 1);
     let handles = store.shared.handles().unwrap();
-    let dedupe = &handles.dedupe;
+    let dedupe = &handles.event_ids;
     assert_eq!(dedupe.len().unwrap(), 11);
     // Maintenance no longer scans the dedupe keys; compaction expires them.
     store.maintain().await.unwrap();
@@ -232,6 +232,48 @@ async fn compaction_drops_only_expired_dedupe_keys() {
         [Appended::At(12)]
     );
     assert_eq!(store.last_seq().await.unwrap(), 12);
+}
+
+#[tokio::test]
+async fn ids_an_earlier_build_kept_by_name_are_duplicates_until_they_leave_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        dedupe_window_ms: 1_500,
+        ..config(dir.path())
+    };
+    {
+        // What a build before the hashed ids left: ids by name in `dedupe`.
+        let store = EmbeddedStore::open(config.clone(), ProfilePolicy::default()).unwrap();
+        let h = store.shared.handles().unwrap();
+        let legacy =
+            h.db.keyspace(
+                LEGACY_DEDUPE_KEYSPACE,
+                fjall::KeyspaceCreateOptions::default,
+            )
+            .unwrap();
+        legacy.insert("old-1", now_ms().to_be_bytes()).unwrap();
+        h.db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = EmbeddedStore::open(config.clone(), ProfilePolicy::default()).unwrap();
+    assert!(store.shared.handles().unwrap().legacy_dedupe.is_some());
+    assert_eq!(
+        store
+            .append(&[view("old-1", "u"), view("new-1", "u")])
+            .await
+            .unwrap(),
+        [Appended::Duplicate, Appended::At(1)]
+    );
+    drop(store);
+    // Once every id it holds has left the window, the next open drops the keyspace.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let store = EmbeddedStore::open(config, ProfilePolicy::default()).unwrap();
+    let h = store.shared.handles().unwrap();
+    assert!(h.legacy_dedupe.is_none());
+    assert!(!h.db.keyspace_exists(LEGACY_DEDUPE_KEYSPACE));
+    assert_eq!(
+        store.append(&[view("old-1", "u")]).await.unwrap(),
+        [Appended::At(2)]
+    );
 }
 
 #[tokio::test]
@@ -720,15 +762,14 @@ async fn a_reopen_removes_the_records_of_a_failed_append_and_keeps_the_acked_one
     let acked = views_named("acked", 3);
     store.append(&acked).await.unwrap();
     // What a commit that failed after reaching the journal leaves behind once fjall
-    // recovers it: a record past the acked end with its dedupe key, and a checkpoint
-    // position newer than the one the store knows.
+    // recovers it: a record past the acked end, and a checkpoint position newer than the
+    // one the store knows.
     let lost = view("lost", "u");
     {
         let h = store.shared.handles().unwrap();
         let mut batch = h.db.batch();
         let record = encode(&lost, "log record").unwrap();
         batch.insert(&h.events, &4u64.to_be_bytes()[..], record);
-        batch.insert(&h.dedupe, "lost", &now_ms().to_be_bytes()[..]);
         batch.insert(&h.meta, PROFILES_SEQ_KEY, &3u64.to_be_bytes()[..]);
         batch.commit().unwrap();
     }
