@@ -15,7 +15,11 @@ const DEFAULT_LOG_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
 /// A scheduled checkpoint waits until the log since the last one holds this many events
 /// per profile it would rewrite (see [`EmbeddedConfig::checkpoint_events_per_profile`]).
-const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 8;
+/// At 8, ten minutes of ingest flat out with 100k users (each about one event a second)
+/// wrote and compacted every profile every few seconds, and the rate fell further over
+/// the run; at 32 with the profiles apart from their keys it fell less (BENCHMARKS.md,
+/// session 28). With ordinary traffic per user, `checkpoint_max_interval_ms` decides.
+const DEFAULT_CHECKPOINT_EVENTS_PER_PROFILE: u64 = 32;
 
 /// One minute: the longest a changed profile waits for its checkpoint by default.
 const DEFAULT_CHECKPOINT_MAX_INTERVAL_MS: i64 = 60_000;

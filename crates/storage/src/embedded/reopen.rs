@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fjall::config::{FilterPolicy, PinningPolicy};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{
+    CompressionType, Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode,
+};
 use reflex_core::types::{TimestampMs, now_ms};
 use tracing::{debug, info, warn};
 
@@ -40,6 +42,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// still held (fjall releases it when the last handle of the old database is dropped).
 const LOCKED_RETRIES: u32 = 10;
 const LOCKED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Profiles encoded larger than this are kept apart from the checkpoints' keys (in blob
+/// files): a user with a few events already takes more.
+const PROFILE_SEPARATION_BYTES: u32 = 256;
 
 /// How long a reopen waits for the stopped database's last files to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -100,6 +106,25 @@ impl Handles {
             .map_err(|source| StoreError::Keyspace { name, source })
         };
         let events = written_per_event("events", tuning.log_memtable_bytes)?;
+        // A checkpoint rewrites each changed profile whole, so most of the checkpoints'
+        // tables are superseded profiles. With the values apart (key-value separation),
+        // compaction moves keys and pointers instead of the profiles, and a blob file
+        // whose profiles have all been rewritten since goes whole.
+        let profiles = db
+            .keyspace("profiles", || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(tuning.memtable_bytes)
+                    .filter_policy(FilterPolicy::disabled())
+                    .with_kv_separation(Some(
+                        KvSeparationOptions::default()
+                            .separation_threshold(PROFILE_SEPARATION_BYTES)
+                            .compression(CompressionType::None),
+                    ))
+            })
+            .map_err(|source| StoreError::Keyspace {
+                name: "profiles",
+                source,
+            })?;
         // Nearly every dedupe lookup is for a new id, answered by the tables' bloom
         // filters alone; fjall pins only level 0's filters by default, so once the keys
         // of the window reached deeper levels each lookup read and checksummed a filter
@@ -127,7 +152,7 @@ impl Handles {
             events,
             event_ids,
             legacy_dedupe,
-            profiles: written_per_event("profiles", tuning.memtable_bytes)?,
+            profiles,
             meta,
             items: keyspace("items")?,
             models: keyspace("models")?,

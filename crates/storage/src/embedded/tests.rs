@@ -383,6 +383,36 @@ async fn checkpoints_restore_profiles_and_their_position_on_reopen() {
 }
 
 #[tokio::test]
+async fn full_profiles_are_kept_apart_from_their_keys_and_survive_compaction_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let now = now_ms();
+    let users: Vec<String> = (0..20).map(|u| format!("user-{u}")).collect();
+    let mut seq = 1;
+    // Two checkpoints of the same users: the second supersedes every profile of the first.
+    for round in 0..2 {
+        for name in &users {
+            let events = views(&format!("{name}-{round}"), name, 60);
+            store.apply(&updates(&events, seq, now)).await.unwrap();
+            seq += events.len() as u64;
+        }
+        checkpoint(&store, seq - 1).await;
+    }
+    let expected = profile(&store, "user-7").await.unwrap();
+    assert_eq!(expected.version, 120);
+    let h = store.shared.handles().unwrap();
+    h.profiles.rotate_memtable_and_wait().unwrap();
+    h.profiles.major_compact().unwrap();
+    // A profile of 50 recent entries is far over the separation threshold.
+    assert!(h.profiles.blob_file_count() > 0, "profiles kept inline");
+    drop(h);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.count().await.unwrap(), 20);
+    assert_eq!(profile(&store, "user-7").await.unwrap(), expected);
+}
+
+#[tokio::test]
 async fn profiles_loaded_from_a_checkpoint_share_one_string_per_item() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
