@@ -3,9 +3,9 @@
 //! Every append is one fjall write batch over `events`, committed under one mutex with the
 //! configured durability, so positions are gap-free and the dedupe check sees every
 //! earlier append: the ids of recent appends in memory (`recent_ids.rs`), older ones in
-//! the `event_ids` keyspace (by their hash), to which a background hand-over moves them. A failed commit
-//! advances nothing and stops the fjall database, which refuses writes until the store
-//! reopens it (see `reopen.rs`); if the failed batch did reach the journal, reopening
+//! the `event_ids` keyspace (by their hash), to which a background hand-over moves them.
+//! A failed commit advances nothing and stops the fjall database, which refuses writes
+//! until the store reopens it (see `reopen.rs`); if the failed batch did reach the journal, reopening
 //! removes it again, so a client retrying it gets its events accepted, once. (A process
 //! restarted instead recovers the batch and replays it, and the retry gets `duplicate`.)
 
@@ -236,16 +236,14 @@ impl Shared {
             Some(at) => at,
             None => {
                 let key = key.to_bytes();
-                let on_disk = match h.event_ids.get(key)? {
-                    Some(value) => Some((value, &key[..])),
-                    None => match &h.legacy_dedupe {
-                        Some(legacy) => legacy.get(id)?.map(|value| (value, id.as_bytes())),
-                        None => None,
-                    },
-                };
-                match on_disk {
-                    None => return Ok(false),
-                    Some((value, key)) => be_u64(&value, "dedupe entry", key)? as TimestampMs,
+                if let Some(value) = h.event_ids.get(key)? {
+                    be_u64(&value, "dedupe entry", &key)? as TimestampMs
+                } else if let Some(legacy) = &h.legacy_dedupe
+                    && let Some(value) = legacy.get(id)?
+                {
+                    be_u64(&value, "dedupe entry", id.as_bytes())? as TimestampMs
+                } else {
+                    return Ok(false);
                 }
             }
         };
@@ -255,9 +253,8 @@ impl Shared {
     /// Hands the ids held in memory over to the `event_ids` keyspace once there are at
     /// least [`LogState::hand_over_at`] of them (any number with `force`); returns how many
     /// it wrote, in one sorted write of their hashes that bypasses the memtable (fjall's
-    /// ingestion); appends go on meanwhile, finding the handed-over ids
-    /// in memory until the keyspace holds them. Then `meta` records, durably, the log
-    /// position they reach.
+    /// ingestion). Appends go on meanwhile, finding the handed-over ids in memory until
+    /// the keyspace holds them. Then `meta` records, durably, the log position they reach.
     pub(super) fn hand_over_ids(&self, h: &Handles, force: bool) -> Result<u64, StoreError> {
         let hand_over = {
             let mut writer = self.log.writer.lock();
