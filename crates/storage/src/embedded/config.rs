@@ -160,7 +160,8 @@ impl EmbeddedConfig {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// Every append is fsynced before it returns: an acked event survives power loss.
+    /// Every append is fsynced before it returns (appends committed meanwhile share the
+    /// fsync): an acked event survives power loss.
     #[default]
     Sync,
     /// Every append reaches the OS before it returns but is not fsynced: an acked event

@@ -45,6 +45,19 @@ pub(super) struct LogState {
     hand_over_running: AtomicBool,
     /// Position of the last committed record, readable without the writer lock.
     last_seq: AtomicU64,
+    /// Position up to which the log is known to be on disk as the durability setting
+    /// asks (fsynced, or handed to the OS with `buffered`). Appends commit under the
+    /// writer lock without waiting for the disk, then wait until this covers the log's
+    /// end as they left it: one fsync serves every append committed before it (group
+    /// commit), and no append, not even one answered `Duplicate`, returns before the
+    /// records it relies on are durable.
+    durable_seq: AtomicU64,
+    /// Makes one fsync of the journal at a time; appends that wait for it find their
+    /// positions covered when it is theirs.
+    sync: Mutex<()>,
+    /// Makes the next sync fail as a full disk would (tests of the reopen).
+    #[cfg(test)]
+    pub(super) fail_next_sync: AtomicBool,
     /// The log's end as seen at each trim (time, position), oldest first: tells which
     /// positions are older than the retention without reading the records. Empty after a
     /// restart, so nothing recorded before it is trimmed until the retention has passed
@@ -83,6 +96,10 @@ impl LogState {
             hand_over_due: AtomicBool::new(false),
             hand_over_running: AtomicBool::new(false),
             last_seq: AtomicU64::new(last_seq),
+            durable_seq: AtomicU64::new(last_seq),
+            sync: Mutex::new(()),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
             marks: Mutex::new(VecDeque::new()),
         }
     }
@@ -184,8 +201,8 @@ impl Shared {
         let mut in_call: HashSet<&str, IdHashState> =
             HashSet::with_capacity_and_hasher(ends.len(), IdHashState::default());
         let mut writer = self.log.writer.lock();
-        let mut batch =
-            OwnedWriteBatch::with_capacity(h.db.clone(), ends.len()).durability(Some(self.persist));
+        // Not persisted here: see `make_durable`, after the lock.
+        let mut batch = OwnedWriteBatch::with_capacity(h.db.clone(), ends.len()).durability(None);
         let mut fresh = Vec::with_capacity(ends.len());
         let mut seq = writer.seq;
         let mut start = 0;
@@ -219,7 +236,39 @@ impl Shared {
             );
             self.log.last_seq.store(seq, Ordering::Release);
         }
+        // Also when every event was a duplicate: the records found may be an append's
+        // that is still waiting for the disk.
+        let through = writer.seq;
+        drop(writer);
+        self.make_durable(h, through)?;
         Ok(outcomes)
+    }
+
+    /// Returns once the log is durable through `through`: at once if an fsync since
+    /// covered it, otherwise after one of its own, which covers every record committed
+    /// so far (the journal is one file, written in commit order). A failed fsync stops
+    /// the database like a failed commit; the appends it leaves undurable are answered
+    /// with the error and removed again when the store reopens
+    /// ([`Shared::drop_unacked`]).
+    fn make_durable(&self, h: &Handles, through: Seq) -> Result<(), StoreError> {
+        if self.log.durable_seq.load(Ordering::Acquire) >= through {
+            return Ok(());
+        }
+        let _sync = self.log.sync.lock();
+        if self.log.durable_seq.load(Ordering::Acquire) >= through {
+            return Ok(());
+        }
+        // Every record up to here is in the journal before the fsync starts.
+        let target = self.log.last_seq.load(Ordering::Acquire);
+        #[cfg(test)]
+        if self.log.fail_next_sync.swap(false, Ordering::AcqRel) {
+            self.disk.note_failed_commit();
+            return Err(StoreError::Fjall(fjall::Error::Poisoned));
+        }
+        h.db.persist(self.persist)
+            .inspect_err(|_| self.disk.note_failed_commit())?;
+        self.log.durable_seq.fetch_max(target, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Whether `id` (whose key is `key`) was recorded no longer than the dedupe window
@@ -359,43 +408,64 @@ impl Shared {
         Ok(out)
     }
 
-    /// Makes a reopened log end where the last acked append left it (`acked`): removes
-    /// the records after it, which only the append whose commit failed can have left in
-    /// the journal, with any dedupe keys an earlier build wrote beside them, in one
-    /// fsynced batch; returns how
-    /// many. Their client was answered `UNAVAILABLE` and nothing applied them, so its
-    /// retry must find them absent.
-    pub(super) fn drop_unacked(&self, h: &Handles, acked: Seq) -> Result<u64, StoreError> {
+    /// Makes a reopened log end where the last durable append left it, as a restart
+    /// would find it: removes the records after that position, which only appends
+    /// answered with an error can have left (a commit that failed, or records committed
+    /// whose fsync failed), with their ids in the id keyspaces, in one fsynced batch;
+    /// then reads the ids held in memory back from the disk, and numbers the next
+    /// records after that position. Returns how many records it removed. Their clients
+    /// were answered `UNAVAILABLE` and nothing applied them, so a retry must find them
+    /// absent.
+    pub(super) fn drop_unacked(&self, h: &Handles, writer: &mut Writer) -> Result<u64, StoreError> {
+        let acked = self.log.durable_seq.load(Ordering::Acquire);
         let on_disk = last_seq_on_disk(&h.events)?;
         if on_disk < acked {
-            // Every acked append reached the journal (at least the OS) before its ack, so
-            // this is a disk that lost data; positions go on after `acked` regardless,
-            // so none is given out twice.
+            // Every acked append was durable before its ack, so this is a disk that lost
+            // data; positions go on after `acked` regardless, so none is given out twice.
             error!(
                 acked,
                 on_disk, "the reopened event log ends before the last acked record"
             );
         }
-        if on_disk <= acked {
-            return Ok(0);
-        }
         let mut batch = h.db.batch().durability(Some(PersistMode::SyncAll));
         let mut dropped = 0u64;
         for guard in h.events.range((acked + 1).to_be_bytes()..) {
             let (key, value) = guard.into_inner()?;
-            if let Some(legacy) = &h.legacy_dedupe
-                && let LogRecord::Event { event, .. } = decode(&value, "log record", &key)?
-            {
-                batch.remove(legacy, event.event_id.as_str().as_bytes());
+            if let LogRecord::Event { event, .. } = decode(&value, "log record", &key)? {
+                let id = event.event_id.as_str();
+                // A hand-over may have written the id before the fsync failed.
+                batch.remove(&h.event_ids, writer.recent.key(id).to_bytes());
+                if let Some(legacy) = &h.legacy_dedupe {
+                    batch.remove(legacy, id.as_bytes());
+                }
             }
             batch.remove(&h.events, key);
             dropped += 1;
         }
-        self.commit(batch)?;
-        warn!(
-            acked,
-            dropped, "removed the records of an append that failed but reached the journal"
+        // Ids of the removed positions are read back from the log below, not taken as
+        // handed over.
+        let dedupe_seq = self.log.dedupe_seq.load(Ordering::Acquire);
+        if dedupe_seq > acked {
+            batch.insert(&h.meta, DEDUPE_SEQ_KEY, acked.to_be_bytes());
+        }
+        if !batch.is_empty() {
+            self.commit(batch)?;
+        }
+        let (dedupe_seq, recent) = recent_ids_on_disk(h, acked, self.tuning.memtable_bytes)?;
+        writer.recent = recent;
+        writer.seq = acked;
+        self.log.dedupe_seq.store(dedupe_seq, Ordering::Release);
+        self.log.last_seq.store(acked, Ordering::Release);
+        self.log.hand_over_due.store(
+            writer.recent.active_len() >= self.log.hand_over_at,
+            Ordering::Release,
         );
+        if dropped > 0 {
+            warn!(
+                acked,
+                dropped, "removed the records of appends that failed but reached the journal"
+            );
+        }
         Ok(dropped)
     }
 }
@@ -536,8 +606,10 @@ impl EventSink for EmbeddedStore {
         .await
     }
 
+    /// The last durable position: a checkpoint noted at it never covers a record that a
+    /// reopen may still remove.
     async fn last_seq(&self) -> Result<Seq> {
-        Ok(self.shared.log.last_seq.load(Ordering::Acquire))
+        Ok(self.shared.log.durable_seq.load(Ordering::Acquire))
     }
 
     async fn health(&self) -> SinkHealth {

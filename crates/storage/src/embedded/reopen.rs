@@ -250,8 +250,8 @@ impl Shared {
         let handles = Handles::open_when_unlocked(&self.data_dir, self.tuning)?;
         // No append runs without a database, but the lock keeps the log's end still
         // while the records after it are compared and removed.
-        let writer = self.log.writer.lock();
-        let dropped = self.drop_unacked(&handles, writer.seq)?;
+        let mut writer = self.log.writer.lock();
+        let dropped = self.drop_unacked(&handles, &mut writer)?;
         self.profile_state.reload_durable_seq(&handles.meta)?;
         self.handles.store(Some(Arc::new(handles)));
         self.disk.note_reopened();

@@ -830,6 +830,80 @@ async fn a_reopen_removes_the_records_of_a_failed_append_and_keeps_the_acked_one
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_fsync_failed_is_removed_by_the_reopen_and_its_retry_accepted() {
+    let (dir, store) = fresh();
+    let acked = views_named("acked", 3);
+    store.append(&acked).await.unwrap();
+    // Committed under the writer lock, then the fsync that would make it durable fails:
+    // the client hears an error, and a checkpoint must not cover the records.
+    let unsynced = views_named("unsynced", 2);
+    store
+        .shared
+        .log
+        .fail_next_sync
+        .store(true, std::sync::atomic::Ordering::Release);
+    let err = store.append(&unsynced).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert_eq!(store.last_seq().await.unwrap(), 3);
+
+    // The retry reopens the database and is accepted, not answered `Duplicate`, right
+    // after the acked records.
+    assert_eq!(
+        store.append(&unsynced).await.unwrap(),
+        [Appended::At(4), Appended::At(5)]
+    );
+    let expected = ids_of(acked.iter().chain(&unsynced));
+    assert_eq!(logged_ids(&store).await, expected);
+
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_seq().await.unwrap(), 5);
+    assert_eq!(logged_ids(&store).await, expected);
+    assert_eq!(
+        store.append(&unsynced).await.unwrap(),
+        [Appended::Duplicate, Appended::Duplicate]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_each_return_durable_and_store_every_id_once() {
+    let (dir, store) = fresh();
+    // 16 writers, each appending its own ids and then every other writer's first id.
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0;
+            for n in 0..50 {
+                let records = [
+                    view(&format!("w{w}-{n}"), "u"),
+                    view(&format!("w{}-0", (w + 1) % 16), "u"),
+                ];
+                for outcome in store.append(&records).await.unwrap() {
+                    if matches!(outcome, Appended::At(_)) {
+                        accepted += 1;
+                    }
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    assert_eq!(accepted, 16 * 50);
+    assert_eq!(store.last_seq().await.unwrap(), 16 * 50);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_seq().await.unwrap(), 16 * 50);
+    let mut ids = logged_ids(&store).await;
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 16 * 50);
+}
+
 /// A tmpfs mounted for a test (which needs root), unmounted when dropped.
 struct Tmpfs {
     dir: TempDir,
