@@ -55,6 +55,9 @@ pub(super) struct LogState {
     /// Makes one fsync of the journal at a time; appends that wait for it find their
     /// positions covered when it is theirs.
     sync: Mutex<()>,
+    /// Appends waiting for the group on the blocking pool to finish; the next group
+    /// takes them all (see [`drain_appends`]).
+    queue: Mutex<AppendQueue>,
     /// Makes the next sync fail as a full disk would (tests of the reopen).
     #[cfg(test)]
     pub(super) fail_next_sync: AtomicBool,
@@ -98,6 +101,7 @@ impl LogState {
             last_seq: AtomicU64::new(last_seq),
             durable_seq: AtomicU64::new(last_seq),
             sync: Mutex::new(()),
+            queue: Mutex::new(AppendQueue::default()),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
             marks: Mutex::new(VecDeque::new()),
@@ -189,7 +193,35 @@ pub(super) fn recent_ids_on_disk(
 }
 
 impl Shared {
-    fn append_blocking(
+    /// Appends a group of calls' records in order, each as [`Shared::append_committed`]
+    /// does, then waits for one fsync that covers them all. A failed fsync fails every
+    /// append of the group that had committed.
+    fn append_group(
+        &self,
+        h: &Handles,
+        group: Vec<EncodedRecords>,
+    ) -> Vec<Result<Vec<Appended>, StoreError>> {
+        let mut results: Vec<_> = group
+            .into_iter()
+            .map(|records| self.append_committed(h, records))
+            .collect();
+        // The log's end as the group left it: what its records, duplicates included,
+        // rely on.
+        let through = self.log.last_seq.load(Ordering::Acquire);
+        if let Err(err) = self.make_durable(h, through) {
+            let mut err = Some(err);
+            for result in results.iter_mut().filter(|r| r.is_ok()) {
+                *result = Err(err
+                    .take()
+                    .unwrap_or(StoreError::Fjall(fjall::Error::Poisoned)));
+            }
+        }
+        results
+    }
+
+    /// Checks one call's ids and commits its new records under the writer lock, without
+    /// waiting for the disk (see [`Shared::make_durable`]).
+    fn append_committed(
         &self,
         h: &Handles,
         records: EncodedRecords,
@@ -236,11 +268,6 @@ impl Shared {
             );
             self.log.last_seq.store(seq, Ordering::Release);
         }
-        // Also when every event was a duplicate: the records found may be an append's
-        // that is still waiting for the disk.
-        let through = writer.seq;
-        drop(writer);
-        self.make_durable(h, through)?;
         Ok(outcomes)
     }
 
@@ -501,6 +528,70 @@ impl EmbeddedStore {
 /// behind retention is (the next tick continues).
 const TRIM_BATCH: usize = 100_000;
 
+/// Appends waiting for their turn on the blocking pool.
+#[derive(Default)]
+pub(super) struct AppendQueue {
+    waiting: Vec<Queued>,
+    /// A task is draining the queue ([`drain_appends`]).
+    draining: bool,
+}
+
+/// One append in the queue, and where its answer goes.
+struct Queued {
+    records: EncodedRecords,
+    answer: tokio::sync::oneshot::Sender<Result<Vec<Appended>>>,
+}
+
+const APPEND_CONTEXT: &str = "appending to the event log";
+
+/// Takes the queued appends as one group to the blocking pool, again and again until the
+/// queue is empty: one hop to a pool thread, one fsync and one wake-up per group rather
+/// than a thread, a lock wait and an fsync per append, however many streams send small
+/// batches at once. Each append of a group keeps its own answer. Holds the store only
+/// weakly between groups, so a store dropped after its last answer closes at once.
+async fn drain_appends(shared: std::sync::Weak<Shared>) {
+    loop {
+        let group = {
+            let Some(strong) = shared.upgrade() else {
+                return;
+            };
+            let mut queue = strong.log.queue.lock();
+            if queue.waiting.is_empty() {
+                queue.draining = false;
+                return;
+            }
+            std::mem::take(&mut queue.waiting)
+        };
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let (records, answers): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|queued| (queued.records, queued.answer))
+            .unzip();
+        let results = run_blocking(strong, APPEND_CONTEXT, move |s, h| {
+            Ok(s.append_group(h, records))
+        })
+        .await;
+        match results {
+            Ok(results) => {
+                for (answer, result) in answers.into_iter().zip(results) {
+                    let _ = answer.send(result.map_err(fault(APPEND_CONTEXT)));
+                }
+            }
+            Err(err) => {
+                let reason = err.to_string();
+                for answer in answers {
+                    let _ = answer.send(Err(reflex_core::Error::unavailable(
+                        APPEND_CONTEXT,
+                        reason.clone(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
 /// An append's records encoded (on the caller's thread, before the blocking pool and
 /// its writer lock): one buffer for the call, `ends[i]` marks where record `i` stops,
 /// and `ids[i]` is its event id (none for an erasure).
@@ -583,15 +674,30 @@ impl CompactionFilter for ExpireBefore {
 
 #[async_trait]
 impl EventSink for EmbeddedStore {
+    /// Queues the records for the next group of appends ([`drain_appends`]) and waits
+    /// for their answer.
     async fn append(&self, records: &[LogRecord]) -> Result<Vec<Appended>> {
-        const CONTEXT: &str = "appending to the event log";
+        const CONTEXT: &str = APPEND_CONTEXT;
         if records.is_empty() {
             return Ok(Vec::new());
         }
         let encoded = EncodedRecords::new(records).map_err(fault(CONTEXT))?;
-        let appended = self
-            .blocking(CONTEXT, move |s, h| s.append_blocking(h, encoded))
-            .await?;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut queue = self.shared.log.queue.lock();
+            queue.waiting.push(Queued {
+                records: encoded,
+                answer,
+            });
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if lead {
+            // A task of its own: a caller that goes away never strands those queued after.
+            tokio::spawn(drain_appends(Arc::downgrade(&self.shared)));
+        }
+        let appended = answered.await.map_err(|_| {
+            reflex_core::Error::Internal(format!("{CONTEXT}: the append was dropped unanswered"))
+        })??;
         self.hand_over_ids_when_due();
         Ok(appended)
     }

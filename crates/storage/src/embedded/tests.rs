@@ -898,10 +898,44 @@ async fn concurrent_appends_each_return_durable_and_store_every_id_once() {
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.last_seq().await.unwrap(), 16 * 50);
-    let mut ids = logged_ids(&store).await;
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 16 * 50);
+    let ids = logged_ids(&store).await;
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (16 * 50, 16 * 50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_go_away_strand_no_append_queued_after_theirs() {
+    let (_dir, store) = fresh();
+    let mut tasks = Vec::new();
+    for n in 0..64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store.append(&[view(&format!("e{n}"), "u")]).await
+        }));
+    }
+    // Every other caller goes away (a deadline, a client that hung up) while the appends
+    // are queued or on the blocking pool: what it queued may still land, as after a
+    // timeout, and every other caller is answered.
+    for task in tasks.iter().step_by(2) {
+        task.abort();
+    }
+    for task in tasks {
+        match task.await {
+            Ok(result) => assert!(matches!(result.unwrap()[..], [Appended::At(_)])),
+            Err(err) => assert!(err.is_cancelled(), "{err}"),
+        }
+    }
+    // The retry of all 64 stores those that did not land, and each id is in the log once.
+    let all: Vec<_> = (0..64).map(|n| view(&format!("e{n}"), "u")).collect();
+    store.append(&all).await.unwrap();
+    let ids = logged_ids(&store).await;
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (64, 64));
+    assert_eq!(store.last_seq().await.unwrap(), 64);
 }
 
 /// A tmpfs mounted for a test (which needs root), unmounted when dropped.
