@@ -551,19 +551,16 @@ const APPEND_CONTEXT: &str = "appending to the event log";
 /// weakly between groups, so a store dropped after its last answer closes at once.
 async fn drain_appends(shared: std::sync::Weak<Shared>) {
     loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
         let group = {
-            let Some(strong) = shared.upgrade() else {
-                return;
-            };
             let mut queue = strong.log.queue.lock();
             if queue.waiting.is_empty() {
                 queue.draining = false;
                 return;
             }
             std::mem::take(&mut queue.waiting)
-        };
-        let Some(strong) = shared.upgrade() else {
-            return;
         };
         let (records, answers): (Vec<_>, Vec<_>) = group
             .into_iter()

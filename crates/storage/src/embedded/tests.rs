@@ -820,14 +820,35 @@ async fn a_reopen_removes_the_records_of_a_failed_append_and_keeps_the_acked_one
     assert_eq!(logged_ids(&store).await, expected);
 
     // A restart finds the same log and dedupe window.
+    restart_finds(dir.path(), store, 5, &expected, &[view("lost", "u")]).await;
+}
+
+/// Drops `store`, opens the directory again and checks that the log ends at `last`,
+/// holds exactly the ids `expected`, and answers `Duplicate` to each of `again`.
+async fn restart_finds(
+    dir: &Path,
+    store: Arc<EmbeddedStore>,
+    last: u64,
+    expected: &[String],
+    again: &[LogRecord],
+) {
     drop(store);
-    let store = open(dir.path());
-    assert_eq!(store.last_seq().await.unwrap(), 5);
+    let store = open(dir);
+    assert_eq!(store.last_seq().await.unwrap(), last);
     assert_eq!(logged_ids(&store).await, expected);
     assert_eq!(
-        store.append(&[view("lost", "u")]).await.unwrap(),
-        [Appended::Duplicate]
+        store.append(again).await.unwrap(),
+        vec![Appended::Duplicate; again.len()]
     );
+}
+
+/// Checks that the log holds `n` records with `n` distinct ids: each once.
+async fn each_logged_once(store: &EmbeddedStore, n: usize) {
+    let ids = logged_ids(store).await;
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (n, n));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -856,14 +877,7 @@ async fn an_append_whose_fsync_failed_is_removed_by_the_reopen_and_its_retry_acc
     let expected = ids_of(acked.iter().chain(&unsynced));
     assert_eq!(logged_ids(&store).await, expected);
 
-    drop(store);
-    let store = open(dir.path());
-    assert_eq!(store.last_seq().await.unwrap(), 5);
-    assert_eq!(logged_ids(&store).await, expected);
-    assert_eq!(
-        store.append(&unsynced).await.unwrap(),
-        [Appended::Duplicate, Appended::Duplicate]
-    );
+    restart_finds(dir.path(), store, 5, &expected, &unsynced).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -898,11 +912,7 @@ async fn concurrent_appends_each_return_durable_and_store_every_id_once() {
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.last_seq().await.unwrap(), 16 * 50);
-    let ids = logged_ids(&store).await;
-    let mut unique = ids.clone();
-    unique.sort();
-    unique.dedup();
-    assert_eq!((ids.len(), unique.len()), (16 * 50, 16 * 50));
+    each_logged_once(&store, 16 * 50).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -930,11 +940,7 @@ async fn callers_that_go_away_strand_no_append_queued_after_theirs() {
     // The retry of all 64 stores those that did not land, and each id is in the log once.
     let all: Vec<_> = (0..64).map(|n| view(&format!("e{n}"), "u")).collect();
     store.append(&all).await.unwrap();
-    let ids = logged_ids(&store).await;
-    let mut unique = ids.clone();
-    unique.sort();
-    unique.dedup();
-    assert_eq!((ids.len(), unique.len()), (64, 64));
+    each_logged_once(&store, 64).await;
     assert_eq!(store.last_seq().await.unwrap(), 64);
 }
 
